@@ -1,1 +1,37 @@
-//! placeholder
+//! The comfyq shared crate: what every service agrees on.
+//!
+//! - [`ids`]: `JobId` (UUID v7), `TenantId`, `PoolName`, `RunnerId`, parsed at the edge.
+//! - [`priority`]: `high`, `normal`, `low`.
+//! - [`job`]: the job record, its specification, outputs and errors.
+//! - [`event`]: job events and their subject kinds.
+//! - [`messages`]: what services send each other on the JOBS and DISPATCH streams.
+//! - [`names`]: every subject, stream, consumer and bucket name, from one prefix.
+//! - [`provision`]: idempotent creation of streams, buckets and consumers.
+//! - [`connection`]: connecting to NATS.
+//! - [`job_store`]: job records in KV with compare-and-set.
+//! - [`media`]: inputs and outputs in the JetStream object store.
+//! - [`publisher`]: publishing job events.
+//! - [`config`]: layered configuration (file, then `COMFYQ_` environment).
+//! - [`telemetry`]: tracing and Prometheus metrics.
+//! - [`shutdown`]: the process-wide cancellation token.
+
+pub mod config;
+pub mod connection;
+pub mod event;
+pub mod ids;
+pub mod job;
+pub mod job_store;
+pub mod media;
+pub mod messages;
+pub mod names;
+pub mod priority;
+pub mod provision;
+pub mod publisher;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use event::{Event, EventBody, EventKind};
+pub use ids::{JobId, PoolName, RunnerId, TenantId};
+pub use job::{ErrorKind, JobError, JobRecord, JobSpec, JobStatus, OutputFile};
+pub use names::Names;
+pub use priority::Priority;

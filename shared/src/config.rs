@@ -1,0 +1,226 @@
+//! Typed, layered configuration: defaults, then an optional TOML file, then
+//! `COMFYQ_`-prefixed environment variables (`__` separates nested keys, so
+//! `COMFYQ_NATS__URL` sets `nats.url`). Validated before anything binds.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::names::Names;
+
+pub const ENV_PREFIX: &str = "COMFYQ_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(error: figment::Error) -> Self {
+        // figment's message names the key and where its value came from.
+        ConfigError::Invalid(error.to_string())
+    }
+}
+
+/// A configuration section that can check itself after loading.
+pub trait Validate {
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+/// Loads `T` from defaults, `file` (if given; it must exist) and the environment.
+pub fn load<T>(file: Option<&Path>) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Serialize + Default + Validate,
+{
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(ConfigError::MissingFile(file.display().to_string()));
+        }
+        figment = figment.merge(Toml::file(file));
+    }
+    let config: T = figment
+        .merge(Env::prefixed(ENV_PREFIX).split("__"))
+        .extract()?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// How to reach NATS and how to lay out what comfyq keeps there.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated.
+    pub url: String,
+    /// Prefix of every subject, stream and bucket.
+    pub prefix: String,
+    /// Replicas of every stream and bucket (3 in a production cluster).
+    pub replicas: usize,
+    /// Optional credentials file (NATS decentralized auth).
+    pub credentials_file: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long job events stay replayable.
+    #[serde(with = "humantime_serde")]
+    pub events_max_age: Duration,
+    /// How long job records stay readable.
+    #[serde(with = "humantime_serde")]
+    pub jobs_max_age: Duration,
+    /// How long inputs and outputs are kept.
+    #[serde(with = "humantime_serde")]
+    pub media_max_age: Duration,
+    /// How long a runner's registration lives without a heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub runner_ttl: Duration,
+    /// Redelivery deadline of a dispatched job without an in-progress ack.
+    #[serde(with = "humantime_serde")]
+    pub dispatch_ack_wait: Duration,
+    /// Deliveries of one dispatch message before the job is dead-lettered.
+    pub dispatch_max_deliver: i64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            prefix: "comfyq".to_owned(),
+            replicas: 1,
+            credentials_file: None,
+            connect_timeout: Duration::from_secs(5),
+            events_max_age: Duration::from_secs(7 * 24 * 3600),
+            jobs_max_age: Duration::from_secs(30 * 24 * 3600),
+            media_max_age: Duration::from_secs(7 * 24 * 3600),
+            runner_ttl: Duration::from_secs(30),
+            dispatch_ack_wait: Duration::from_secs(30),
+            dispatch_max_deliver: 5,
+        }
+    }
+}
+
+impl NatsConfig {
+    pub fn names(&self) -> Result<Names, ConfigError> {
+        Names::new(&self.prefix).map_err(|e| ConfigError::Invalid(format!("nats.prefix: {e}")))
+    }
+}
+
+impl Validate for NatsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.names()?;
+        if self.url.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "nats.url must not be empty".to_owned(),
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err(ConfigError::Invalid(format!(
+                "nats.replicas must be 1 to 5 (got {})",
+                self.replicas
+            )));
+        }
+        if self.dispatch_ack_wait < Duration::from_secs(2) {
+            return Err(ConfigError::Invalid(
+                "nats.dispatch_ack_wait must be at least 2s".to_owned(),
+            ));
+        }
+        if self.dispatch_max_deliver < 1 {
+            return Err(ConfigError::Invalid(
+                "nats.dispatch_max_deliver must be at least 1".to_owned(),
+            ));
+        }
+        for (name, age) in [
+            ("events_max_age", self.events_max_age),
+            ("jobs_max_age", self.jobs_max_age),
+            ("media_max_age", self.media_max_age),
+            ("runner_ttl", self.runner_ttl),
+        ] {
+            if age < Duration::from_secs(1) {
+                return Err(ConfigError::Invalid(format!(
+                    "nats.{name} must be at least 1s"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A secret from configuration that never shows up in logs or debug output.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(default)]
+    struct Sample {
+        nats: NatsConfig,
+    }
+    impl Validate for Sample {
+        fn validate(&self) -> Result<(), ConfigError> {
+            self.nats.validate()
+        }
+    }
+
+    #[test]
+    fn file_then_env_and_bad_values_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[nats]\nurl = \"nats://file:4222\"\nreplicas = 3\n",
+            )?;
+            let loaded: Sample = load(Some(Path::new("c.toml"))).expect("loads");
+            assert_eq!(loaded.nats.url, "nats://file:4222");
+            assert_eq!(loaded.nats.replicas, 3);
+
+            jail.set_env("COMFYQ_NATS__URL", "nats://env:4222");
+            let loaded: Sample = load(Some(Path::new("c.toml"))).expect("loads");
+            assert_eq!(loaded.nats.url, "nats://env:4222");
+
+            jail.set_env("COMFYQ_NATS__REPLICAS", "9");
+            let error = load::<Sample>(None).expect_err("replicas out of range");
+            assert!(error.to_string().contains("nats.replicas"), "{error}");
+
+            jail.set_env("COMFYQ_NATS__REPLICAS", "many");
+            let error = load::<Sample>(None).expect_err("not a number");
+            assert!(
+                error.to_string().to_lowercase().contains("replicas"),
+                "{error}"
+            );
+            Ok(())
+        });
+        assert!(matches!(
+            load::<Sample>(Some(Path::new("/nonexistent.toml"))),
+            Err(ConfigError::MissingFile(_))
+        ));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "Secret(***)");
+    }
+}

@@ -1,0 +1,216 @@
+//! Job events: what happened to a job, published on
+//! `<prefix>.events.<tenant>.<job>.<kind>` for SSE clients, webhooks and
+//! NATS subscribers.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::ids::{JobId, RunnerId, TenantId};
+use crate::job::{JobError, JobStatus, OutputFile, SCHEMA_VERSION};
+
+/// The last subject token of an event: one per state, plus progress kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    State(JobStatus),
+    Progress,
+    Node,
+    Output,
+}
+
+impl EventKind {
+    pub fn all() -> impl Iterator<Item = EventKind> {
+        JobStatus::ALL.into_iter().map(EventKind::State).chain([
+            EventKind::Progress,
+            EventKind::Node,
+            EventKind::Output,
+        ])
+    }
+
+    pub fn token(self) -> &'static str {
+        match self {
+            EventKind::State(status) => status.as_str(),
+            EventKind::Progress => "progress",
+            EventKind::Node => "node",
+            EventKind::Output => "output",
+        }
+    }
+}
+
+/// One event, as it travels (JSON).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub v: u32,
+    /// Unique per event; webhooks use it as their `webhook-id`.
+    pub id: Uuid,
+    pub job_id: JobId,
+    pub tenant: TenantId,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+impl Event {
+    pub fn new(job_id: JobId, tenant: TenantId, body: EventBody) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            id: Uuid::now_v7(),
+            job_id,
+            tenant,
+            at: OffsetDateTime::now_utc(),
+            body,
+        }
+    }
+
+    pub fn kind(&self) -> EventKind {
+        self.body.kind()
+    }
+
+    /// The public type name, such as `job.completed` or `job.progress`.
+    pub fn type_name(&self) -> String {
+        format!("job.{}", self.kind().token())
+    }
+}
+
+/// A state change: the job record after it, in brief.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateChange {
+    pub status: JobStatus,
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<OutputFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProgressUpdate {
+    pub node_id: String,
+    pub value: f64,
+    pub max: f64,
+    /// Whole job, 0.0 to 1.0: finished nodes plus this node's share.
+    pub fraction: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeUpdate {
+    /// The node now executing; `cached` lists nodes ComfyUI served from cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cached: Vec<String>,
+    pub fraction: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutputProduced {
+    pub node_id: String,
+    /// File names as ComfyUI reported them (not yet stored).
+    pub files: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub text: Vec<String>,
+}
+
+/// The event's payload; `type` is `job.<token>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum EventBody {
+    #[serde(rename = "job.accepted")]
+    Accepted(StateChange),
+    #[serde(rename = "job.queued")]
+    Queued(StateChange),
+    #[serde(rename = "job.dispatched")]
+    Dispatched(StateChange),
+    #[serde(rename = "job.running")]
+    Running(StateChange),
+    #[serde(rename = "job.retrying")]
+    Retrying(StateChange),
+    #[serde(rename = "job.completed")]
+    Completed(StateChange),
+    #[serde(rename = "job.failed")]
+    Failed(StateChange),
+    #[serde(rename = "job.cancelled")]
+    Cancelled(StateChange),
+    #[serde(rename = "job.progress")]
+    Progress(ProgressUpdate),
+    #[serde(rename = "job.node")]
+    Node(NodeUpdate),
+    #[serde(rename = "job.output")]
+    Output(OutputProduced),
+}
+
+impl EventBody {
+    pub fn state(change: StateChange) -> Self {
+        match change.status {
+            JobStatus::Accepted => EventBody::Accepted(change),
+            JobStatus::Queued => EventBody::Queued(change),
+            JobStatus::Dispatched => EventBody::Dispatched(change),
+            JobStatus::Running => EventBody::Running(change),
+            JobStatus::Retrying => EventBody::Retrying(change),
+            JobStatus::Completed => EventBody::Completed(change),
+            JobStatus::Failed => EventBody::Failed(change),
+            JobStatus::Cancelled => EventBody::Cancelled(change),
+        }
+    }
+
+    pub fn kind(&self) -> EventKind {
+        match self {
+            EventBody::Accepted(c)
+            | EventBody::Queued(c)
+            | EventBody::Dispatched(c)
+            | EventBody::Running(c)
+            | EventBody::Retrying(c)
+            | EventBody::Completed(c)
+            | EventBody::Failed(c)
+            | EventBody::Cancelled(c) => EventKind::State(c.status),
+            EventBody::Progress(_) => EventKind::Progress,
+            EventBody::Node(_) => EventKind::Node,
+            EventBody::Output(_) => EventKind::Output,
+        }
+    }
+
+    pub fn state_change(&self) -> Option<&StateChange> {
+        match self {
+            EventBody::Accepted(c)
+            | EventBody::Queued(c)
+            | EventBody::Dispatched(c)
+            | EventBody::Running(c)
+            | EventBody::Retrying(c)
+            | EventBody::Completed(c)
+            | EventBody::Failed(c)
+            | EventBody::Cancelled(c) => Some(c),
+            EventBody::Progress(_) | EventBody::Node(_) | EventBody::Output(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_events_carry_their_type_name() {
+        let event = Event::new(
+            JobId::new(),
+            TenantId::new("t").expect("valid"),
+            EventBody::state(StateChange {
+                status: JobStatus::Completed,
+                attempt: 1,
+                runner: None,
+                outputs: vec![],
+                error: None,
+            }),
+        );
+        let json = serde_json::to_value(&event).expect("serializes");
+        assert_eq!(json["type"], "job.completed");
+        assert_eq!(json["data"]["status"], "completed");
+        assert_eq!(event.type_name(), "job.completed");
+        let back: Event = serde_json::from_value(json).expect("parses");
+        assert_eq!(back, event);
+    }
+}

@@ -1,0 +1,296 @@
+//! The job record (one per job, in the jobs KV bucket) and the job
+//! specification it was submitted with.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::ids::{JobId, PoolName, RunnerId, TenantId};
+use crate::priority::Priority;
+
+/// Version of the record and message schemas; bumped on incompatible change.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Where a job is in its life. Terminal states never change again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Accepted,
+    Queued,
+    Dispatched,
+    Running,
+    Retrying,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 8] = [
+        JobStatus::Accepted,
+        JobStatus::Queued,
+        JobStatus::Dispatched,
+        JobStatus::Running,
+        JobStatus::Retrying,
+        JobStatus::Completed,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Accepted => "accepted",
+            JobStatus::Queued => "queued",
+            JobStatus::Dispatched => "dispatched",
+            JobStatus::Running => "running",
+            JobStatus::Retrying => "retrying",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+
+    /// Position within one attempt; with the attempt number it orders every
+    /// state a job passes through, so updates can only move a job forward.
+    pub fn rank(self) -> u8 {
+        match self {
+            JobStatus::Accepted => 0,
+            JobStatus::Queued => 1,
+            JobStatus::Dispatched => 2,
+            JobStatus::Running => 3,
+            JobStatus::Retrying => 4,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled => 5,
+        }
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A media file the job brought, already stored under its input prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputFile {
+    /// The name the workflow refers to it by (a safe file name).
+    pub name: String,
+    pub content_type: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// A file the job produced, stored under its output prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    /// The ComfyUI node that produced it.
+    pub node_id: String,
+    /// Name under the job's outputs (unique within the job).
+    pub name: String,
+    /// ComfyUI's output list it came from: `images`, `gifs`, `audio`, …
+    pub kind: String,
+    pub content_type: String,
+    pub size: u64,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub animated: bool,
+}
+
+/// What went wrong. The kind decides whether a retry can help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// ComfyUI refused the workflow (`/prompt` validation).
+    Validation,
+    /// A node raised while executing: the workflow's fault.
+    Execution,
+    /// The GPU ran out of memory: another runner or a later try may succeed.
+    OutOfMemory,
+    /// The runner, ComfyUI or the link between them failed.
+    Infrastructure,
+    /// The job ran or waited longer than allowed.
+    Timeout,
+    /// Every allowed attempt was used up.
+    AttemptsExhausted,
+    /// A bug or an unexpected answer.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Whether another attempt could succeed where this one failed.
+    pub fn is_retryable(self) -> bool {
+        match self {
+            ErrorKind::OutOfMemory | ErrorKind::Infrastructure => true,
+            ErrorKind::Validation
+            | ErrorKind::Execution
+            | ErrorKind::Timeout
+            | ErrorKind::AttemptsExhausted
+            | ErrorKind::Internal => false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    pub kind: ErrorKind,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exception_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub traceback: Vec<String>,
+    /// ComfyUI's per-node validation errors, as it sent them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
+}
+
+impl JobError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            node_id: None,
+            node_type: None,
+            exception_type: None,
+            traceback: Vec::new(),
+            details: None,
+        }
+    }
+}
+
+/// Where and for which events a job's webhook is sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookSpec {
+    pub url: String,
+    /// Event types (`job.completed`, …); empty means the terminal ones.
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+impl WebhookSpec {
+    pub const DEFAULT_EVENTS: [&'static str; 3] = ["job.completed", "job.failed", "job.cancelled"];
+
+    pub fn wants(&self, event_type: &str) -> bool {
+        if self.events.is_empty() {
+            Self::DEFAULT_EVENTS.contains(&event_type)
+        } else {
+            self.events.iter().any(|e| e == event_type)
+        }
+    }
+}
+
+/// Everything needed to run a job, as ingress accepted it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub id: JobId,
+    pub tenant: TenantId,
+    pub priority: Priority,
+    pub pool: PoolName,
+    /// ComfyUI API-format workflow: node id → `{class_type, inputs}`.
+    pub workflow: Value,
+    #[serde(default)]
+    pub inputs: Vec<InputFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    /// Execution time limit once running, in seconds.
+    pub timeout_s: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// The job record: the one durable truth about a job, written by the
+/// scheduler with compare-and-set on the KV revision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub v: u32,
+    pub id: JobId,
+    pub tenant: TenantId,
+    pub status: JobStatus,
+    pub priority: Priority,
+    pub pool: PoolName,
+    /// The attempt now running or last run (1-based; 0 before dispatch).
+    pub attempt: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub queued_at: Option<OffsetDateTime>,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub finished_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerId>,
+    #[serde(default)]
+    pub inputs: Vec<InputFile>,
+    #[serde(default)]
+    pub outputs: Vec<OutputFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    pub timeout_s: u64,
+    /// Set when a cancel arrived; the job ends `cancelled` once the runner stops.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
+}
+
+impl JobRecord {
+    /// The record of a job that has just been accepted.
+    pub fn accepted(spec: &JobSpec) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            id: spec.id,
+            tenant: spec.tenant.clone(),
+            status: JobStatus::Accepted,
+            priority: spec.priority,
+            pool: spec.pool.clone(),
+            attempt: 0,
+            created_at: spec.created_at,
+            queued_at: None,
+            started_at: None,
+            finished_at: None,
+            updated_at: spec.created_at,
+            runner: None,
+            inputs: spec.inputs.clone(),
+            outputs: Vec::new(),
+            error: None,
+            webhook: spec.webhook.clone(),
+            metadata: spec.metadata.clone(),
+            timeout_s: spec.timeout_s,
+            cancel_requested: false,
+        }
+    }
+
+    /// Where the job stands, as an ordered pair: attempt, then state rank.
+    pub fn position(&self) -> (u32, u8) {
+        (self.attempt, self.status.rank())
+    }
+}

@@ -1,0 +1,152 @@
+//! Job media (inputs and outputs) in the JetStream object store, streamed in
+//! chunks: nothing here holds a whole file in memory.
+
+use async_nats::jetstream::object_store::{self, ObjectMetadata};
+use base64::Engine as _;
+use tokio::io::AsyncRead;
+
+use crate::ids::{JobId, TenantId};
+use crate::names::Names;
+
+const CONTENT_TYPE_KEY: &str = "content-type";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error("object {0} not found")]
+    NotFound(String),
+    #[error("media store: {0}")]
+    Store(#[from] async_nats::Error),
+}
+
+/// What the store knows about a stored object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredObject {
+    pub key: String,
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the bytes.
+    pub sha256: String,
+    pub content_type: String,
+}
+
+#[derive(Clone)]
+pub struct MediaStore {
+    store: object_store::ObjectStore,
+    names: Names,
+}
+
+impl MediaStore {
+    pub fn new(store: object_store::ObjectStore, names: Names) -> Self {
+        Self { store, names }
+    }
+
+    pub fn input_key(&self, tenant: &TenantId, job: &JobId, name: &str) -> String {
+        self.names.input_object(tenant, job, name)
+    }
+
+    pub fn output_key(&self, tenant: &TenantId, job: &JobId, name: &str) -> String {
+        self.names.output_object(tenant, job, name)
+    }
+
+    /// Streams `reader` into the object `key`.
+    pub async fn put(
+        &self,
+        key: &str,
+        content_type: &str,
+        reader: &mut (impl AsyncRead + Unpin),
+    ) -> Result<StoredObject, MediaError> {
+        let meta = ObjectMetadata {
+            name: key.to_owned(),
+            metadata: [(CONTENT_TYPE_KEY.to_owned(), content_type.to_owned())].into(),
+            ..Default::default()
+        };
+        let info = self
+            .store
+            .put(meta, reader)
+            .await
+            .map_err(|e| MediaError::Store(e.into()))?;
+        Ok(stored(info))
+    }
+
+    pub async fn head(&self, key: &str) -> Result<StoredObject, MediaError> {
+        match self.store.info(key).await {
+            Ok(info) if !info.deleted => Ok(stored(info)),
+            Ok(_) => Err(MediaError::NotFound(key.to_owned())),
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => {
+                Err(MediaError::NotFound(key.to_owned()))
+            }
+            Err(e) => Err(MediaError::Store(e.into())),
+        }
+    }
+
+    /// Opens the object for streaming reads.
+    pub async fn get(&self, key: &str) -> Result<(StoredObject, object_store::Object), MediaError> {
+        match self.store.get(key).await {
+            Ok(object) => {
+                let info = stored(object.info().clone());
+                Ok((info, object))
+            }
+            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => {
+                Err(MediaError::NotFound(key.to_owned()))
+            }
+            Err(e) => Err(MediaError::Store(e.into())),
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), MediaError> {
+        self.store
+            .delete(key)
+            .await
+            .map_err(|e| MediaError::Store(e.into()))
+    }
+}
+
+impl std::fmt::Debug for MediaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MediaStore")
+            .field("prefix", &self.names.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+fn stored(info: object_store::ObjectInfo) -> StoredObject {
+    StoredObject {
+        sha256: info
+            .digest
+            .as_deref()
+            .map(digest_to_hex)
+            .unwrap_or_default(),
+        content_type: info
+            .metadata
+            .get(CONTENT_TYPE_KEY)
+            .cloned()
+            .unwrap_or_else(|| "application/octet-stream".to_owned()),
+        size: info.size as u64,
+        key: info.name,
+    }
+}
+
+/// async-nats records digests as `SHA-256=<base64url>`; comfyq shows hex.
+fn digest_to_hex(digest: &str) -> String {
+    let encoded = digest.strip_prefix("SHA-256=").unwrap_or(digest);
+    base64::engine::general_purpose::URL_SAFE
+        .decode(encoded)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded))
+        .map(hex::encode)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::Digest;
+
+    #[test]
+    fn digest_converts_to_hex() {
+        let sum = sha2::Sha256::digest(b"hello");
+        let encoded = format!(
+            "SHA-256={}",
+            base64::engine::general_purpose::URL_SAFE.encode(sum)
+        );
+        assert_eq!(digest_to_hex(&encoded), hex::encode(sum));
+    }
+}

@@ -1,0 +1,263 @@
+//! Every NATS subject, stream, consumer, KV bucket and object-store bucket
+//! name comfyq uses, built from one configurable prefix. Nothing else in the
+//! code base writes a subject or a stream name inline.
+
+use crate::event::EventKind;
+use crate::ids::{JobId, PoolName, TenantId};
+use crate::priority::Priority;
+
+/// Names derived from the deployment prefix (default `comfyq`).
+///
+/// The prefix is a lower-case token; stream names use its upper-case form
+/// because JetStream stream names are conventionally upper case.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+    upper: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("NATS prefix must be 1-32 characters of a-z, 0-9, '-' or '_' (got {0:?})")]
+pub struct PrefixError(String);
+
+impl Default for Names {
+    fn default() -> Self {
+        Self::new("comfyq").expect("the default prefix is valid")
+    }
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Result<Self, PrefixError> {
+        let valid = !prefix.is_empty()
+            && prefix.len() <= 32
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !valid {
+            return Err(PrefixError(prefix.to_owned()));
+        }
+        Ok(Self {
+            prefix: prefix.to_owned(),
+            upper: prefix.to_ascii_uppercase().replace('-', "_"),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    // ---- streams -------------------------------------------------------
+
+    /// Commands for the scheduler: submissions, cancellations, runner reports.
+    pub fn jobs_stream(&self) -> String {
+        format!("{}_JOBS", self.upper)
+    }
+    pub fn jobs_stream_subjects(&self) -> Vec<String> {
+        vec![format!("{}.jobs.>", self.prefix)]
+    }
+
+    /// Work handed to runners, one subject per pool and priority.
+    pub fn dispatch_stream(&self) -> String {
+        format!("{}_DISPATCH", self.upper)
+    }
+    pub fn dispatch_stream_subjects(&self) -> Vec<String> {
+        vec![format!("{}.dispatch.>", self.prefix)]
+    }
+
+    /// Every job event, for SSE, webhooks and NATS subscribers.
+    pub fn events_stream(&self) -> String {
+        format!("{}_EVENTS", self.upper)
+    }
+    pub fn events_stream_subjects(&self) -> Vec<String> {
+        vec![format!("{}.events.>", self.prefix)]
+    }
+
+    /// Latest preview image per job.
+    pub fn previews_stream(&self) -> String {
+        format!("{}_PREVIEWS", self.upper)
+    }
+    pub fn previews_stream_subjects(&self) -> Vec<String> {
+        vec![format!("{}.previews.>", self.prefix)]
+    }
+
+    // ---- subjects ------------------------------------------------------
+
+    pub fn submit_subject(&self) -> String {
+        format!("{}.jobs.submit", self.prefix)
+    }
+    pub fn cancel_subject(&self) -> String {
+        format!("{}.jobs.cancel", self.prefix)
+    }
+    pub fn report_subject(&self) -> String {
+        format!("{}.jobs.report", self.prefix)
+    }
+
+    pub fn dispatch_subject(&self, pool: &PoolName, priority: Priority) -> String {
+        format!("{}.dispatch.{pool}.{priority}", self.prefix)
+    }
+    /// All priorities of one pool (runners watch it to learn that work arrived).
+    pub fn dispatch_pool_filter(&self, pool: &PoolName) -> String {
+        format!("{}.dispatch.{pool}.*", self.prefix)
+    }
+
+    pub fn event_subject(&self, tenant: &TenantId, job: &JobId, kind: EventKind) -> String {
+        format!("{}.events.{tenant}.{job}.{}", self.prefix, kind.token())
+    }
+    /// Every event of one job.
+    pub fn job_events_filter(&self, tenant: &TenantId, job: &JobId) -> String {
+        format!("{}.events.{tenant}.{job}.*", self.prefix)
+    }
+    /// Every event of one tenant.
+    pub fn tenant_events_filter(&self, tenant: &TenantId) -> String {
+        format!("{}.events.{tenant}.*.*", self.prefix)
+    }
+    /// One kind of event across all tenants and jobs.
+    pub fn event_kind_filter(&self, kind: EventKind) -> String {
+        format!("{}.events.*.*.{}", self.prefix, kind.token())
+    }
+
+    pub fn preview_subject(&self, tenant: &TenantId, job: &JobId) -> String {
+        format!("{}.previews.{tenant}.{job}", self.prefix)
+    }
+
+    /// Cancellation fan-out to runners (core NATS: only a live runner holding
+    /// the job can act on it; the job record is the durable truth).
+    pub fn runner_cancel_subject(&self, job: &JobId) -> String {
+        format!("{}.control.cancel.{job}", self.prefix)
+    }
+    pub fn runner_cancel_filter(&self) -> String {
+        format!("{}.control.cancel.*", self.prefix)
+    }
+
+    // ---- consumers -----------------------------------------------------
+
+    pub fn scheduler_submit_consumer(&self) -> String {
+        "scheduler-submit".to_owned()
+    }
+    pub fn scheduler_cancel_consumer(&self) -> String {
+        "scheduler-cancel".to_owned()
+    }
+    pub fn scheduler_report_consumer(&self) -> String {
+        "scheduler-report".to_owned()
+    }
+    pub fn dispatch_consumer(&self, pool: &PoolName, priority: Priority) -> String {
+        format!("dispatch-{pool}-{priority}")
+    }
+    pub fn notifier_consumer(&self) -> String {
+        "notifier".to_owned()
+    }
+
+    // ---- KV and object store ---------------------------------------------
+
+    pub fn jobs_bucket(&self) -> String {
+        format!("{}_jobs", self.prefix)
+    }
+    pub fn runners_bucket(&self) -> String {
+        format!("{}_runners", self.prefix)
+    }
+    pub fn idempotency_bucket(&self) -> String {
+        format!("{}_idempotency", self.prefix)
+    }
+    pub fn media_bucket(&self) -> String {
+        format!("{}_media", self.prefix)
+    }
+
+    /// Key of a job record in the jobs bucket: tenant first, so one tenant's
+    /// jobs can be listed with a key filter.
+    pub fn job_key(&self, tenant: &TenantId, job: &JobId) -> String {
+        format!("{tenant}.{job}")
+    }
+    pub fn tenant_jobs_key_filter(&self, tenant: &TenantId) -> String {
+        format!("{tenant}.*")
+    }
+
+    pub fn input_object(&self, tenant: &TenantId, job: &JobId, name: &str) -> String {
+        format!("{tenant}/{job}/inputs/{name}")
+    }
+    pub fn output_object(&self, tenant: &TenantId, job: &JobId, name: &str) -> String {
+        format!("{tenant}/{job}/outputs/{name}")
+    }
+}
+
+/// Does `subject` match the NATS `filter` (`*` one token, `>` the rest)?
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut filter_tokens = filter.split('.');
+    let mut subject_tokens = subject.split('.');
+    loop {
+        match (filter_tokens.next(), subject_tokens.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(f), Some(s)) if f == s => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobStatus;
+    use proptest::prelude::*;
+
+    fn any_token() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9_-]{1,20}"
+    }
+
+    proptest! {
+        #[test]
+        fn every_subject_lands_in_its_stream(tenant in any_token(), pool in any_token(), prefix in "[a-z0-9_-]{1,12}") {
+            let names = Names::new(&prefix).expect("valid prefix");
+            let tenant = TenantId::new(tenant).expect("valid tenant");
+            let pool = PoolName::new(pool).expect("valid pool");
+            let job = JobId::new();
+            let in_stream = |subject: &str, subjects: Vec<String>| subjects.iter().any(|f| subject_matches(f, subject));
+
+            prop_assert!(in_stream(&names.submit_subject(), names.jobs_stream_subjects()));
+            prop_assert!(in_stream(&names.cancel_subject(), names.jobs_stream_subjects()));
+            prop_assert!(in_stream(&names.report_subject(), names.jobs_stream_subjects()));
+            for priority in Priority::ALL {
+                let subject = names.dispatch_subject(&pool, priority);
+                prop_assert!(in_stream(&subject, names.dispatch_stream_subjects()));
+                prop_assert!(subject_matches(&names.dispatch_pool_filter(&pool), &subject));
+            }
+            for kind in EventKind::all() {
+                let subject = names.event_subject(&tenant, &job, kind);
+                prop_assert!(in_stream(&subject, names.events_stream_subjects()));
+                prop_assert!(subject_matches(&names.job_events_filter(&tenant, &job), &subject));
+                prop_assert!(subject_matches(&names.tenant_events_filter(&tenant), &subject));
+                prop_assert!(subject_matches(&names.event_kind_filter(kind), &subject));
+            }
+            prop_assert!(in_stream(&names.preview_subject(&tenant, &job), names.previews_stream_subjects()));
+            prop_assert!(subject_matches(&names.runner_cancel_filter(), &names.runner_cancel_subject(&job)));
+        }
+    }
+
+    #[test]
+    fn filters_do_not_leak_across_jobs_or_tenants() {
+        let names = Names::default();
+        let tenant = TenantId::new("a").expect("valid");
+        let other = TenantId::new("b").expect("valid");
+        let job = JobId::new();
+        let subject = names.event_subject(&other, &job, EventKind::State(JobStatus::Completed));
+        assert!(!subject_matches(
+            &names.tenant_events_filter(&tenant),
+            &subject
+        ));
+        assert!(!subject_matches(
+            &names.job_events_filter(&tenant, &job),
+            &subject
+        ));
+    }
+
+    #[test]
+    fn prefix_is_validated() {
+        assert!(Names::new("comfyq").is_ok());
+        assert!(Names::new("bad.prefix").is_err());
+        assert!(Names::new("").is_err());
+        assert_eq!(
+            Names::new("my-app").expect("valid").jobs_stream(),
+            "MY_APP_JOBS"
+        );
+    }
+}
