@@ -7,7 +7,10 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::ids::{JobId, RunnerId, TenantId};
-use crate::job::{JobError, JobStatus, OutputFile, SCHEMA_VERSION};
+use crate::job::{JobError, JobRecord, JobStatus, OutputFile, SCHEMA_VERSION};
+
+/// Namespace of the name-based ids of state events.
+const STATE_EVENT_NAMESPACE: Uuid = Uuid::from_u128(0x6a1f_0c1e_9b3d_4d7e_a2c4_55e1_0b7f_c0de);
 
 /// The last subject token of an event: one per state, plus progress kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -60,6 +63,31 @@ impl Event {
             tenant,
             at: OffsetDateTime::now_utc(),
             body,
+        }
+    }
+
+    /// The event for a job record's current state. Its id is derived from
+    /// (job, attempt, status), so re-publishing after a crash is deduplicated
+    /// by the stream and a webhook for it keeps one `webhook-id`.
+    pub fn for_state(record: &JobRecord) -> Self {
+        let name = format!("{}:{}:{}", record.id, record.attempt, record.status);
+        Self {
+            v: SCHEMA_VERSION,
+            id: Uuid::new_v5(&STATE_EVENT_NAMESPACE, name.as_bytes()),
+            job_id: record.id,
+            tenant: record.tenant.clone(),
+            at: record.updated_at,
+            body: EventBody::state(StateChange {
+                status: record.status,
+                attempt: record.attempt,
+                runner: record.runner.clone(),
+                outputs: if record.status == JobStatus::Completed {
+                    record.outputs.clone()
+                } else {
+                    Vec::new()
+                },
+                error: record.error.clone(),
+            }),
         }
     }
 

@@ -8,6 +8,7 @@
 //! - [`names`]: every subject, stream, consumer and bucket name, from one prefix.
 //! - [`provision`]: idempotent creation of streams, buckets and consumers.
 //! - [`connection`]: connecting to NATS.
+//! - [`consume`]: running a durable pull consumer with one ack per message.
 //! - [`job_store`]: job records in KV with compare-and-set.
 //! - [`media`]: inputs and outputs in the JetStream object store.
 //! - [`publisher`]: publishing job events.
@@ -17,6 +18,7 @@
 
 pub mod config;
 pub mod connection;
+pub mod consume;
 pub mod event;
 pub mod ids;
 pub mod job;

@@ -66,9 +66,11 @@ pub enum AttemptOutcome {
     Completed {
         outputs: Vec<OutputFile>,
     },
-    /// The attempt failed; `error.kind` says whether a retry may help.
+    /// The attempt failed. `retrying` says whether the runner handed the job
+    /// back for another attempt (a retryable error with attempts left).
     Failed {
         error: JobError,
+        retrying: bool,
     },
     /// Stopped because a cancel was requested.
     Cancelled,

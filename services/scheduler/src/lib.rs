@@ -1,1 +1,154 @@
-//! placeholder
+//! comfyq scheduler: the one writer of job records.
+//!
+//! - [`config`]: typed configuration.
+//! - [`machine`]: the job state machine as a pure function.
+//! - [`service`]: message handlers (submit, report, cancel, exhausted deliveries).
+//!
+//! [`run`] provisions NATS, then consumes the JOBS stream until shutdown.
+
+pub mod config;
+pub mod machine;
+pub mod service;
+
+use async_nats::jetstream::consumer;
+use comfyq_shared::connection;
+use comfyq_shared::consume::run_consumer;
+use comfyq_shared::job_store::JobStore;
+use comfyq_shared::provision::{self, ensure_pull_consumer};
+use comfyq_shared::publisher::EventPublisher;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::SchedulerConfig;
+pub use service::Scheduler;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error(transparent)]
+    Config(#[from] comfyq_shared::config::ConfigError),
+    #[error(transparent)]
+    Connect(#[from] connection::ConnectError),
+    #[error(transparent)]
+    Provision(#[from] provision::ProvisionError),
+    #[error("subscribing to advisories: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    #[error("metrics listener: {0}")]
+    Metrics(#[from] std::io::Error),
+}
+
+/// Runs the scheduler until `shutdown` is cancelled; returns once every
+/// message in flight has been handled.
+pub async fn run(
+    config: SchedulerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), SchedulerError> {
+    let names = config.nats.names()?;
+    let client = connection::connect(&config.nats, "scheduler").await?;
+    let js = connection::jetstream(client.clone());
+    let shared = provision::provision(&js, &names, &config.nats).await?;
+    if let Some(addr) = config.metrics_addr {
+        comfyq_shared::telemetry::serve_metrics(addr, shutdown.clone()).await?;
+    }
+
+    let consumer_for = |durable: String, filter: String| consumer::pull::Config {
+        durable_name: Some(durable),
+        filter_subject: filter,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: std::time::Duration::from_secs(30),
+        max_ack_pending: 10_000,
+        num_replicas: config.nats.replicas,
+        ..Default::default()
+    };
+    let jobs_stream = names.jobs_stream();
+    let submit = ensure_pull_consumer(
+        &js,
+        &jobs_stream,
+        consumer_for(names.scheduler_submit_consumer(), names.submit_subject()),
+    )
+    .await?;
+    let report = ensure_pull_consumer(
+        &js,
+        &jobs_stream,
+        consumer_for(names.scheduler_report_consumer(), names.report_subject()),
+    )
+    .await?;
+    let cancel = ensure_pull_consumer(
+        &js,
+        &jobs_stream,
+        consumer_for(names.scheduler_cancel_consumer(), names.cancel_subject()),
+    )
+    .await?;
+    let advisories = client
+        .subscribe(format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+            names.dispatch_stream()
+        ))
+        .await?;
+
+    let scheduler = Scheduler {
+        js: js.clone(),
+        client: client.clone(),
+        jobs: JobStore::new(shared.jobs, names.clone()),
+        events: EventPublisher::new(js.clone(), names.clone()),
+        names,
+    };
+    tracing::info!("scheduler running");
+
+    let tasks = TaskTracker::new();
+    let concurrency = config.concurrency;
+    {
+        let s = scheduler.clone();
+        tasks.spawn(run_consumer(
+            "scheduler-submit",
+            submit,
+            concurrency,
+            shutdown.clone(),
+            move |m| {
+                let s = s.clone();
+                async move { s.on_submit(m).await }
+            },
+        ));
+    }
+    {
+        let s = scheduler.clone();
+        tasks.spawn(run_consumer(
+            "scheduler-report",
+            report,
+            concurrency,
+            shutdown.clone(),
+            move |m| {
+                let s = s.clone();
+                async move { s.on_report(m).await }
+            },
+        ));
+    }
+    {
+        let s = scheduler.clone();
+        tasks.spawn(run_consumer(
+            "scheduler-cancel",
+            cancel,
+            concurrency,
+            shutdown.clone(),
+            move |m| {
+                let s = s.clone();
+                async move { s.on_cancel(m).await }
+            },
+        ));
+    }
+    {
+        let s = scheduler.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            advisories
+                .take_until(shutdown.cancelled())
+                .for_each(|advisory| s.on_max_deliveries(advisory))
+                .await;
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+    let _ = client.flush().await;
+    tracing::info!("scheduler stopped");
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! The scheduler's message handlers: submissions, runner reports,
+//! cancellations and exhausted deliveries, each turned into a state
+//! transition written with compare-and-set and announced as an event.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, Message};
+use comfyq_shared::consume::{Outcome, acknowledge};
+use comfyq_shared::event::Event;
+use comfyq_shared::job::{JobRecord, JobStatus, SCHEMA_VERSION};
+use comfyq_shared::job_store::{JobStore, JobStoreError};
+use comfyq_shared::messages::{CancelJob, DispatchJob, RunnerReport, SubmitJob};
+use comfyq_shared::names::Names;
+use comfyq_shared::publisher::EventPublisher;
+use comfyq_shared::{JobId, TenantId};
+use serde::Deserialize;
+use time::OffsetDateTime;
+use tracing::Instrument;
+
+use crate::machine::{self, Input, Transition};
+
+/// Retry delay after a transient NATS failure while handling a message.
+const TRANSIENT_RETRY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error(transparent)]
+    Store(#[from] JobStoreError),
+    #[error("NATS: {0}")]
+    Nats(#[from] async_nats::Error),
+}
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    pub(crate) js: jetstream::Context,
+    pub(crate) client: async_nats::Client,
+    pub(crate) names: Names,
+    pub(crate) jobs: JobStore,
+    pub(crate) events: EventPublisher,
+}
+
+impl Scheduler {
+    /// Applies `input` to the job's record until the write wins or the
+    /// input no longer applies; publishes the resulting state's event.
+    /// Returns the record as it now stands.
+    pub async fn transition(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        input: Input<'_>,
+    ) -> Result<Option<JobRecord>, HandleError> {
+        loop {
+            let Some(current) = self.jobs.get(tenant, job).await? else {
+                tracing::warn!(%job, "no record for job; input dropped");
+                return Ok(None);
+            };
+            match machine::next(&current.record, &input, OffsetDateTime::now_utc()) {
+                Transition::Apply(new) => match self.jobs.update(&new, current.revision).await {
+                    Ok(_) => {
+                        metrics::counter!("comfyq_scheduler_transitions_total", "status" => new.status.as_str())
+                            .increment(1);
+                        self.announce(&new).await?;
+                        return Ok(Some(new));
+                    }
+                    Err(JobStoreError::Conflict(_)) => continue,
+                    Err(e) => return Err(e.into()),
+                },
+                // A crash may have come between the write and the event:
+                // publish again (deduplicated by the event's derived id).
+                Transition::AlreadyApplied => {
+                    self.announce(&current.record).await?;
+                    return Ok(Some(current.record));
+                }
+                Transition::Ignore(reason) => {
+                    tracing::debug!(%job, reason, "input ignored");
+                    return Ok(Some(current.record));
+                }
+            }
+        }
+    }
+
+    async fn announce(&self, record: &JobRecord) -> Result<(), HandleError> {
+        self.events
+            .publish(&Event::for_state(record))
+            .await
+            .map_err(|e| HandleError::Nats(e.into()))?;
+        if record.cancel_requested && record.status == JobStatus::Running {
+            // Tell whichever runner holds it; the record stays the truth if
+            // nobody hears this (the runner checks it while running).
+            self.client
+                .publish(
+                    self.names.runner_cancel_subject(&record.id),
+                    Default::default(),
+                )
+                .await
+                .map_err(|e| HandleError::Nats(e.into()))?;
+        }
+        Ok(())
+    }
+
+    pub async fn on_submit(&self, message: Message) {
+        let outcome = match parse::<SubmitJob>(&message) {
+            Some(submit) => {
+                let span = tracing::info_span!("submit", job_id = %submit.spec.id, tenant = %submit.spec.tenant);
+                self.handle_submit(submit).instrument(span).await
+            }
+            None => Outcome::Reject,
+        };
+        acknowledge(&message, outcome).await;
+    }
+
+    async fn handle_submit(&self, submit: SubmitJob) -> Outcome {
+        match self.submit(submit).await {
+            Ok(()) => Outcome::Ack,
+            Err(error) => {
+                tracing::warn!(error = %error, "submission not handled yet; will retry");
+                Outcome::Retry(Some(TRANSIENT_RETRY))
+            }
+        }
+    }
+
+    async fn submit(&self, submit: SubmitJob) -> Result<(), HandleError> {
+        let spec = submit.spec;
+        // Ingress normally creates the record; create it here if it could not.
+        if self.jobs.get(&spec.tenant, &spec.id).await?.is_none() {
+            let record = JobRecord::accepted(&spec);
+            match self.jobs.create(&record).await {
+                Ok(_) => self.announce(&record).await?,
+                Err(JobStoreError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some(record) = self
+            .transition(&spec.tenant, &spec.id, Input::Queue)
+            .await?
+        else {
+            return Ok(());
+        };
+        if !matches!(record.status, JobStatus::Queued | JobStatus::Dispatched) || record.attempt > 1
+        {
+            return Ok(());
+        }
+        let dispatch = DispatchJob {
+            v: SCHEMA_VERSION,
+            attempt: 1,
+            spec,
+        };
+        self.publish_dispatch(&dispatch).await?;
+        self.transition(
+            &dispatch.spec.tenant,
+            &dispatch.spec.id,
+            Input::Dispatch { attempt: 1 },
+        )
+        .await?;
+        let wait = (OffsetDateTime::now_utc() - dispatch.spec.created_at)
+            .as_seconds_f64()
+            .max(0.0);
+        metrics::histogram!("comfyq_scheduler_dispatch_latency_seconds", "priority" => dispatch.spec.priority.as_str())
+            .record(wait);
+        Ok(())
+    }
+
+    async fn publish_dispatch(&self, dispatch: &DispatchJob) -> Result<(), HandleError> {
+        let subject = self
+            .names
+            .dispatch_subject(&dispatch.spec.pool, dispatch.spec.priority);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            dispatch.message_id().as_str(),
+        );
+        let payload = serde_json::to_vec(dispatch).map_err(|e| HandleError::Nats(e.into()))?;
+        self.js
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(|e| HandleError::Nats(e.into()))?
+            .await
+            .map_err(|e| HandleError::Nats(e.into()))?;
+        Ok(())
+    }
+
+    pub async fn on_report(&self, message: Message) {
+        let outcome = match parse::<RunnerReport>(&message) {
+            Some(report) => {
+                let span = tracing::info_span!(
+                    "report",
+                    job_id = %report.job_id,
+                    attempt = report.attempt,
+                    outcome = report.outcome.token()
+                );
+                match self
+                    .transition(&report.tenant, &report.job_id, Input::Report(&report))
+                    .instrument(span)
+                    .await
+                {
+                    Ok(_) => Outcome::Ack,
+                    Err(error) => {
+                        tracing::warn!(%error, "report not applied yet; will retry");
+                        Outcome::Retry(Some(TRANSIENT_RETRY))
+                    }
+                }
+            }
+            None => Outcome::Reject,
+        };
+        acknowledge(&message, outcome).await;
+    }
+
+    pub async fn on_cancel(&self, message: Message) {
+        let outcome = match parse::<CancelJob>(&message) {
+            Some(cancel) => {
+                let span = tracing::info_span!("cancel", job_id = %cancel.job_id);
+                match self
+                    .transition(&cancel.tenant, &cancel.job_id, Input::Cancel)
+                    .instrument(span)
+                    .await
+                {
+                    Ok(_) => Outcome::Ack,
+                    Err(error) => {
+                        tracing::warn!(%error, "cancel not applied yet; will retry");
+                        Outcome::Retry(Some(TRANSIENT_RETRY))
+                    }
+                }
+            }
+            None => Outcome::Reject,
+        };
+        acknowledge(&message, outcome).await;
+    }
+
+    /// A dispatch message was delivered `max_deliver` times without an ack:
+    /// the job fails, and the message leaves the work queue.
+    pub async fn on_max_deliveries(&self, advisory: async_nats::Message) {
+        #[derive(Deserialize)]
+        struct Advisory {
+            stream: String,
+            stream_seq: u64,
+            deliveries: u32,
+        }
+        let Ok(advisory) = serde_json::from_slice::<Advisory>(&advisory.payload) else {
+            tracing::warn!("unreadable max-deliveries advisory");
+            return;
+        };
+        if advisory.stream != self.names.dispatch_stream() {
+            return;
+        }
+        let Ok(stream) = self.js.get_stream(&advisory.stream).await else {
+            return;
+        };
+        let Ok(raw) = stream.get_raw_message(advisory.stream_seq).await else {
+            // Already gone: acked or terminated by a runner meanwhile.
+            return;
+        };
+        let Ok(dispatch) = serde_json::from_slice::<DispatchJob>(&raw.payload) else {
+            tracing::warn!(seq = advisory.stream_seq, "unreadable dispatch message");
+            return;
+        };
+        let span = tracing::info_span!("exhausted", job_id = %dispatch.spec.id, deliveries = advisory.deliveries);
+        let result = self
+            .transition(
+                &dispatch.spec.tenant,
+                &dispatch.spec.id,
+                Input::Exhausted {
+                    attempt: advisory.deliveries,
+                },
+            )
+            .instrument(span)
+            .await;
+        match result {
+            Ok(_) => {
+                metrics::counter!("comfyq_scheduler_dead_letters_total").increment(1);
+                let _ = stream.delete_message(advisory.stream_seq).await;
+            }
+            Err(error) => tracing::warn!(%error, "could not fail an exhausted job"),
+        }
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(message: &Message) -> Option<T> {
+    match serde_json::from_slice::<T>(&message.payload) {
+        Ok(value) => Some(value),
+        Err(error) => {
+            tracing::error!(subject = %message.subject, %error, "malformed message rejected");
+            None
+        }
+    }
+}
