@@ -1,1 +1,3 @@
-//! placeholder
+//! comfyq GPU runner: drives one ComfyUI instance.
+
+pub mod comfy;
