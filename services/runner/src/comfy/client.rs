@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 use reqwest::{Response, StatusCode, multipart};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -137,7 +137,8 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Whole-call timeout of an upload.
     pub upload_timeout: Duration,
-    /// Longest wait for the next bytes of a response (downloads have no total timeout).
+    /// Longest wait for the next chunk of a `/view` download (downloads have no total
+    /// timeout; their headers must come within `request_timeout`).
     pub read_timeout: Duration,
 }
 
@@ -206,8 +207,9 @@ impl ComfyClient {
             });
         }
         let http = reqwest::Client::builder()
+            // No client-wide read timeout: reqwest's also bounds the time until the
+            // response headers, which would cut long uploads.
             .connect_timeout(config.connect_timeout)
-            .read_timeout(config.read_timeout)
             .build()
             .map_err(|e| ComfyError::InvalidUrl {
                 url: base.to_string(),
@@ -311,8 +313,9 @@ impl ComfyClient {
             .await
     }
 
-    /// `POST /prompt`. A 200 may still carry `node_errors` (those outputs will not run):
-    /// see [`PromptAccepted::node_errors`].
+    /// `POST /prompt` with our `prompt_id` (ComfyUI >= 0.3.4x keeps it; older servers
+    /// ignore it and make their own: always follow [`PromptAccepted::prompt_id`]). Never
+    /// sets `front`. A 200 may still carry `node_errors` (those outputs will not run).
     pub async fn submit_prompt(
         &self,
         prompt: &Value,
@@ -379,17 +382,39 @@ impl ComfyClient {
             .append_pair("filename", &file.filename)
             .append_pair("subfolder", &file.subfolder)
             .append_pair("type", &file.folder_type);
-        let resp = self.send(self.http.get(url)).await?;
+        let send = self.http.get(url).send();
+        let resp = match tokio::time::timeout(self.config.request_timeout, send).await {
+            Err(_) => {
+                return Err(ComfyError::Timeout(format!(
+                    "/view of {}: no answer within {:?}",
+                    file.filename, self.config.request_timeout
+                )));
+            }
+            Ok(resp) => check_status(resp.map_err(ComfyError::from_reqwest)?).await?,
+        };
         let content_length = resp.content_length();
         let content_type = resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let stream = resp
-            .bytes_stream()
-            .map_err(ComfyError::from_reqwest)
-            .boxed();
+        let read_timeout = self.config.read_timeout;
+        let body = resp.bytes_stream().boxed();
+        let stream = futures::stream::unfold(Some(body), move |state| async move {
+            let mut body = state?;
+            match tokio::time::timeout(read_timeout, body.next()).await {
+                Err(_) => Some((
+                    Err(ComfyError::Timeout(format!(
+                        "/view download stalled for {read_timeout:?}"
+                    ))),
+                    None,
+                )),
+                Ok(None) => None,
+                Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(body))),
+                Ok(Some(Err(e))) => Some((Err(ComfyError::from_reqwest(e)), None)),
+            }
+        })
+        .boxed();
         Ok(ViewResponse {
             content_length,
             content_type,

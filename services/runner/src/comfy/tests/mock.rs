@@ -89,6 +89,15 @@ async fn history(Path(id): Path<String>) -> Response {
 
 async fn view(State(seen): State<Shared>, Query(q): Query<BTreeMap<String, String>>) -> Response {
     seen.lock().unwrap().view_query.push(q.clone());
+    if q.get("filename").map(String::as_str) == Some("stall.bin") {
+        let first =
+            futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"abc")) });
+        let stall = futures::stream::once(async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok(Bytes::new())
+        });
+        return Response::new(Body::from_stream(first.chain(stall)));
+    }
     if q.get("filename").map(String::as_str) != Some("audio_00001_.flac") {
         return StatusCode::NOT_FOUND.into_response();
     }
