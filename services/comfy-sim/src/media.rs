@@ -20,7 +20,11 @@ fn crc_table() -> &'static [u32; 256] {
         for (n, slot) in t.iter_mut().enumerate() {
             let mut c = n as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
             }
             *slot = c;
         }
@@ -263,20 +267,27 @@ mod tests {
             .read_info()
             .expect("info");
         let mut buf = vec![0; dec.output_buffer_size().expect("size")];
-        dec.next_frame(&mut buf).expect("decodes with the padding chunk");
+        dec.next_frame(&mut buf)
+            .expect("decodes with the padding chunk");
 
         let p = d.path().join("a.apng");
         write_png(&p, &[frame, frame, frame], 4.0, None, 0).expect("apng");
         let dec = png::Decoder::new(std::io::BufReader::new(File::open(&p).expect("open")))
             .read_info()
             .expect("info");
-        assert_eq!(dec.info().animation_control().map(|a| a.num_frames), Some(3));
+        assert_eq!(
+            dec.info().animation_control().map(|a| a.num_frames),
+            Some(3)
+        );
 
         let p = d.path().join("a.webp");
         write_webp(&p, 10_001).expect("webp");
         let b = std::fs::read(&p).expect("read");
         assert_eq!(&b[8..16], b"WEBPVP8X");
-        assert_eq!(u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize, b.len() - 8);
+        assert_eq!(
+            u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize,
+            b.len() - 8
+        );
 
         let p = d.path().join("a.mp4");
         write_mp4(&p, 50_000).expect("mp4");

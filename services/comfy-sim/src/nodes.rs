@@ -140,7 +140,9 @@ pub(crate) fn object_info(class: &str, src: &dyn ComboSource) -> Option<Value> {
     info.insert("name".into(), json!(class));
     info.insert(
         "display_name".into(),
-        def.get("display_name").cloned().unwrap_or_else(|| json!(class)),
+        def.get("display_name")
+            .cloned()
+            .unwrap_or_else(|| json!(class)),
     );
     info.insert(
         "description".into(),

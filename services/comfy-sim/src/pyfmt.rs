@@ -89,21 +89,6 @@ pub(crate) fn py_type(v: &Value) -> &'static str {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn reprs_match_python() {
-        assert_eq!(float_repr(1.0), "1.0");
-        assert_eq!(float_repr(0.01), "0.01");
-        assert_eq!(float_repr(1e-5), "1e-05");
-        assert_eq!(py_repr(&json!(["a", 1, 2.5, null, true])), "['a', 1, 2.5, None, True]");
-        assert_eq!(py_str(&json!("x")), "x");
-    }
-}
-
 struct PyJson;
 
 impl serde_json::ser::Formatter for PyJson {
@@ -137,4 +122,22 @@ pub(crate) fn dumps(v: &Value) -> String {
         return v.to_string();
     }
     String::from_utf8(out).unwrap_or_else(|_| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reprs_match_python() {
+        assert_eq!(float_repr(1.0), "1.0");
+        assert_eq!(float_repr(0.01), "0.01");
+        assert_eq!(float_repr(1e-5), "1e-05");
+        assert_eq!(
+            py_repr(&json!(["a", 1, 2.5, null, true])),
+            "['a', 1, 2.5, None, True]"
+        );
+        assert_eq!(py_str(&json!("x")), "x");
+    }
 }

@@ -146,7 +146,10 @@ mod tests {
         h.push(item(json!(26), "plain_b"));
         h.push(item(json!(27), "custom"));
         let ids: Vec<&str> = h.items().iter().map(|i| i.prompt_id.as_str()).collect();
-        assert_eq!(ids, ["m100", "plain_a", "front", "n1000", "plain_b", "custom"]);
+        assert_eq!(
+            ids,
+            ["m100", "plain_a", "front", "n1000", "plain_b", "custom"]
+        );
         assert!(h.remove("plain_b"));
         let mut order = vec![];
         while let Some(i) = h.pop() {

@@ -81,8 +81,8 @@ fn internal_error() -> Response {
     r
 }
 
-fn parse(body: &Bytes) -> Result<Value, Response> {
-    serde_json::from_slice(body).map_err(|_| internal_error())
+fn parse(body: &Bytes) -> Result<Value, Box<Response>> {
+    serde_json::from_slice(body).map_err(|_| Box::new(internal_error()))
 }
 
 struct Env<'a>(&'a Core);
@@ -204,7 +204,7 @@ async fn get_queue(State(inst): St) -> Response {
 async fn post_queue(State(inst): St, body: Bytes) -> Response {
     let v = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let mut st = inst.lock();
     if v.get("clear").is_some_and(truthy) {
@@ -261,7 +261,7 @@ async fn get_history_one(State(inst): St, UrlPath(id): UrlPath<String>) -> Respo
 async fn post_history(State(inst): St, body: Bytes) -> Response {
     let v = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let mut st = inst.lock();
     if v.get("clear").is_some_and(truthy) {
@@ -294,7 +294,7 @@ async fn interrupt(State(inst): St, body: Bytes) -> Response {
 async fn free(body: Bytes) -> Response {
     match parse(&body) {
         Ok(_) => StatusCode::OK.into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -302,7 +302,7 @@ async fn post_prompt(State(inst): St, body: Bytes) -> Response {
     let received_at = Instant::now();
     let v = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let body = match v {
         Value::Object(o) => o,
@@ -545,7 +545,10 @@ fn finish_upload(
     if std::fs::create_dir_all(&folder).is_err() {
         return internal_error();
     }
-    let overwrite = matches!(fields.get("overwrite").map(String::as_str), Some("true" | "1"));
+    let overwrite = matches!(
+        fields.get("overwrite").map(String::as_str),
+        Some("true" | "1")
+    );
     let mut duplicate = false;
     if !overwrite {
         let (stem, ext) = match filename.rfind('.') {

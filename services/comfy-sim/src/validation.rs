@@ -175,7 +175,9 @@ impl Validator<'_> {
                         Ok(_) => {}
                         Err(e) => {
                             valid = false;
-                            let reasons = vec![json!({"type": "exception_during_validation", "message": "Exception when validating inner node", "details": e.message, "extra_info": {"input_name": x, "input_config": info, "exception_message": e.message, "exception_type": e.kind, "traceback": [], "linked_node": val}})];
+                            let reasons = vec![
+                                json!({"type": "exception_during_validation", "message": "Exception when validating inner node", "details": e.message, "extra_info": {"input_name": x, "input_config": info, "exception_message": e.message, "exception_type": e.kind, "traceback": [], "linked_node": val}}),
+                            ];
                             self.record(&o_id, (false, reasons));
                         }
                     }
@@ -202,7 +204,8 @@ impl Validator<'_> {
                 if custom.contains(&x.as_str()) {
                     continue;
                 }
-                if let (Some(min), Some(v)) = (extra.get("min").and_then(Value::as_f64), as_num(&val))
+                if let (Some(min), Some(v)) =
+                    (extra.get("min").and_then(Value::as_f64), as_num(&val))
                     && v < min
                 {
                     let message = format!(
@@ -213,7 +216,8 @@ impl Validator<'_> {
                     errors.push(json!({"type": "value_smaller_than_min", "message": message, "details": x, "extra_info": {"input_name": x, "input_config": info, "received_value": val}}));
                     continue;
                 }
-                if let (Some(max), Some(v)) = (extra.get("max").and_then(Value::as_f64), as_num(&val))
+                if let (Some(max), Some(v)) =
+                    (extra.get("max").and_then(Value::as_f64), as_num(&val))
                     && v > max
                 {
                     let message = format!(
@@ -352,39 +356,39 @@ pub(crate) fn validate_prompt(
     prompt: &mut Map<String, Value>,
     partial: Option<&[String]>,
     env: &dyn ValidationEnv,
-) -> Result<Valid, Invalid> {
+) -> Result<Valid, Box<Invalid>> {
     let mut outputs = Vec::new();
     for (id, node) in prompt.iter() {
         let Some(class) = node.get("class_type") else {
-            return Err(Invalid {
+            return Err(Box::new(Invalid {
                 error: err(
                     "invalid_prompt",
                     "Cannot execute because a node is missing the class_type property.",
                     &format!("Node ID '#{id}'"),
                 ),
                 node_errors: Map::new(),
-            });
+            }));
         };
         let class = py_str(class);
         if !nodes::exists(&class) {
-            return Err(Invalid {
+            return Err(Box::new(Invalid {
                 error: err(
                     "invalid_prompt",
                     &format!("Cannot execute because node {class} does not exist."),
                     &format!("Node ID '#{id}'"),
                 ),
                 node_errors: Map::new(),
-            });
+            }));
         }
         if nodes::is_output(&class) && partial.is_none_or(|p| p.iter().any(|x| x == id)) {
             outputs.push(id.clone());
         }
     }
     if outputs.is_empty() {
-        return Err(Invalid {
+        return Err(Box::new(Invalid {
             error: err("prompt_no_outputs", "Prompt has no outputs", ""),
             node_errors: Map::new(),
-        });
+        }));
     }
     outputs.sort_by(|a, b| id_order(a, b));
 
@@ -401,7 +405,9 @@ pub(crate) fn validate_prompt(
         let (ok, reasons) = match v.validate_inputs(o) {
             Ok(verdict) => verdict,
             Err(e) => {
-                let reasons = vec![json!({"type": "exception_during_validation", "message": "Exception when validating node", "details": e.message, "extra_info": {"exception_type": e.kind, "traceback": []}})];
+                let reasons = vec![
+                    json!({"type": "exception_during_validation", "message": "Exception when validating node", "details": e.message, "extra_info": {"exception_type": e.kind, "traceback": []}}),
+                ];
                 v.record(o, (false, reasons.clone()));
                 (false, reasons)
             }
@@ -441,14 +447,14 @@ pub(crate) fn validate_prompt(
             .flatten()
             .map(|e| format!("{}: {}", py_str(&e["message"]), py_str(&e["details"])))
             .collect();
-        return Err(Invalid {
+        return Err(Box::new(Invalid {
             error: err(
                 "prompt_outputs_failed_validation",
                 "Prompt outputs failed validation",
                 &lines.join("\n"),
             ),
             node_errors,
-        });
+        }));
     }
     Ok(Valid {
         outputs: good,
