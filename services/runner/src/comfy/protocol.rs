@@ -448,17 +448,18 @@ pub fn feature_flags_handshake() -> Value {
 /// One entry of `GET /history/<prompt_id>` (which answers `{prompt_id: entry}`, or `{}`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct HistoryEntry {
-    /// The queued prompt: `[number, prompt_id, prompt, extra_data, outputs_to_execute]`.
-    #[serde(default)]
+    /// The queued prompt: `[number, prompt_id, prompt, extra_data, outputs_to_execute]`
+    /// (`None` if absent or of another shape).
+    #[serde(default, deserialize_with = "lenient")]
     pub prompt: Option<QueueItem>,
     /// UI outputs by node id.
     #[serde(default)]
     pub outputs: BTreeMap<String, NodeOutput>,
     /// How the prompt ended.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub status: Option<HistoryStatus>,
-    /// Node metadata by output node id.
-    #[serde(default)]
+    /// Node metadata by output node id (empty if of another shape).
+    #[serde(default, deserialize_with = "lenient")]
     pub meta: BTreeMap<String, NodeMeta>,
 }
 
@@ -478,6 +479,26 @@ impl HistoryEntry {
     }
 }
 
+/// Parses a field, falling back to its default when its shape is unexpected: parts of a
+/// history entry that are not needed to collect outputs must not make it unreadable.
+fn lenient<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: serde::de::DeserializeOwned + Default,
+{
+    Ok(serde_json::from_value(Value::deserialize(d)?).unwrap_or_default())
+}
+
+fn message_pairs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, Value)>, D::Error> {
+    let Value::Array(items) = Value::deserialize(d)? else {
+        return Ok(Vec::new());
+    };
+    Ok(items
+        .into_iter()
+        .filter_map(|item| serde_json::from_value::<(String, Value)>(item).ok())
+        .collect())
+}
+
 /// `status` of a history entry.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct HistoryStatus {
@@ -487,8 +508,8 @@ pub struct HistoryStatus {
     /// Whether the prompt ran to the end.
     #[serde(default)]
     pub completed: bool,
-    /// The execution messages, `[type, data]`.
-    #[serde(default)]
+    /// The execution messages, `[type, data]` (entries of another shape are dropped).
+    #[serde(default, deserialize_with = "message_pairs")]
     pub messages: Vec<(String, Value)>,
 }
 
@@ -656,9 +677,11 @@ impl<'de> Deserialize<'de> for NodeOutput {
         match Value::deserialize(deserializer)? {
             Value::Object(map) => Ok(Self::from_map(&map)),
             Value::Null => Ok(Self::default()),
-            other => Err(de::Error::custom(format_args!(
-                "node output: expected an object, got {other}"
-            ))),
+            // Not an object: nothing to collect, but keep it visible.
+            other => Ok(Self {
+                other: BTreeMap::from([(String::new(), other)]),
+                ..Self::default()
+            }),
         }
     }
 }

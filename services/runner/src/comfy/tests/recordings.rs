@@ -484,6 +484,23 @@ fn every_history_entry_parses() {
 }
 
 #[test]
+fn odd_history_parts_do_not_hide_outputs() {
+    let body = br#"{"p": {
+        "prompt": "not an array",
+        "outputs": {"9": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}, "10": "weird"},
+        "status": {"status_str": "success", "completed": true, "messages": [["execution_start", {"prompt_id": "p"}], "junk", [1]]},
+        "meta": ["junk"]
+    }}"#;
+    let e = parse_history_response("p", body).unwrap().unwrap();
+    assert!(e.prompt.is_none());
+    assert!(e.meta.is_empty());
+    assert!(e.is_success());
+    assert_eq!(e.status.as_ref().unwrap().messages.len(), 1);
+    assert_eq!(e.output_files().count(), 1);
+    assert!(e.outputs["10"].files.is_empty());
+}
+
+#[test]
 fn unknown_or_unfinished_history_is_none() {
     assert!(parse_history_response("x", b"{}").unwrap().is_none());
     assert!(matches!(
