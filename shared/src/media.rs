@@ -150,3 +150,39 @@ mod tests {
         assert_eq!(digest_to_hex(&encoded), hex::encode(sum));
     }
 }
+
+/// Content type judged from the bytes themselves (magic numbers), falling
+/// back to the file name's extension, then to `application/octet-stream`.
+pub fn sniff_content_type(head: &[u8], file_name: &str) -> String {
+    if let Some(kind) = infer::get(head) {
+        return kind.mime_type().to_owned();
+    }
+    let extension = file_name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase());
+    match extension.as_deref() {
+        Some("txt") => "text/plain; charset=utf-8",
+        Some("json") => "application/json",
+        _ => "application/octet-stream",
+    }
+    .to_owned()
+}
+
+#[cfg(test)]
+mod sniff_tests {
+    use super::sniff_content_type;
+
+    #[test]
+    fn magic_beats_extension() {
+        let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
+        assert_eq!(sniff_content_type(png, "x.jpg"), "image/png");
+        assert_eq!(
+            sniff_content_type(b"hello", "x.txt"),
+            "text/plain; charset=utf-8"
+        );
+        assert_eq!(
+            sniff_content_type(b"\0\x01", "x"),
+            "application/octet-stream"
+        );
+    }
+}

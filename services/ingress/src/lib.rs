@@ -1,1 +1,68 @@
-//! placeholder
+//! comfyq ingress: the REST API.
+//!
+//! - [`config`]: typed configuration (listen address, API keys, limits).
+//! - [`auth`]: API keys → tenants.
+//! - [`api`]: request/response bodies and edge validation.
+//! - [`problem`]: RFC 9457 problem responses, the one HTTP error type.
+//! - [`routes`]: handlers and the router.
+//! - [`state`]: what handlers share.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod problem;
+pub mod routes;
+pub mod state;
+
+use std::sync::Arc;
+
+use comfyq_shared::connection;
+use comfyq_shared::job_store::JobStore;
+use comfyq_shared::media::MediaStore;
+use comfyq_shared::provision;
+use comfyq_shared::publisher::EventPublisher;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::IngressConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error(transparent)]
+    Config(#[from] comfyq_shared::config::ConfigError),
+    #[error(transparent)]
+    Connect(#[from] connection::ConnectError),
+    #[error(transparent)]
+    Provision(#[from] provision::ProvisionError),
+    #[error("HTTP server: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Serves the API on `listener` until `shutdown`, then drains requests.
+pub async fn serve(
+    config: IngressConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), IngressError> {
+    let names = config.nats.names()?;
+    let client = connection::connect(&config.nats, "ingress").await?;
+    let js = connection::jetstream(client.clone());
+    let shared = provision::provision(&js, &names, &config.nats).await?;
+    let state = state::AppState {
+        auth: Arc::new(auth::Authenticator::from_config(&config)),
+        config: Arc::new(config),
+        client: client.clone(),
+        jobs: JobStore::new(shared.jobs, names.clone()),
+        media: MediaStore::new(shared.media, names.clone()),
+        events: EventPublisher::new(js.clone(), names.clone()),
+        js,
+        names,
+    };
+    tracing::info!(addr = %listener.local_addr()?, "ingress listening");
+    axum::serve(listener, routes::router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    let _ = client.flush().await;
+    tracing::info!("ingress stopped");
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! Ingress configuration.
+
+use comfyq_shared::config::{ConfigError, NatsConfig, Secret, Validate};
+use comfyq_shared::ids::TenantId;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngressConfig {
+    pub nats: NatsConfig,
+    /// Address to listen on (used by the binary; tests pass a listener).
+    pub http_addr: String,
+    /// API keys and the tenant each one acts for.
+    pub api_keys: Vec<ApiKey>,
+    /// Development only: requests without a key act as this tenant.
+    pub open_tenant: Option<String>,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Default and largest allowed `timeout_s` of a job.
+    pub default_timeout_s: u64,
+    pub max_timeout_s: u64,
+}
+
+/// One API key. Configuration holds the SHA-256 of the key (hex) so a leaked
+/// file does not leak keys; `key` (plain) is accepted for local development.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    pub tenant: String,
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    #[serde(default)]
+    pub key: Option<Secret>,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            nats: NatsConfig::default(),
+            http_addr: "127.0.0.1:8080".to_owned(),
+            api_keys: Vec::new(),
+            open_tenant: None,
+            max_body_bytes: 64 * 1024 * 1024,
+            default_timeout_s: 600,
+            max_timeout_s: 24 * 3600,
+        }
+    }
+}
+
+impl Validate for IngressConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.nats.validate()?;
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.http_addr.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(format!(
+                "http_addr is not a socket address: {:?}",
+                self.http_addr
+            ));
+        }
+        for (i, key) in self.api_keys.iter().enumerate() {
+            if let Err(e) = TenantId::new(key.tenant.clone()) {
+                return invalid(format!("api_keys[{i}].tenant: {e}"));
+            }
+            match (&key.key_sha256, &key.key) {
+                (Some(hash), None)
+                    if hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {}
+                (None, Some(key)) if key.expose().len() >= 16 => {}
+                (None, Some(_)) => {
+                    return invalid(format!("api_keys[{i}].key must be at least 16 characters"));
+                }
+                _ => {
+                    return invalid(format!(
+                        "api_keys[{i}] needs exactly one of key_sha256 (64 hex digits) or key"
+                    ));
+                }
+            }
+        }
+        if let Some(tenant) = &self.open_tenant
+            && let Err(e) = TenantId::new(tenant.clone())
+        {
+            return invalid(format!("open_tenant: {e}"));
+        }
+        if self.max_body_bytes < 1024 {
+            return invalid("max_body_bytes must be at least 1024".to_owned());
+        }
+        if self.default_timeout_s == 0 || self.default_timeout_s > self.max_timeout_s {
+            return invalid("default_timeout_s must be between 1 and max_timeout_s".to_owned());
+        }
+        Ok(())
+    }
+}
