@@ -391,7 +391,8 @@ fn find_binary() -> Result<PathBuf, String> {
             ))
         };
     }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let workspace = manifest_dir.parent().unwrap_or(manifest_dir);
     let local = workspace.join(".tools/nats/bin/nats-server");
     if local.is_file() {
         return Ok(local);

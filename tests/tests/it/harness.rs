@@ -172,3 +172,9 @@ async fn eventually_returns_the_value() {
 async fn eventually_panics_with_what() {
     eventually(Duration::from_millis(100), "never", async || None::<()>).await;
 }
+
+#[tokio::test]
+#[should_panic(expected = "nats-server did not start: process exited")]
+async fn nats_server_start_failure_reports_the_log() {
+    NatsServer::start_with_config("this is { not valid").await;
+}
