@@ -187,6 +187,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's test API returns its own error type
     fn file_then_env_and_bad_values_are_named() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

@@ -100,6 +100,15 @@ impl Names {
         format!("{}.dispatch.{pool}.*", self.prefix)
     }
 
+    /// Core NATS nudge after work lands on a pool's dispatch subjects. Idle
+    /// runners listen in one queue group, so each nudge wakes one of them.
+    pub fn wake_subject(&self, pool: &PoolName) -> String {
+        format!("{}.wake.{pool}", self.prefix)
+    }
+    pub fn wake_queue_group(&self) -> String {
+        "idle-runners".to_owned()
+    }
+
     pub fn event_subject(&self, tenant: &TenantId, job: &JobId, kind: EventKind) -> String {
         format!("{}.events.{tenant}.{job}.{}", self.prefix, kind.token())
     }

@@ -50,3 +50,25 @@ impl EventPublisher {
         Ok(ack.sequence)
     }
 }
+
+impl EventPublisher {
+    /// Publishes without waiting for the stream's ack: for progress events,
+    /// where a lost one is superseded by the next and latency matters more.
+    pub async fn publish_without_ack(&self, event: &Event) -> Result<(), PublishError> {
+        let fail = |source: async_nats::Error| PublishError {
+            job: event.job_id.to_string(),
+            source,
+        };
+        let subject = self
+            .names
+            .event_subject(&event.tenant, &event.job_id, event.kind());
+        let payload = serde_json::to_vec(event).map_err(|e| fail(e.into()))?;
+        // Dropping the ack future does not cancel the publish, only the wait.
+        let _ack = self
+            .js
+            .publish(subject, payload.into())
+            .await
+            .map_err(|e| fail(e.into()))?;
+        Ok(())
+    }
+}

@@ -1,1 +1,88 @@
-//! placeholder
+//! comfyq notifier: signed webhooks for job events.
+//!
+//! - [`config`]: typed configuration (secrets, timeouts, retry schedule).
+//! - [`guard`]: refusing loopback, private and metadata destinations.
+//! - [`delivery`]: building, signing and posting one event; the retry decision.
+//!
+//! Pending deliveries live in JetStream (a durable consumer on the EVENTS
+//! stream, retried with delayed naks), so a restart loses none.
+
+pub mod config;
+pub mod delivery;
+pub mod guard;
+
+use std::sync::Arc;
+
+use async_nats::jetstream::consumer;
+use comfyq_shared::connection;
+use comfyq_shared::consume::run_consumer;
+use comfyq_shared::event::EventKind;
+use comfyq_shared::job::JobStatus;
+use comfyq_shared::job_store::JobStore;
+use comfyq_shared::provision::{self, ensure_pull_consumer};
+use tokio_util::sync::CancellationToken;
+
+pub use config::NotifierConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NotifierError {
+    #[error(transparent)]
+    Config(#[from] comfyq_shared::config::ConfigError),
+    #[error(transparent)]
+    Connect(#[from] connection::ConnectError),
+    #[error(transparent)]
+    Provision(#[from] provision::ProvisionError),
+    #[error("metrics listener: {0}")]
+    Metrics(#[from] std::io::Error),
+}
+
+/// Delivers webhooks until `shutdown`; deliveries in flight finish first.
+pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> Result<(), NotifierError> {
+    let names = config.nats.names()?;
+    let client = connection::connect(&config.nats, "notifier").await?;
+    let js = connection::jetstream(client.clone());
+    let shared = provision::provision(&js, &names, &config.nats).await?;
+    if let Some(addr) = config.metrics_addr {
+        comfyq_shared::telemetry::serve_metrics(addr, shutdown.clone()).await?;
+    }
+    // State changes are what webhooks subscribe to.
+    let filters = JobStatus::ALL
+        .into_iter()
+        .map(|status| names.event_kind_filter(EventKind::State(status)))
+        .collect();
+    let consumer = ensure_pull_consumer(
+        &js,
+        &names.events_stream(),
+        consumer::pull::Config {
+            durable_name: Some(names.notifier_consumer()),
+            description: Some("comfyq notifier: webhook deliveries".to_owned()),
+            filter_subjects: filters,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: config.attempt_timeout * 3,
+            deliver_policy: consumer::DeliverPolicy::New,
+            max_ack_pending: 100_000,
+            num_replicas: config.nats.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let notifier = delivery::Notifier {
+        jobs: JobStore::new(shared.jobs, names.clone()),
+        config: Arc::new(config.clone()),
+    };
+    tracing::info!("notifier running");
+    run_consumer(
+        "notifier",
+        consumer,
+        config.concurrency,
+        shutdown,
+        move |message| {
+            let notifier = notifier.clone();
+            async move { notifier.on_event(message).await }
+        },
+    )
+    .await;
+    let _ = client.flush().await;
+    tracing::info!("notifier stopped");
+    Ok(())
+}

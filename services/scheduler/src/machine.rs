@@ -25,7 +25,7 @@ pub enum Input<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transition {
     /// Write this record.
-    Apply(JobRecord),
+    Apply(Box<JobRecord>),
     /// The record already reflects the input (a redelivery): nothing to write,
     /// but the current state's event may be re-published.
     AlreadyApplied,
@@ -53,7 +53,7 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
             Accepted => {
                 new.status = Queued;
                 new.queued_at = Some(now);
-                Transition::Apply(new)
+                Transition::Apply(Box::new(new))
             }
             _ => Transition::AlreadyApplied,
         },
@@ -68,7 +68,7 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
             new.status = Dispatched;
             new.attempt = *attempt;
             new.queued_at.get_or_insert(now);
-            Transition::Apply(new)
+            Transition::Apply(Box::new(new))
         }
         Input::Cancel => match record.status {
             Running => {
@@ -76,7 +76,7 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
                     Transition::AlreadyApplied
                 } else {
                     new.cancel_requested = true;
-                    Transition::Apply(new)
+                    Transition::Apply(Box::new(new))
                 }
             }
             // Not running anywhere: it ends now; a runner that pulls it later
@@ -85,7 +85,7 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
                 new.status = Cancelled;
                 new.cancel_requested = true;
                 new.finished_at = Some(now);
-                Transition::Apply(new)
+                Transition::Apply(Box::new(new))
             }
         },
         Input::Exhausted { attempt } => {
@@ -100,7 +100,7 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
                     "gave up after {attempt} deliveries: the runners holding the job stopped answering"
                 ),
             ));
-            Transition::Apply(new)
+            Transition::Apply(Box::new(new))
         }
         Input::Report(report) => {
             if report.attempt < record.attempt {
@@ -140,7 +140,7 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
                     new.finished_at = Some(report.at);
                 }
             }
-            Transition::Apply(new)
+            Transition::Apply(Box::new(new))
         }
     }
 }
@@ -197,7 +197,7 @@ mod tests {
 
     fn apply(record: &JobRecord, input: Input<'_>) -> JobRecord {
         match next(record, &input, OffsetDateTime::UNIX_EPOCH) {
-            Transition::Apply(new) => new,
+            Transition::Apply(new) => *new,
             other => panic!("expected a transition for {input:?}, got {other:?}"),
         }
     }
@@ -300,6 +300,7 @@ mod tests {
                     _ => Input::Queue,
                 };
                 if let Transition::Apply(new) = next(&record, &input, OffsetDateTime::UNIX_EPOCH) {
+                    let new = *new;
                     prop_assert!(!record.status.is_terminal(), "terminal state changed");
                     let moved_forward = new.position() > record.position()
                         || (new.position() == record.position() && new.cancel_requested && !record.cancel_requested);

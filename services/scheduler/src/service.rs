@@ -61,7 +61,7 @@ impl Scheduler {
                         metrics::counter!("comfyq_scheduler_transitions_total", "status" => new.status.as_str())
                             .increment(1);
                         self.announce(&new).await?;
-                        return Ok(Some(new));
+                        return Ok(Some(*new));
                     }
                     Err(JobStoreError::Conflict(_)) => continue,
                     Err(e) => return Err(e.into()),
@@ -85,7 +85,9 @@ impl Scheduler {
             .publish(&Event::for_state(record))
             .await
             .map_err(|e| HandleError::Nats(e.into()))?;
-        if record.cancel_requested && record.status == JobStatus::Running {
+        if record.cancel_requested
+            && matches!(record.status, JobStatus::Running | JobStatus::Cancelled)
+        {
             // Tell whichever runner holds it; the record stays the truth if
             // nobody hears this (the runner checks it while running).
             self.client
@@ -177,6 +179,15 @@ impl Scheduler {
             .map_err(|e| HandleError::Nats(e.into()))?
             .await
             .map_err(|e| HandleError::Nats(e.into()))?;
+        // Stored: now wake one idle runner of the pool (best effort; runners
+        // also poll, so a lost nudge only delays).
+        let _ = self
+            .client
+            .publish(
+                self.names.wake_subject(&dispatch.spec.pool),
+                Default::default(),
+            )
+            .await;
         Ok(())
     }
 

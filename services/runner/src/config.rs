@@ -1,0 +1,119 @@
+//! Runner configuration.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use comfyq_shared::config::{ConfigError, NatsConfig, Validate};
+use comfyq_shared::ids::{PoolName, RunnerId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunnerConfig {
+    pub nats: NatsConfig,
+    /// The ComfyUI this runner drives.
+    pub comfyui_url: String,
+    /// Stable name (registration key, ComfyUI client id); random if unset.
+    pub runner_id: Option<String>,
+    pub pool: String,
+    /// Free-form labels shown in the registration (GPU model, region…).
+    pub labels: BTreeMap<String, String>,
+    /// Jobs held at once: one executes in ComfyUI, the rest wait in its queue.
+    pub slots: usize,
+    /// No ComfyUI event for this long while a prompt runs → check history,
+    /// and treat the prompt as stalled if ComfyUI cannot account for it.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// How often a held job's state is reconciled through `/history` and
+    /// `/queue` while its events are missing.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// Polling interval for work when no wake-up arrives.
+    #[serde(with = "humantime_serde")]
+    pub idle_poll: Duration,
+    /// On shutdown, how long running prompts may finish before being handed back.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Base delay before a retryable failure is redelivered (doubles per attempt).
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Longest wait for ComfyUI to answer at start.
+    #[serde(with = "humantime_serde")]
+    pub comfyui_ready_timeout: Duration,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            nats: NatsConfig::default(),
+            comfyui_url: "http://127.0.0.1:8188".to_owned(),
+            runner_id: None,
+            pool: "default".to_owned(),
+            labels: BTreeMap::new(),
+            slots: 1,
+            stall_timeout: Duration::from_secs(120),
+            reconcile_interval: Duration::from_secs(2),
+            idle_poll: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(30),
+            retry_backoff: Duration::from_secs(2),
+            comfyui_ready_timeout: Duration::from_secs(60),
+            metrics_addr: None,
+        }
+    }
+}
+
+impl RunnerConfig {
+    pub fn pool(&self) -> Result<PoolName, ConfigError> {
+        PoolName::new(self.pool.clone()).map_err(|e| ConfigError::Invalid(format!("pool: {e}")))
+    }
+
+    pub fn runner_id(&self) -> Result<RunnerId, ConfigError> {
+        match &self.runner_id {
+            Some(id) => RunnerId::new(id.clone())
+                .map_err(|e| ConfigError::Invalid(format!("runner_id: {e}"))),
+            None => Ok(RunnerId::random()),
+        }
+    }
+
+    pub fn comfyui_url(&self) -> Result<url::Url, ConfigError> {
+        let url = url::Url::parse(&self.comfyui_url).map_err(|e| {
+            ConfigError::Invalid(format!("comfyui_url {:?}: {e}", self.comfyui_url))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ConfigError::Invalid(format!(
+                "comfyui_url must be http(s) (got {:?})",
+                self.comfyui_url
+            )));
+        }
+        Ok(url)
+    }
+}
+
+impl Validate for RunnerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.nats.validate()?;
+        self.pool()?;
+        self.runner_id()?;
+        self.comfyui_url()?;
+        if !(1..=64).contains(&self.slots) {
+            return Err(ConfigError::Invalid(format!(
+                "slots must be 1 to 64 (got {})",
+                self.slots
+            )));
+        }
+        for (name, value) in [
+            ("stall_timeout", self.stall_timeout),
+            ("reconcile_interval", self.reconcile_interval),
+            ("idle_poll", self.idle_poll),
+        ] {
+            if value < Duration::from_millis(10) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be at least 10ms"
+                )));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,525 @@
+//! Executing one attempt of a job on ComfyUI: upload inputs, submit the
+//! prompt, follow it (WebSocket, with `/history` and `/queue` reconciliation
+//! when events go missing), store its outputs. Returns how the attempt ended;
+//! acknowledging and reporting are the worker's business.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use comfyq_shared::event::{Event, EventBody};
+use comfyq_shared::job::{ErrorKind, JobError, JobSpec, OutputFile};
+use comfyq_shared::media::{MediaError, MediaStore, sniff_content_type};
+use comfyq_shared::names::Names;
+use comfyq_shared::publisher::EventPublisher;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::io::{ReaderStream, StreamReader};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::comfy::{
+    BinaryFrame, ComfyClient, ComfyError, ExecutionError, HistoryEntry, ServerMessage, SubmitError,
+    UploadImage,
+};
+use crate::config::RunnerConfig;
+use crate::link::{ComfyLink, PromptEvent};
+use crate::progress::ProgressTracker;
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptEnd {
+    Completed(Vec<OutputFile>),
+    Failed(JobError),
+    Cancelled,
+}
+
+/// Why following a prompt stopped.
+#[derive(Debug)]
+enum PromptEnd {
+    Done,
+    Failed(JobError),
+    Cancelled,
+}
+
+/// Everything an execution needs; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Executor {
+    pub comfy: ComfyClient,
+    pub link: ComfyLink,
+    pub media: MediaStore,
+    pub events: EventPublisher,
+    pub client: async_nats::Client,
+    pub names: Names,
+    pub client_id: String,
+    pub config: Arc<RunnerConfig>,
+}
+
+fn infrastructure(message: impl Into<String>) -> JobError {
+    JobError::new(ErrorKind::Infrastructure, message)
+}
+
+fn comfy_failure(context: &str, error: &ComfyError) -> JobError {
+    if error.is_retryable() {
+        infrastructure(format!("{context}: {error}"))
+    } else {
+        JobError::new(ErrorKind::Internal, format!("{context}: {error}"))
+    }
+}
+
+impl Executor {
+    /// Runs `spec` on ComfyUI until it ends, `cancel` fires, or its time is up.
+    pub async fn execute(&self, spec: &JobSpec, cancel: &CancellationToken) -> AttemptEnd {
+        let workflow = match self.upload_inputs(spec).await {
+            Ok(workflow) => workflow,
+            Err(error) => return AttemptEnd::Failed(error),
+        };
+        if cancel.is_cancelled() {
+            return AttemptEnd::Cancelled;
+        }
+
+        let prompt_id = Uuid::new_v4();
+        let mut events = self.link.follow(&prompt_id.to_string());
+        let extra = serde_json::json!({ "comfyq_job_id": spec.id.to_string() });
+        let accepted = match self
+            .comfy
+            .submit_prompt(&workflow, &self.client_id, prompt_id, Some(&extra))
+            .await
+        {
+            Ok(accepted) => accepted,
+            Err(SubmitError::Rejected(rejection)) => {
+                let mut error = JobError::new(ErrorKind::Validation, rejection.to_string());
+                error.details = serde_json::to_value(&rejection.node_errors).ok();
+                return AttemptEnd::Failed(error);
+            }
+            Err(SubmitError::BadRequest { status, body }) => {
+                return AttemptEnd::Failed(JobError::new(
+                    ErrorKind::Validation,
+                    format!("ComfyUI refused the prompt ({status}): {body}"),
+                ));
+            }
+            Err(SubmitError::Comfy(error)) => {
+                return AttemptEnd::Failed(comfy_failure("submitting the prompt", &error));
+            }
+        };
+        // Older ComfyUI versions choose their own prompt id.
+        if accepted.prompt_id != prompt_id.to_string() {
+            events = self.link.follow(&accepted.prompt_id);
+        }
+        let prompt_id = accepted.prompt_id;
+        tracing::info!(%prompt_id, "prompt queued in ComfyUI");
+
+        let end = self
+            .follow(spec, &prompt_id, &mut events.receiver, cancel)
+            .await;
+        drop(events);
+        let result = match end {
+            PromptEnd::Done => match self.collect_outputs(spec, &prompt_id).await {
+                Ok(outputs) => AttemptEnd::Completed(outputs),
+                Err(error) => AttemptEnd::Failed(error),
+            },
+            PromptEnd::Failed(error) => AttemptEnd::Failed(error),
+            PromptEnd::Cancelled => AttemptEnd::Cancelled,
+        };
+        // ComfyUI keeps history in memory: drop what we have stored.
+        if let Err(error) = self.comfy.delete_history(&[prompt_id.as_str()]).await {
+            tracing::debug!(%error, "could not delete the prompt's history");
+        }
+        result
+    }
+
+    /// Streams each input from the media store into ComfyUI's input folder
+    /// (a per-job subfolder) and rewrites the workflow's references to it.
+    async fn upload_inputs(&self, spec: &JobSpec) -> Result<Value, JobError> {
+        let mut workflow = spec.workflow.clone();
+        if spec.inputs.is_empty() {
+            return Ok(workflow);
+        }
+        let mut references = HashMap::new();
+        for input in &spec.inputs {
+            let key = self.media.input_key(&spec.tenant, &spec.id, &input.name);
+            let (info, object) = self.media.get(&key).await.map_err(|e| match e {
+                MediaError::NotFound(_) => JobError::new(
+                    ErrorKind::Internal,
+                    format!("input {} is missing", input.name),
+                ),
+                other => infrastructure(format!("reading input {}: {other}", input.name)),
+            })?;
+            let upload = UploadImage {
+                name: input.name.clone(),
+                subfolder: format!("comfyq-{}", spec.id),
+                overwrite: true,
+                content_type: info.content_type.clone(),
+                content_length: Some(info.size),
+            };
+            let body = reqwest::Body::wrap_stream(ReaderStream::new(object));
+            let uploaded = self
+                .comfy
+                .upload_image(&upload, body)
+                .await
+                .map_err(|e| comfy_failure(&format!("uploading input {}", input.name), &e))?;
+            references.insert(input.name.clone(), uploaded.input_reference());
+        }
+        rewrite_references(&mut workflow, &references);
+        Ok(workflow)
+    }
+
+    async fn follow(
+        &self,
+        spec: &JobSpec,
+        prompt_id: &str,
+        events: &mut tokio::sync::mpsc::UnboundedReceiver<PromptEvent>,
+        cancel: &CancellationToken,
+    ) -> PromptEnd {
+        let deadline = Instant::now() + Duration::from_secs(spec.timeout_s);
+        let mut tracker = ProgressTracker::new(&spec.workflow);
+        let mut last_event = Instant::now();
+        let mut last_preview: Option<Instant> = None;
+        let mut reconcile = tokio::time::interval(self.config.reconcile_interval);
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut unreachable_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    self.stop_prompt(prompt_id).await;
+                    return PromptEnd::Cancelled;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.stop_prompt(prompt_id).await;
+                    return PromptEnd::Failed(JobError::new(
+                        ErrorKind::Timeout,
+                        format!("the job ran longer than its {} s limit", spec.timeout_s),
+                    ));
+                }
+                event = events.recv() => {
+                    let Some(event) = event else {
+                        return PromptEnd::Failed(infrastructure("the runner's ComfyUI link stopped"));
+                    };
+                    last_event = Instant::now();
+                    match event {
+                        PromptEvent::Message(message) => {
+                            if let Some(body) = tracker.observe(&message) {
+                                self.publish(spec, body).await;
+                            }
+                            match message {
+                                ServerMessage::Executing(executing) if executing.node.is_none() => return PromptEnd::Done,
+                                ServerMessage::ExecutionError(error) => return PromptEnd::Failed(execution_failure(&error)),
+                                ServerMessage::ExecutionInterrupted(_) => {
+                                    return if cancel.is_cancelled() {
+                                        PromptEnd::Cancelled
+                                    } else {
+                                        PromptEnd::Failed(infrastructure("ComfyUI interrupted the prompt (not comfyq)"))
+                                    };
+                                }
+                                _ => {}
+                            }
+                        }
+                        PromptEvent::Frame(frame) => {
+                            let due = last_preview.is_none_or(|at| at.elapsed() >= Duration::from_millis(250));
+                            if due && self.publish_preview(spec, &frame).await {
+                                last_preview = Some(Instant::now());
+                            }
+                        }
+                        PromptEvent::SocketLost => {}
+                        // Whatever happened while the socket was down is only in history.
+                        PromptEvent::SocketRestored => {
+                            if let Some(end) = self.reconcile(prompt_id, false, &mut unreachable_since).await {
+                                return end;
+                            }
+                        }
+                    }
+                }
+                _ = reconcile.tick() => {
+                    let silent = last_event.elapsed() >= self.config.stall_timeout;
+                    if (silent || !self.link.is_connected())
+                        && let Some(end) = self.reconcile(prompt_id, silent, &mut unreachable_since).await
+                    {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks ComfyUI where the prompt is when its events are missing.
+    async fn reconcile(
+        &self,
+        prompt_id: &str,
+        silent_too_long: bool,
+        unreachable_since: &mut Option<Instant>,
+    ) -> Option<PromptEnd> {
+        let history = match self.comfy.history(prompt_id).await {
+            Ok(history) => {
+                *unreachable_since = None;
+                history
+            }
+            Err(error) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.config.stall_timeout {
+                    return Some(PromptEnd::Failed(infrastructure(format!(
+                        "ComfyUI unreachable: {error}"
+                    ))));
+                }
+                return None;
+            }
+        };
+        if let Some(entry) = history {
+            return Some(history_end(&entry));
+        }
+        match self.comfy.queue().await {
+            Ok(queue) if queue.queue_running.iter().any(|i| i.prompt_id == prompt_id) => {
+                if silent_too_long {
+                    tracing::warn!(prompt_id, "prompt silent for too long; interrupting");
+                    self.stop_prompt(prompt_id).await;
+                    Some(PromptEnd::Failed(infrastructure(
+                        "the prompt stalled: ComfyUI sent nothing for too long",
+                    )))
+                } else {
+                    None
+                }
+            }
+            Ok(queue) if queue.contains(prompt_id) => None,
+            // In neither queue nor history: ComfyUI restarted and forgot it.
+            Ok(_) => Some(PromptEnd::Failed(infrastructure(
+                "ComfyUI lost the prompt (restarted while it was queued or running)",
+            ))),
+            Err(_) => None,
+        }
+    }
+
+    async fn stop_prompt(&self, prompt_id: &str) {
+        // Only one of these applies: queued prompts are deleted, the running
+        // one is interrupted (a targeted interrupt spares other prompts).
+        let _ = self.comfy.delete_queued(&[prompt_id]).await;
+        let _ = self.comfy.interrupt(Some(prompt_id)).await;
+    }
+
+    async fn publish(&self, spec: &JobSpec, body: EventBody) {
+        let event = Event::new(spec.id, spec.tenant.clone(), body);
+        if let Err(error) = self.events.publish_without_ack(&event).await {
+            tracing::debug!(%error, "progress event not published");
+        }
+    }
+
+    async fn publish_preview(&self, spec: &JobSpec, frame: &BinaryFrame) -> bool {
+        let Some((image, mime)) = preview_image(frame) else {
+            return false;
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Content-Type", mime.as_str());
+        headers.insert("Comfyq-Job-Id", spec.id.to_string().as_str());
+        self.client
+            .publish_with_headers(
+                self.names.preview_subject(&spec.tenant, &spec.id),
+                headers,
+                image,
+            )
+            .await
+            .is_ok()
+    }
+
+    /// Streams every file the prompt produced from `/view` into the media store.
+    async fn collect_outputs(
+        &self,
+        spec: &JobSpec,
+        prompt_id: &str,
+    ) -> Result<Vec<OutputFile>, JobError> {
+        let entry = match self.comfy.history(prompt_id).await {
+            Ok(Some(entry)) => entry,
+            Ok(None) => {
+                return Err(infrastructure(
+                    "ComfyUI reported success but has no history for the prompt",
+                ));
+            }
+            Err(error) => return Err(comfy_failure("reading history", &error)),
+        };
+        let mut outputs = Vec::new();
+        let mut taken = HashSet::new();
+        for (node_id, file) in entry.output_files() {
+            let name = unique_name(&mut taken, node_id, &file.filename);
+            let view = self
+                .comfy
+                .view(file)
+                .await
+                .map_err(|e| comfy_failure(&format!("downloading {}", file.filename), &e))?;
+            let mut stream = view.stream;
+            let first = match stream.next().await {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(error)) => {
+                    return Err(comfy_failure(
+                        &format!("downloading {}", file.filename),
+                        &error,
+                    ));
+                }
+                None => Bytes::new(),
+            };
+            let content_type = sniff_content_type(&first, &file.filename);
+            let rest = stream.map(|chunk| chunk.map_err(std::io::Error::other));
+            let mut reader = StreamReader::new(futures::stream::iter([Ok(first)]).chain(rest));
+            let key = self.media.output_key(&spec.tenant, &spec.id, &name);
+            let stored = self
+                .media
+                .put(&key, &content_type, &mut reader)
+                .await
+                .map_err(|e| match e {
+                    MediaError::Store(source) => {
+                        infrastructure(format!("storing {name}: {source}"))
+                    }
+                    other => infrastructure(format!("storing {name}: {other}")),
+                })?;
+            outputs.push(OutputFile {
+                node_id: node_id.to_owned(),
+                name,
+                kind: file.kind_key.clone(),
+                content_type,
+                size: stored.size,
+                sha256: stored.sha256,
+                animated: file.animated,
+            });
+        }
+        for (node_id, output) in &entry.outputs {
+            for (index, text) in output.text.iter().enumerate() {
+                let name = unique_name(&mut taken, node_id, &format!("text_{index}.txt"));
+                let key = self.media.output_key(&spec.tenant, &spec.id, &name);
+                let content_type = "text/plain; charset=utf-8";
+                let stored = self
+                    .media
+                    .put(&key, content_type, &mut text.as_bytes())
+                    .await
+                    .map_err(|e| infrastructure(format!("storing {name}: {e}")))?;
+                outputs.push(OutputFile {
+                    node_id: node_id.clone(),
+                    name,
+                    kind: "text".to_owned(),
+                    content_type: content_type.to_owned(),
+                    size: stored.size,
+                    sha256: stored.sha256,
+                    animated: false,
+                });
+            }
+        }
+        Ok(outputs)
+    }
+}
+
+/// How a finished prompt ended, according to its history entry.
+fn history_end(entry: &HistoryEntry) -> PromptEnd {
+    if let Some(status) = &entry.status {
+        if let Some(error) = status.execution_error() {
+            return PromptEnd::Failed(execution_failure(&error));
+        }
+        if status.execution_interrupted().is_some() {
+            return PromptEnd::Failed(infrastructure("ComfyUI interrupted the prompt"));
+        }
+    }
+    PromptEnd::Done
+}
+
+/// A node's exception is the workflow's fault, except running out of GPU
+/// memory, which another runner or a later try may not hit.
+fn execution_failure(error: &ExecutionError) -> JobError {
+    let kind = if error.is_out_of_memory() {
+        ErrorKind::OutOfMemory
+    } else {
+        ErrorKind::Execution
+    };
+    JobError {
+        kind,
+        message: format!(
+            "{}: {}",
+            error.exception_type,
+            error.exception_message.trim()
+        ),
+        node_id: Some(error.node_id.clone()),
+        node_type: Some(error.node_type.clone()),
+        exception_type: Some(error.exception_type.clone()),
+        traceback: error.traceback.clone(),
+        details: None,
+    }
+}
+
+fn preview_image(frame: &BinaryFrame) -> Option<(Bytes, String)> {
+    match frame {
+        BinaryFrame::Preview { format, image } => Some((image.clone(), format.mime()?.to_owned())),
+        BinaryFrame::PreviewWithMetadata { metadata, image } => Some((
+            image.clone(),
+            metadata
+                .image_type
+                .clone()
+                .unwrap_or_else(|| "image/jpeg".to_owned()),
+        )),
+        _ => None,
+    }
+}
+
+/// Output names are unique within a job: the file name, or the node id
+/// before it when two nodes produce the same name.
+fn unique_name(taken: &mut HashSet<String>, node_id: &str, filename: &str) -> String {
+    let base = filename.rsplit(['/', '\\']).next().unwrap_or(filename);
+    let mut name = base.to_owned();
+    if name.is_empty() || name.contains("..") || !taken.insert(name.clone()) {
+        let mut n = 0;
+        loop {
+            name = if n == 0 {
+                format!("{node_id}_{base}")
+            } else {
+                format!("{node_id}_{n}_{base}")
+            };
+            if taken.insert(name.clone()) {
+                break;
+            }
+            n += 1;
+        }
+    }
+    name
+}
+
+/// Replaces every node input whose value is exactly an input's name with
+/// where ComfyUI stored it, so workflows written for a local ComfyUI
+/// (`"image": "photo.png"`) run unchanged.
+pub fn rewrite_references(workflow: &mut Value, references: &HashMap<String, String>) {
+    let Some(nodes) = workflow.as_object_mut() else {
+        return;
+    };
+    for node in nodes.values_mut() {
+        let Some(inputs) = node.get_mut("inputs").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        for value in inputs.values_mut() {
+            if let Some(reference) = value.as_str().and_then(|s| references.get(s)) {
+                *value = Value::String(reference.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn references_are_rewritten_but_links_are_not() {
+        let mut workflow = json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "photo.png of a cat"}}
+        });
+        let references = HashMap::from([("photo.png".to_owned(), "comfyq-x/photo.png".to_owned())]);
+        rewrite_references(&mut workflow, &references);
+        assert_eq!(workflow["1"]["inputs"]["image"], "comfyq-x/photo.png");
+        assert_eq!(workflow["2"]["inputs"]["image"], json!(["1", 0]));
+        assert_eq!(workflow["3"]["inputs"]["text"], "photo.png of a cat");
+    }
+
+    #[test]
+    fn output_names_stay_unique_and_safe() {
+        let mut taken = HashSet::new();
+        assert_eq!(unique_name(&mut taken, "3", "a.png"), "a.png");
+        assert_eq!(unique_name(&mut taken, "4", "a.png"), "4_a.png");
+        assert_eq!(unique_name(&mut taken, "4", "a.png"), "4_1_a.png");
+        assert_eq!(unique_name(&mut taken, "5", "sub/../b.png"), "b.png");
+    }
+}

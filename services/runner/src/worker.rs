@@ -1,0 +1,456 @@
+//! The pull loop: take work by priority when a slot is free, run it, report
+//! what became of it, and acknowledge the dispatch message exactly once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{AckKind, Message, consumer::PullConsumer};
+use comfyq_shared::ids::{JobId, PoolName, RunnerId};
+use comfyq_shared::job::{ErrorKind, JobError, SCHEMA_VERSION};
+use comfyq_shared::job_store::JobStore;
+use comfyq_shared::messages::{AttemptOutcome, DispatchJob, RunnerReport};
+use comfyq_shared::names::Names;
+use comfyq_shared::priority::Priority;
+use futures::StreamExt;
+use time::OffsetDateTime;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::RunnerConfig;
+use crate::execute::{AttemptEnd, Executor};
+
+/// Jobs this runner holds, by id, with the token that cancels each.
+#[derive(Clone, Debug, Default)]
+pub struct HeldJobs(Arc<Mutex<HashMap<JobId, CancellationToken>>>);
+
+impl HeldJobs {
+    fn insert(&self, job: JobId, token: CancellationToken) {
+        if let Ok(mut held) = self.0.lock() {
+            held.insert(job, token);
+        }
+    }
+    fn remove(&self, job: &JobId) {
+        if let Ok(mut held) = self.0.lock() {
+            held.remove(job);
+        }
+    }
+    /// Cancels `job` if held here; returns whether it was.
+    pub fn cancel(&self, job: &JobId) -> bool {
+        let token = self.0.lock().ok().and_then(|held| held.get(job).cloned());
+        token.map(|t| t.cancel()).is_some()
+    }
+    pub fn len(&self) -> usize {
+        self.0.lock().map(|held| held.len()).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What the worker does with a dispatch message once the attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    /// Report, then ack.
+    Done(AttemptOutcome),
+    /// Report, then hand back for redelivery after the delay.
+    Retry(AttemptOutcome, Duration),
+    /// Report (if any), then terminate the message.
+    Drop(Option<AttemptOutcome>),
+}
+
+/// Maps an attempt's end to exactly one acknowledgement (exhaustively).
+pub fn disposition(
+    end: AttemptEnd,
+    attempt: u32,
+    max_attempts: u32,
+    backoff: Duration,
+    handing_back: bool,
+) -> Disposition {
+    match end {
+        AttemptEnd::Completed(outputs) => Disposition::Done(AttemptOutcome::Completed { outputs }),
+        AttemptEnd::Cancelled if handing_back => Disposition::Retry(
+            AttemptOutcome::Failed {
+                error: JobError::new(
+                    ErrorKind::Infrastructure,
+                    "the runner shut down before the job finished",
+                ),
+                retrying: true,
+            },
+            Duration::ZERO,
+        ),
+        AttemptEnd::Cancelled => Disposition::Drop(Some(AttemptOutcome::Cancelled)),
+        AttemptEnd::Failed(error) if error.kind.is_retryable() && attempt < max_attempts => {
+            let exponent = attempt.saturating_sub(1).min(10);
+            let delay = backoff.saturating_mul(1 << exponent);
+            // Jitter spreads retries of a burst of failures.
+            let jitter = rand::random_range(0.5..1.5);
+            Disposition::Retry(
+                AttemptOutcome::Failed {
+                    error,
+                    retrying: true,
+                },
+                delay.mul_f64(jitter),
+            )
+        }
+        AttemptEnd::Failed(error) => Disposition::Drop(Some(AttemptOutcome::Failed {
+            error,
+            retrying: false,
+        })),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Worker {
+    pub executor: Executor,
+    pub js: async_nats::jetstream::Context,
+    pub jobs: JobStore,
+    pub names: Names,
+    pub pool: PoolName,
+    pub runner: RunnerId,
+    /// Dispatch consumers, highest priority first.
+    pub consumers: Vec<(Priority, PullConsumer)>,
+    pub held: HeldJobs,
+    pub config: Arc<RunnerConfig>,
+}
+
+impl Worker {
+    /// Pulls work until `shutdown`; then lets held jobs finish until
+    /// `hand_back` fires, when the rest are handed back for redelivery.
+    pub async fn run(self, shutdown: CancellationToken, hand_back: CancellationToken) {
+        let slots = Arc::new(Semaphore::new(self.config.slots));
+        let tasks = TaskTracker::new();
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let Some(message) = self.next_message(&shutdown).await else {
+                break;
+            };
+            let worker = self.clone();
+            let hand_back = hand_back.clone();
+            tasks.spawn(async move { worker.handle(message, permit, hand_back).await });
+        }
+        tasks.close();
+        tracing::info!(
+            held = self.held.len(),
+            "runner stopped pulling; waiting for held jobs"
+        );
+        tasks.wait().await;
+    }
+
+    /// The next dispatch message, highest priority first; waits for a
+    /// wake-up (or polls) while there is none.
+    async fn next_message(&self, shutdown: &CancellationToken) -> Option<Message> {
+        // Subscribe before polling, so a nudge sent in between is not missed.
+        let mut wake = self
+            .executor
+            .client
+            .queue_subscribe(
+                self.names.wake_subject(&self.pool),
+                self.names.wake_queue_group(),
+            )
+            .await
+            .ok();
+        loop {
+            if let Some(message) = self.poll_once().await {
+                return Some(message);
+            }
+            let next_wake = async {
+                match wake.as_mut() {
+                    Some(wake) => {
+                        wake.next().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = next_wake => {}
+                _ = tokio::time::sleep(self.config.idle_poll) => {}
+            }
+        }
+    }
+
+    async fn poll_once(&self) -> Option<Message> {
+        for (priority, consumer) in &self.consumers {
+            let batch = match consumer.fetch().max_messages(1).messages().await {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::debug!(%error, %priority, "fetch failed");
+                    continue;
+                }
+            };
+            let mut batch = std::pin::pin!(batch);
+            while let Some(item) = batch.next().await {
+                match item {
+                    Ok(message) => return Some(message),
+                    Err(error) => tracing::debug!(%error, %priority, "fetch error"),
+                }
+            }
+        }
+        None
+    }
+
+    /// Handles one dispatch message end to end (the unit tests drive).
+    pub async fn handle(
+        &self,
+        message: Message,
+        _slot: OwnedSemaphorePermit,
+        hand_back: CancellationToken,
+    ) {
+        let dispatch: DispatchJob = match serde_json::from_slice(&message.payload) {
+            Ok(dispatch) => dispatch,
+            Err(error) => {
+                tracing::error!(%error, "malformed dispatch message terminated");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let attempt = message
+            .info()
+            .map(|info| info.delivered as u32)
+            .unwrap_or(dispatch.attempt)
+            .max(1);
+        let span = tracing::info_span!("job", job_id = %dispatch.spec.id, attempt, tenant = %dispatch.spec.tenant);
+        self.handle_dispatch(message, dispatch, attempt, hand_back)
+            .instrument(span)
+            .await;
+    }
+
+    async fn handle_dispatch(
+        &self,
+        message: Message,
+        dispatch: DispatchJob,
+        attempt: u32,
+        hand_back: CancellationToken,
+    ) {
+        let spec = &dispatch.spec;
+        // A job cancelled (or ended) before it reached us never runs.
+        match self.jobs.get(&spec.tenant, &spec.id).await {
+            Ok(Some(current))
+                if current.record.status.is_terminal() || current.record.cancel_requested =>
+            {
+                tracing::info!(status = %current.record.status, "job already ended or cancelled; dropping it");
+                if !current.record.status.is_terminal() {
+                    self.report(spec, attempt, AttemptOutcome::Cancelled).await;
+                }
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the job record; handing the job back");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return;
+            }
+        }
+
+        let cancel = CancellationToken::new();
+        self.held.insert(spec.id, cancel.clone());
+        let heartbeat = tokio::spawn(heartbeat(
+            message.clone(),
+            self.config.nats.dispatch_ack_wait / 3,
+        ));
+        let started = std::time::Instant::now();
+        self.report(spec, attempt, AttemptOutcome::Started).await;
+
+        let stop = CancellationToken::new();
+        let end = {
+            let stop_on = stop.clone();
+            let (cancel, hand_back) = (cancel.clone(), hand_back.clone());
+            let relay = tokio::spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = hand_back.cancelled() => {}
+                }
+                stop_on.cancel();
+            });
+            let end = self.executor.execute(spec, &stop).await;
+            relay.abort();
+            end
+        };
+        self.held.remove(&spec.id);
+        let handing_back = matches!(end, AttemptEnd::Cancelled) && !cancel.is_cancelled();
+        let max_attempts = self.config.nats.dispatch_max_deliver.max(1) as u32;
+        let disposition = disposition(
+            end,
+            attempt,
+            max_attempts,
+            self.config.retry_backoff,
+            handing_back,
+        );
+        let outcome_label = match &disposition {
+            Disposition::Done(o) | Disposition::Retry(o, _) | Disposition::Drop(Some(o)) => {
+                o.token()
+            }
+            Disposition::Drop(None) => "dropped",
+        };
+        metrics::counter!("comfyq_runner_attempts_total", "outcome" => outcome_label).increment(1);
+        metrics::histogram!("comfyq_runner_attempt_duration_seconds", "outcome" => outcome_label)
+            .record(started.elapsed().as_secs_f64());
+        tracing::info!(
+            outcome = outcome_label,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "attempt ended"
+        );
+
+        // Report before acknowledging: if this process dies in between, the
+        // message is redelivered and the (deduplicated) report sent again.
+        let ack = match disposition {
+            Disposition::Done(outcome) => {
+                self.report(spec, attempt, outcome).await;
+                AckKind::Ack
+            }
+            Disposition::Retry(outcome, delay) => {
+                self.report(spec, attempt, outcome).await;
+                AckKind::Nak(Some(delay))
+            }
+            Disposition::Drop(outcome) => {
+                if let Some(outcome) = outcome {
+                    self.report(spec, attempt, outcome).await;
+                }
+                AckKind::Term
+            }
+        };
+        heartbeat.abort();
+        let acked = match ack {
+            AckKind::Ack => message.double_ack().await,
+            other => message.ack_with(other).await,
+        };
+        if let Err(error) = acked {
+            tracing::warn!(%error, "acknowledgement failed; the job may be redelivered");
+        }
+    }
+
+    /// Sends a report to the scheduler, retrying while NATS is unreachable
+    /// (the report is deduplicated by its message id).
+    async fn report(
+        &self,
+        spec: &comfyq_shared::job::JobSpec,
+        attempt: u32,
+        outcome: AttemptOutcome,
+    ) {
+        let report = RunnerReport {
+            v: SCHEMA_VERSION,
+            tenant: spec.tenant.clone(),
+            job_id: spec.id,
+            attempt,
+            runner: self.runner.clone(),
+            at: OffsetDateTime::now_utc(),
+            outcome,
+        };
+        let Ok(payload) = serde_json::to_vec(&report) else {
+            return;
+        };
+        let mut delay = Duration::from_millis(100);
+        for _ in 0..20 {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                report.message_id().as_str(),
+            );
+            let sent = match self
+                .js
+                .publish_with_headers(self.names.report_subject(), headers, payload.clone().into())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match sent {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(%error, outcome = report.outcome.token(), "report not stored yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::error!(
+            outcome = report.outcome.token(),
+            "report could not be stored"
+        );
+    }
+}
+
+/// Keeps a held message from being redelivered while its job runs.
+async fn heartbeat(message: Message, every: Duration) {
+    let mut interval = tokio::time::interval(every.max(Duration::from_millis(100)));
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        if let Err(error) = message.ack_with(AckKind::Progress).await {
+            tracing::debug!(%error, "in-progress ack failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_end_maps_to_one_ack() {
+        let backoff = Duration::from_secs(1);
+        let done = disposition(AttemptEnd::Completed(vec![]), 1, 3, backoff, false);
+        assert!(matches!(
+            done,
+            Disposition::Done(AttemptOutcome::Completed { .. })
+        ));
+
+        let infra = || AttemptEnd::Failed(JobError::new(ErrorKind::Infrastructure, "x"));
+        assert!(matches!(
+            disposition(infra(), 1, 3, backoff, false),
+            Disposition::Retry(..)
+        ));
+        // The last attempt is not retried.
+        assert!(matches!(
+            disposition(infra(), 3, 3, backoff, false),
+            Disposition::Drop(Some(AttemptOutcome::Failed {
+                retrying: false,
+                ..
+            }))
+        ));
+        let user = AttemptEnd::Failed(JobError::new(ErrorKind::Execution, "x"));
+        assert!(matches!(
+            disposition(user, 1, 3, backoff, false),
+            Disposition::Drop(Some(AttemptOutcome::Failed {
+                retrying: false,
+                ..
+            }))
+        ));
+        assert_eq!(
+            disposition(AttemptEnd::Cancelled, 1, 3, backoff, false),
+            Disposition::Drop(Some(AttemptOutcome::Cancelled))
+        );
+        assert!(matches!(
+            disposition(AttemptEnd::Cancelled, 1, 3, backoff, true),
+            Disposition::Retry(AttemptOutcome::Failed { retrying: true, .. }, _)
+        ));
+    }
+
+    #[test]
+    fn backoff_grows_with_attempts() {
+        let delay = |attempt| match disposition(
+            AttemptEnd::Failed(JobError::new(ErrorKind::OutOfMemory, "x")),
+            attempt,
+            10,
+            Duration::from_secs(1),
+            false,
+        ) {
+            Disposition::Retry(_, delay) => delay,
+            other => panic!("{other:?}"),
+        };
+        assert!(delay(1) <= Duration::from_millis(1500));
+        assert!(delay(4) >= Duration::from_secs(4));
+    }
+}
