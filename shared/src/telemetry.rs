@@ -24,6 +24,16 @@ pub fn init_tracing(default_filter: &str) {
     };
 }
 
+/// Tracing for tests: written through the test harness's capture, so only
+/// failing tests show their logs.
+pub fn init_test_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _already_installed = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// The process-wide Prometheus recorder; all services in a process share it.
 pub fn metrics() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

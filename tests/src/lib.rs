@@ -4,6 +4,8 @@
 //!   free port and a temporary store; `stop()` / `restart()` for outage tests.
 //! - [`webhook_sink`]: [`WebhookSink`], an HTTP server recording every request
 //!   and answering from a programmable response queue.
+//! - [`stack`]: [`TestStack`](stack::TestStack), the whole stack in-process beside the
+//!   ComfyUI simulator and a webhook sink.
 //! - [`eventually`]: [`eventually()`], [`eventually_true()`] and
 //!   [`assert_eventually!`] to poll for a condition with a deadline instead of
 //!   sleeping.
@@ -14,8 +16,10 @@
 
 pub mod eventually;
 pub mod nats_server;
+pub mod stack;
 pub mod webhook_sink;
 
 pub use eventually::{eventually, eventually_true};
 pub use nats_server::NatsServer;
+pub use stack::{StackOptions, TestStack};
 pub use webhook_sink::{MockResponse, ReceivedWebhook, WebhookSink};

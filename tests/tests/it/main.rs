@@ -1,3 +1,4 @@
 //! comfyq integration tests: one test binary, one module per topic.
 
+mod e2e;
 mod harness;

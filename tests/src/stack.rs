@@ -1,0 +1,303 @@
+//! The whole comfyq stack in one process: a real nats-server, the ComfyUI
+//! simulator, and the four services started from their libraries, each with
+//! its own NATS connection, exactly as separate processes would run.
+
+use std::time::Duration;
+
+use comfy_sim::{SimConfig, SimHandle, Simulator};
+use comfyq_ingress::IngressConfig;
+use comfyq_ingress::config::ApiKey;
+use comfyq_notifier::NotifierConfig;
+use comfyq_runner::RunnerConfig;
+use comfyq_scheduler::SchedulerConfig;
+use comfyq_shared::config::{NatsConfig, Secret};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{NatsServer, WebhookSink, eventually};
+
+/// The tenant and API key every stack is configured with.
+pub const TENANT: &str = "acme";
+pub const API_KEY: &str = "test-key-acme-0123456789";
+/// A second tenant, for isolation tests.
+pub const OTHER_TENANT: &str = "globex";
+pub const OTHER_API_KEY: &str = "test-key-globex-0123456789";
+/// The webhook signing secret of [`TENANT`] (Standard Webhooks format).
+pub const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Changes to the defaults before the stack starts.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub sim: SimConfig,
+    pub runners: usize,
+    pub runner_slots: usize,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            sim: SimConfig::default(),
+            runners: 1,
+            runner_slots: 1,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct TestStack {
+    pub nats: NatsServer,
+    pub sim: SimHandle,
+    pub webhooks: WebhookSink,
+    /// `http://127.0.0.1:<port>` of the ingress.
+    pub api: String,
+    /// An HTTP client that sends [`API_KEY`].
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    services: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
+}
+
+/// NATS settings for tests: short deadlines so failures show within seconds.
+pub fn nats_config(url: &str) -> NatsConfig {
+    NatsConfig {
+        url: url.to_owned(),
+        dispatch_ack_wait: Duration::from_secs(3),
+        ..NatsConfig::default()
+    }
+}
+
+pub fn runner_config(
+    nats: &NatsConfig,
+    comfyui_url: &str,
+    name: &str,
+    slots: usize,
+) -> RunnerConfig {
+    RunnerConfig {
+        nats: nats.clone(),
+        comfyui_url: comfyui_url.to_owned(),
+        runner_id: Some(name.to_owned()),
+        slots,
+        stall_timeout: Duration::from_secs(2),
+        reconcile_interval: Duration::from_millis(200),
+        idle_poll: Duration::from_millis(250),
+        retry_backoff: Duration::from_millis(200),
+        shutdown_grace: Duration::from_secs(5),
+        comfyui_ready_timeout: Duration::from_secs(30),
+        ..RunnerConfig::default()
+    }
+}
+
+impl TestStack {
+    pub async fn start() -> Self {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(options: StackOptions) -> Self {
+        comfyq_shared::telemetry::init_test_tracing();
+        let nats = NatsServer::start().await;
+        let sim = Simulator::start(options.sim)
+            .await
+            .expect("simulator starts");
+        let webhooks = WebhookSink::start().await;
+        let nats_config = nats_config(&nats.url());
+        let shutdown = CancellationToken::new();
+        let mut services = Vec::new();
+
+        let scheduler = SchedulerConfig {
+            nats: nats_config.clone(),
+            ..SchedulerConfig::default()
+        };
+        services.push(spawn(
+            "scheduler",
+            comfyq_scheduler::run(scheduler, shutdown.child_token()),
+        ));
+
+        let notifier = NotifierConfig {
+            nats: nats_config.clone(),
+            tenant_secrets: [(TENANT.to_owned(), vec![Secret::new(WEBHOOK_SECRET)])].into(),
+            allow_private_destinations: true,
+            attempt_timeout: Duration::from_secs(2),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            ..NotifierConfig::default()
+        };
+        services.push(spawn(
+            "notifier",
+            comfyq_notifier::run(notifier, shutdown.child_token()),
+        ));
+
+        for index in 0..options.runners {
+            let runner = runner_config(
+                &nats_config,
+                &sim.base_url(),
+                &format!("runner-{index}"),
+                options.runner_slots,
+            );
+            services.push(spawn(
+                "runner",
+                comfyq_runner::run(runner, shutdown.child_token()),
+            ));
+        }
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind ingress");
+        let api = format!("http://{}", listener.local_addr().expect("bound address"));
+        let ingress = IngressConfig {
+            nats: nats_config.clone(),
+            api_keys: vec![
+                ApiKey {
+                    tenant: TENANT.to_owned(),
+                    key_sha256: None,
+                    key: Some(Secret::new(API_KEY)),
+                },
+                ApiKey {
+                    tenant: OTHER_TENANT.to_owned(),
+                    key_sha256: None,
+                    key: Some(Secret::new(OTHER_API_KEY)),
+                },
+            ],
+            ..IngressConfig::default()
+        };
+        services.push(spawn(
+            "ingress",
+            comfyq_ingress::serve(ingress, listener, shutdown.child_token()),
+        ));
+
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_static("Bearer test-key-acme-0123456789"),
+        );
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("HTTP client");
+        let stack = Self {
+            nats,
+            sim,
+            webhooks,
+            api,
+            http,
+            shutdown,
+            services,
+        };
+        stack.wait_ready().await;
+        stack
+    }
+
+    /// Waits until the API answers and every runner has registered.
+    async fn wait_ready(&self) {
+        let url = format!("{}/readyz", self.api);
+        eventually(Duration::from_secs(30), "ingress ready", async || {
+            self.assert_services_alive();
+            let ok = reqwest::get(&url).await.ok()?.status().is_success();
+            ok.then_some(())
+        })
+        .await;
+        let client = self.nats.client().await;
+        let js = async_nats::jetstream::new(client);
+        eventually(Duration::from_secs(30), "runners registered", async || {
+            self.assert_services_alive();
+            let kv = js.get_key_value("comfyq_runners").await.ok()?;
+            let mut keys = kv.keys().await.ok()?;
+            use futures::StreamExt;
+            keys.next().await.and_then(Result::ok)
+        })
+        .await;
+    }
+
+    /// Panics with the service's error if one of them stopped.
+    pub fn assert_services_alive(&self) {
+        for (name, handle) in &self.services {
+            assert!(!handle.is_finished(), "service {name} stopped early");
+        }
+    }
+
+    pub fn nats_config(&self) -> NatsConfig {
+        nats_config(&self.nats.url())
+    }
+
+    /// `POST /v1/jobs`; panics unless the answer is 202. Returns the job.
+    pub async fn submit(&self, body: Value) -> Value {
+        let response = self
+            .http
+            .post(format!("{}/v1/jobs", self.api))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /v1/jobs");
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        assert_eq!(
+            status,
+            reqwest::StatusCode::ACCEPTED,
+            "submit answered {status}: {text}"
+        );
+        serde_json::from_str(&text).expect("job JSON")
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        self.http
+            .get(format!("{}/v1/jobs/{id}", self.api))
+            .send()
+            .await
+            .expect("GET job")
+            .json()
+            .await
+            .expect("job JSON")
+    }
+
+    /// Polls the job until its status is terminal; returns it.
+    pub async fn wait_finished(&self, id: &str, timeout: Duration) -> Value {
+        eventually(timeout, &format!("job {id} finished"), async || {
+            self.assert_services_alive();
+            let job = self.job(id).await;
+            let status = job["status"].as_str()?;
+            matches!(status, "completed" | "failed" | "cancelled").then_some(job)
+        })
+        .await
+    }
+
+    /// Stops every service and waits for them (graceful shutdown).
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for (name, handle) in self.services.drain(..) {
+            match tokio::time::timeout(Duration::from_secs(15), handle).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => panic!("{name} failed: {error}"),
+                Ok(Err(join)) => panic!("{name} panicked: {join}"),
+                Err(_) => panic!("{name} did not stop within 15 s"),
+            }
+        }
+    }
+}
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn spawn<E: std::fmt::Display>(
+    name: &'static str,
+    service: impl Future<Output = Result<(), E>> + Send + 'static,
+) -> (&'static str, JoinHandle<Result<(), String>>) {
+    let handle = tokio::spawn(async move {
+        let result = service.await.map_err(|e| e.to_string());
+        if let Err(error) = &result {
+            eprintln!("service {name} failed: {error}");
+        }
+        result
+    });
+    (name, handle)
+}
+
+/// The smallest useful workflow: an empty image, inverted, saved.
+pub fn invert_workflow(width: u32) -> Value {
+    serde_json::json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": width, "height": width, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "comfyq/invert"}}
+    })
+}
