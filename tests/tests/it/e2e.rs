@@ -210,9 +210,11 @@ async fn an_out_of_memory_error_is_retried_and_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_job_survives_a_nats_restart_while_running() {
-    let mut sim = comfy_sim::SimConfig::default();
     // Long enough to restart NATS while ComfyUI works: 20 steps × 100 ms.
-    sim.step_delay_ms = 100;
+    let sim = comfy_sim::SimConfig {
+        step_delay_ms: 100,
+        ..comfy_sim::SimConfig::default()
+    };
     let mut stack = TestStack::start_with(StackOptions {
         sim,
         ..StackOptions::default()
