@@ -21,7 +21,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(name = "comfyq", version, about = "ComfyUI workflows as a production job API on NATS JetStream")]
+#[command(
+    name = "comfyq",
+    version,
+    about = "ComfyUI workflows as a production job API on NATS JetStream"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -91,9 +95,13 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let nats_url = match &args.nats_url {
         Some(url) => url.clone(),
         None => {
-            let server = nats_process::NatsProcess::start(&args.nats_server, args.nats_port, &args.data_dir.join("nats"))
-                .await
-                .context("starting nats-server")?;
+            let server = nats_process::NatsProcess::start(
+                &args.nats_server,
+                args.nats_port,
+                &args.data_dir.join("nats"),
+            )
+            .await
+            .context("starting nats-server")?;
             let url = server.url();
             nats_server = Some(server);
             url
@@ -126,7 +134,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         nats: nats.clone(),
         ..config::load(None)?
     };
-    tasks.spawn(service("scheduler", comfyq_scheduler::run(scheduler, services.child_token())));
+    tasks.spawn(service(
+        "scheduler",
+        comfyq_scheduler::run(scheduler, services.child_token()),
+    ));
 
     let notifier = comfyq_notifier::NotifierConfig {
         nats: nats.clone(),
@@ -135,7 +146,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         public_base_url: Some(format!("http://{}", args.http_addr)),
         ..config::load(None)?
     };
-    tasks.spawn(service("notifier", comfyq_notifier::run(notifier, services.child_token())));
+    tasks.spawn(service(
+        "notifier",
+        comfyq_notifier::run(notifier, services.child_token()),
+    ));
 
     if let Some(url) = &comfyui_url {
         let runner = comfyq_runner::RunnerConfig {
@@ -145,7 +159,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             ..config::load(None)?
         };
         runner.validate()?;
-        tasks.spawn(service("runner", comfyq_runner::run(runner, services.child_token())));
+        tasks.spawn(service(
+            "runner",
+            comfyq_runner::run(runner, services.child_token()),
+        ));
     }
 
     let listener = tokio::net::TcpListener::bind(args.http_addr)
@@ -164,7 +181,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         None => {}
     }
     ingress.validate()?;
-    tasks.spawn(service("ingress", comfyq_ingress::serve(ingress, listener, services.child_token())));
+    tasks.spawn(service(
+        "ingress",
+        comfyq_ingress::serve(ingress, listener, services.child_token()),
+    ));
 
     tracing::info!(
         api = %format!("http://{}", args.http_addr),

@@ -17,14 +17,16 @@ impl NatsProcess {
     pub(crate) async fn start(binary: &Path, port: u16, store: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(store).with_context(|| format!("creating {}", store.display()))?;
         let binary = resolve(binary)?;
-        let store = std::path::absolute(store).with_context(|| format!("resolving {}", store.display()))?;
+        let store =
+            std::path::absolute(store).with_context(|| format!("resolving {}", store.display()))?;
         // Settings without a command-line flag go in a generated config file.
         let config = store.join("comfyq-local.conf");
         let contents = format!(
             "server_name: comfyq-local\nlisten: \"127.0.0.1:{port}\"\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n}}\n",
             store.display().to_string()
         );
-        std::fs::write(&config, contents).with_context(|| format!("writing {}", config.display()))?;
+        std::fs::write(&config, contents)
+            .with_context(|| format!("writing {}", config.display()))?;
         let child = Command::new(&binary)
             .arg("--config")
             .arg(&config)
@@ -42,7 +44,10 @@ impl NatsProcess {
             if let Some(status) = process.child.try_wait()? {
                 bail!("nats-server exited with {status} (is port {port} in use?)");
             }
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 return Ok(process);
             }
             if tokio::time::Instant::now() > deadline {
@@ -59,9 +64,14 @@ impl NatsProcess {
     /// SIGTERM lets the server flush its store; kill if it lingers.
     pub(crate) async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
         }
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
             let _ = self.child.kill().await;
         }
     }
@@ -73,7 +83,10 @@ fn resolve(binary: &Path) -> anyhow::Result<PathBuf> {
         return if binary.exists() {
             Ok(binary.to_path_buf())
         } else {
-            bail!("{} does not exist; install it with `bash deploy/dev.sh setup`", binary.display())
+            bail!(
+                "{} does not exist; install it with `bash deploy/dev.sh setup`",
+                binary.display()
+            )
         };
     }
     let local = Path::new(".tools/nats/bin").join(binary);
@@ -81,7 +94,11 @@ fn resolve(binary: &Path) -> anyhow::Result<PathBuf> {
         return Ok(local);
     }
     let on_path = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join(binary)).find(|p| p.exists()))
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(binary))
+                .find(|p| p.exists())
+        })
         .unwrap_or_default();
     on_path.ok_or_else(|| {
         anyhow::anyhow!(
