@@ -15,6 +15,7 @@
 //! - [`config`]: layered configuration (file, then `COMFYQ_` environment).
 //! - [`telemetry`]: tracing and Prometheus metrics.
 //! - [`shutdown`]: the process-wide cancellation token.
+//! - [`service`]: the common `main` of every service binary.
 
 pub mod config;
 pub mod connection;
@@ -29,6 +30,7 @@ pub mod names;
 pub mod priority;
 pub mod provision;
 pub mod publisher;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -1,9 +1,10 @@
-//! `comfyq-ingress`: load configuration, bind, serve until SIGINT/SIGTERM.
+//! `comfyq-ingress`: configuration in, bind, serve until SIGINT/SIGTERM.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use comfyq_ingress::IngressConfig;
 
 #[derive(Debug, Parser)]
 #[command(name = "comfyq-ingress", version, about = "comfyq REST API")]
@@ -11,37 +12,26 @@ struct Args {
     /// TOML configuration file (environment variables COMFYQ_* override it).
     #[arg(long, short, env = "COMFYQ_CONFIG")]
     config: Option<PathBuf>,
+    /// Listen address (overrides `http_addr`).
+    #[arg(long)]
+    http_addr: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    comfyq_shared::telemetry::init_tracing("info");
     let args = Args::parse();
-    let config = match comfyq_shared::config::load::<comfyq_ingress::IngressConfig>(
+    comfyq_shared::service::main(
+        "comfyq-ingress",
         args.config.as_deref(),
-    ) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("comfyq-ingress: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    let listener = match tokio::net::TcpListener::bind(&config.http_addr).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            eprintln!(
-                "comfyq-ingress: cannot listen on {}: {error}",
-                config.http_addr
-            );
-            return ExitCode::FAILURE;
-        }
-    };
-    let shutdown = comfyq_shared::shutdown::on_signal();
-    match comfyq_ingress::serve(config, listener, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("comfyq-ingress: {error}");
-            ExitCode::FAILURE
-        }
-    }
+        |config: &mut IngressConfig| {
+            if let Some(addr) = args.http_addr {
+                config.http_addr = addr;
+            }
+        },
+        |config: IngressConfig, shutdown| async move {
+            let listener = tokio::net::TcpListener::bind(&config.http_addr).await?;
+            comfyq_ingress::serve(config, listener, shutdown).await
+        },
+    )
+    .await
 }

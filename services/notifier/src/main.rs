@@ -1,4 +1,4 @@
-//! `comfyq-notifier`: load configuration, run until SIGINT/SIGTERM.
+//! `comfyq-notifier`: configuration in, run until SIGINT/SIGTERM.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,23 +15,12 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    comfyq_shared::telemetry::init_tracing("info");
     let args = Args::parse();
-    let config = match comfyq_shared::config::load::<comfyq_notifier::NotifierConfig>(
+    comfyq_shared::service::main(
+        "comfyq-notifier",
         args.config.as_deref(),
-    ) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("comfyq-notifier: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    let shutdown = comfyq_shared::shutdown::on_signal();
-    match comfyq_notifier::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("comfyq-notifier: {error}");
-            ExitCode::FAILURE
-        }
-    }
+        |_: &mut comfyq_notifier::NotifierConfig| {},
+        comfyq_notifier::run,
+    )
+    .await
 }

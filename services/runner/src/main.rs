@@ -28,35 +28,22 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    comfyq_shared::telemetry::init_tracing("info");
     let args = Args::parse();
-    let mut config =
-        match comfyq_shared::config::load::<comfyq_runner::RunnerConfig>(args.config.as_deref()) {
-            Ok(config) => config,
-            Err(error) => {
-                eprintln!("comfyq-runner: {error}");
-                return ExitCode::from(2);
+    comfyq_shared::service::main(
+        "comfyq-runner",
+        args.config.as_deref(),
+        |config: &mut comfyq_runner::RunnerConfig| {
+            if let Some(url) = args.comfyui_url {
+                config.comfyui_url = url;
             }
-        };
-    if let Some(url) = args.comfyui_url {
-        config.comfyui_url = url;
-    }
-    if let Some(slots) = args.slots {
-        config.slots = slots;
-    }
-    if let Some(pool) = args.pool {
-        config.pool = pool;
-    }
-    if let Err(error) = comfyq_shared::config::Validate::validate(&config) {
-        eprintln!("comfyq-runner: {error}");
-        return ExitCode::from(2);
-    }
-    let shutdown = comfyq_shared::shutdown::on_signal();
-    match comfyq_runner::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("comfyq-runner: {error}");
-            ExitCode::FAILURE
-        }
-    }
+            if let Some(slots) = args.slots {
+                config.slots = slots;
+            }
+            if let Some(pool) = args.pool {
+                config.pool = pool;
+            }
+        },
+        comfyq_runner::run,
+    )
+    .await
 }

@@ -1,4 +1,4 @@
-//! `comfyq-scheduler`: load configuration, run until SIGINT/SIGTERM.
+//! `comfyq-scheduler`: configuration in, run until SIGINT/SIGTERM.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,24 +15,12 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    comfyq_shared::telemetry::init_tracing("info");
     let args = Args::parse();
-    let config = match comfyq_shared::config::load::<comfyq_scheduler::SchedulerConfig>(
+    comfyq_shared::service::main(
+        "comfyq-scheduler",
         args.config.as_deref(),
-    ) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("comfyq-scheduler: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    let shutdown = comfyq_shared::shutdown::on_signal();
-    match comfyq_scheduler::run(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(error = %error, "scheduler failed");
-            eprintln!("comfyq-scheduler: {error}");
-            ExitCode::FAILURE
-        }
-    }
+        |_: &mut comfyq_scheduler::SchedulerConfig| {},
+        comfyq_scheduler::run,
+    )
+    .await
 }
