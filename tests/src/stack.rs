@@ -259,8 +259,102 @@ impl TestStack {
         .await
     }
 
+    /// `POST /v1/jobs/{id}/cancel`: the status code and the job it answered with.
+    pub async fn cancel(&self, id: &str) -> (reqwest::StatusCode, Value) {
+        let response = self
+            .http
+            .post(format!("{}/v1/jobs/{id}/cancel", self.api))
+            .send()
+            .await
+            .expect("POST cancel");
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("cancel answered {status} with non-JSON ({e}): {text}"));
+        (status, body)
+    }
+
+    /// The state events (`job.accepted` … `job.completed`) of one job of
+    /// [`TENANT`] stored in the events stream so far, oldest first, as JSON.
+    /// Progress, node and output events are left out.
+    pub async fn state_events(&self, id: &str) -> Vec<Value> {
+        use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+        use futures::StreamExt;
+
+        let names = self.nats_config().names().expect("valid prefix");
+        let tenant = comfyq_shared::TenantId::new(TENANT).expect("valid tenant");
+        let job: comfyq_shared::JobId = id.parse().expect("valid job id");
+        let js = async_nats::jetstream::new(self.nats.client().await);
+        let stream = js
+            .get_stream(names.events_stream())
+            .await
+            .expect("events stream");
+        let consumer = stream
+            .create_consumer(pull::Config {
+                filter_subject: names.job_events_filter(&tenant, &job),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..pull::Config::default()
+            })
+            .await
+            .expect("events consumer");
+        let mut consumer = consumer;
+        let pending = consumer.info().await.expect("consumer info").num_pending;
+        let mut events = Vec::new();
+        let mut seen = 0;
+        while seen < pending {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(500)
+                .expires(Duration::from_secs(1))
+                .messages()
+                .await
+                .expect("fetch events");
+            let before = seen;
+            while let Some(message) = batch.next().await {
+                let message = message.expect("event message");
+                seen += 1;
+                let event: Value = serde_json::from_slice(&message.payload).expect("event JSON");
+                let is_state = event["data"]["status"].is_string()
+                    && event["type"].as_str().is_some_and(|t| {
+                        t.strip_prefix("job.") == event["data"]["status"].as_str()
+                    });
+                if is_state {
+                    events.push(event);
+                }
+            }
+            assert!(seen > before, "events stream stopped short of {pending}");
+        }
+        events
+    }
+
+    /// Dispatch messages still in the work queue (neither acknowledged nor
+    /// terminated by a runner).
+    pub async fn dispatch_backlog(&self) -> u64 {
+        let names = self.nats_config().names().expect("valid prefix");
+        let js = async_nats::jetstream::new(self.nats.client().await);
+        let mut stream = js
+            .get_stream(names.dispatch_stream())
+            .await
+            .expect("dispatch stream");
+        stream
+            .info()
+            .await
+            .expect("dispatch stream info")
+            .state
+            .messages
+    }
+
     /// Stops every service and waits for them (graceful shutdown).
     pub async fn stop(mut self) {
+        self.stop_services().await;
+    }
+
+    /// Stops every service and waits for them, keeping NATS, the simulator
+    /// and the webhook sink up for inspection; [`TestStack::stop`] after it
+    /// has nothing left to stop.
+    pub async fn stop_services(&mut self) {
         self.shutdown.cancel();
         for (name, handle) in self.services.drain(..) {
             match tokio::time::timeout(Duration::from_secs(15), handle).await {
@@ -299,5 +393,16 @@ pub fn invert_workflow(width: u32) -> Value {
         "1": {"class_type": "EmptyImage", "inputs": {"width": width, "height": width, "batch_size": 1, "color": 0}},
         "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
         "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "comfyq/invert"}}
+    })
+}
+
+/// An empty image through a slow node (`steps` progress steps of `step_ms`
+/// each, no previews), saved under `comfyq/<prefix>`. The slow node is the
+/// middle one, where the simulator's injected failures strike.
+pub fn slow_workflow(steps: u32, step_ms: u64, prefix: &str) -> Value {
+    serde_json::json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "PeerSlowProgress", "inputs": {"image": ["1", 0], "steps": steps, "step_ms": step_ms, "send_previews": false, "preview_format": "PNG"}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": format!("comfyq/{prefix}")}}
     })
 }

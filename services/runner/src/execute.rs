@@ -180,6 +180,8 @@ impl Executor {
         let mut reconcile = tokio::time::interval(self.config.reconcile_interval);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut unreachable_since: Option<Instant> = None;
+        // Whether the socket was replaced during the current silence.
+        let mut socket_replaced = false;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => {
@@ -198,6 +200,18 @@ impl Executor {
                         return PromptEnd::Failed(infrastructure("the runner's ComfyUI link stopped"));
                     };
                     last_event = Instant::now();
+                    // Progress proves the socket works again. ComfyUI's replay
+                    // of the running node to a new socket names no prompt and
+                    // proves nothing (a hung prompt would get it on every new
+                    // socket and never be called stalled).
+                    let progress = match &event {
+                        PromptEvent::Message(message) => message.prompt_id() == Some(prompt_id),
+                        PromptEvent::Frame(_) => true,
+                        PromptEvent::SocketLost | PromptEvent::SocketRestored => false,
+                    };
+                    if progress {
+                        socket_replaced = false;
+                    }
                     match event {
                         PromptEvent::Message(message) => {
                             if let Some(body) = tracker.observe(&message) {
@@ -225,7 +239,7 @@ impl Executor {
                         PromptEvent::SocketLost => {}
                         // Whatever happened while the socket was down is only in history.
                         PromptEvent::SocketRestored => {
-                            if let Some(end) = self.reconcile(prompt_id, false, &mut unreachable_since).await {
+                            if let Some(end) = self.reconcile(prompt_id, false, &mut socket_replaced, &mut unreachable_since).await {
                                 return end;
                             }
                         }
@@ -233,10 +247,15 @@ impl Executor {
                 }
                 _ = reconcile.tick() => {
                     let silent = last_event.elapsed() >= self.config.stall_timeout;
+                    let replaced_before = socket_replaced;
                     if (silent || !self.link.is_connected())
-                        && let Some(end) = self.reconcile(prompt_id, silent, &mut unreachable_since).await
+                        && let Some(end) = self.reconcile(prompt_id, silent, &mut socket_replaced, &mut unreachable_since).await
                     {
                         return end;
+                    }
+                    if socket_replaced && !replaced_before {
+                        // The fresh socket gets a whole stall timeout of its own.
+                        last_event = Instant::now();
                     }
                 }
             }
@@ -248,6 +267,7 @@ impl Executor {
         &self,
         prompt_id: &str,
         silent_too_long: bool,
+        socket_replaced: &mut bool,
         unreachable_since: &mut Option<Instant>,
     ) -> Option<PromptEnd> {
         let history = match self.comfy.history(prompt_id).await {
@@ -270,7 +290,22 @@ impl Executor {
         }
         match self.comfy.queue().await {
             Ok(queue) if queue.queue_running.iter().any(|i| i.prompt_id == prompt_id) => {
-                if silent_too_long {
+                if silent_too_long && !*socket_replaced {
+                    // ComfyUI says the prompt runs, so the silence may be our
+                    // socket's: one can stay open (and answer pings) while
+                    // ComfyUI no longer sends on it. Interrupting here would
+                    // fail this prompt and, the socket staying deaf, every
+                    // later one held by this runner. Replace the socket once
+                    // and call the prompt stalled only if the new one stays
+                    // silent too.
+                    tracing::warn!(
+                        prompt_id,
+                        "prompt silent for too long; replacing the WebSocket"
+                    );
+                    *socket_replaced = true;
+                    self.link.reconnect();
+                    None
+                } else if silent_too_long {
                     tracing::warn!(prompt_id, "prompt silent for too long; interrupting");
                     self.stop_prompt(prompt_id).await;
                     Some(PromptEnd::Failed(infrastructure(

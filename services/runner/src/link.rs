@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
@@ -37,6 +37,8 @@ struct Shared {
     // A std mutex: held only to look up a sender, never across an await.
     routes: Mutex<Routes>,
     connected: AtomicBool,
+    /// Wakes the socket task to drop the current socket and open a new one.
+    reconnect: Notify,
 }
 
 #[derive(Clone, Debug)]
@@ -66,6 +68,7 @@ impl ComfyLink {
         let shared = Arc::new(Shared {
             routes: Mutex::new(Routes::default()),
             connected: AtomicBool::new(false),
+            reconnect: Notify::new(),
         });
         let link = Self { shared };
         let task_link = link.clone();
@@ -75,6 +78,14 @@ impl ComfyLink {
 
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::Acquire)
+    }
+
+    /// Drops the current socket and opens a fresh one (every follower sees
+    /// `SocketLost` then `SocketRestored`). For a socket that is open, even
+    /// answering pings, but no longer delivers ComfyUI's messages: only a new
+    /// connection can tell. A no-op while no socket is open.
+    pub fn reconnect(&self) {
+        self.shared.reconnect.notify_waiters();
     }
 
     /// Subscribes to `prompt_id`'s events. Subscribe before submitting the
@@ -112,11 +123,21 @@ impl ComfyLink {
             self.shared.connected.store(true, Ordering::Release);
             self.broadcast(|| PromptEvent::SocketRestored);
             tracing::info!("ComfyUI WebSocket connected");
+            // Registered now, so a request made while a message is being
+            // routed is not missed.
+            let reconnect = self.shared.reconnect.notified();
+            tokio::pin!(reconnect);
+            reconnect.as_mut().enable();
             loop {
                 let event = tokio::select! {
                     _ = shutdown.cancelled() => {
                         socket.close().await;
                         return;
+                    }
+                    _ = reconnect.as_mut() => {
+                        tracing::warn!("replacing ComfyUI's WebSocket on request");
+                        socket.close().await;
+                        break;
                     }
                     event = events.recv() => event,
                 };

@@ -232,12 +232,19 @@ impl Worker {
         hand_back: CancellationToken,
     ) {
         let spec = &dispatch.spec;
+        // Held before the record is read: a cancellation applied after the
+        // read is then announced to a job already held here and stops it,
+        // instead of falling between the read and the insert and being
+        // missed (the job would run to its end although cancelled).
+        let cancel = CancellationToken::new();
+        self.held.insert(spec.id, cancel.clone());
         // A job cancelled (or ended) before it reached us never runs.
         match self.jobs.get(&spec.tenant, &spec.id).await {
             Ok(Some(current))
                 if current.record.status.is_terminal() || current.record.cancel_requested =>
             {
                 tracing::info!(status = %current.record.status, "job already ended or cancelled; dropping it");
+                self.held.remove(&spec.id);
                 if !current.record.status.is_terminal() {
                     self.report(spec, attempt, AttemptOutcome::Cancelled).await;
                 }
@@ -247,6 +254,7 @@ impl Worker {
             Ok(_) => {}
             Err(error) => {
                 tracing::warn!(%error, "cannot read the job record; handing the job back");
+                self.held.remove(&spec.id);
                 let _ = message
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await;
@@ -254,8 +262,6 @@ impl Worker {
             }
         }
 
-        let cancel = CancellationToken::new();
-        self.held.insert(spec.id, cancel.clone());
         let heartbeat = tokio::spawn(heartbeat(
             message.clone(),
             self.config.nats.dispatch_ack_wait / 3,
