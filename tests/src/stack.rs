@@ -329,6 +329,17 @@ impl TestStack {
         events
     }
 
+    /// The job records, as the scheduler and runners read and write them.
+    pub async fn job_store(&self) -> comfyq_shared::job_store::JobStore {
+        let names = self.nats_config().names().expect("valid prefix");
+        let js = async_nats::jetstream::new(self.nats.client().await);
+        let kv = js
+            .get_key_value(names.jobs_bucket())
+            .await
+            .expect("jobs bucket");
+        comfyq_shared::job_store::JobStore::new(kv, names)
+    }
+
     /// Dispatch messages still in the work queue (neither acknowledged nor
     /// terminated by a runner).
     pub async fn dispatch_backlog(&self) -> u64 {

@@ -266,6 +266,13 @@ impl Worker {
             message.clone(),
             self.config.nats.dispatch_ack_wait / 3,
         ));
+        let watch = tokio::spawn(watch_cancel(
+            self.jobs.clone(),
+            spec.tenant.clone(),
+            spec.id,
+            self.config.nats.dispatch_ack_wait / 3,
+            cancel.clone(),
+        ));
         let started = std::time::Instant::now();
         self.report(spec, attempt, AttemptOutcome::Started).await;
 
@@ -284,6 +291,7 @@ impl Worker {
             relay.abort();
             end
         };
+        watch.abort();
         self.held.remove(&spec.id);
         let handing_back = matches!(end, AttemptEnd::Cancelled) && !cancel.is_cancelled();
         let max_attempts = self.config.nats.dispatch_max_deliver.max(1) as u32;
@@ -385,6 +393,36 @@ impl Worker {
             outcome = report.outcome.token(),
             "report could not be stored"
         );
+    }
+}
+
+/// Re-reads a held job's record while it runs and cancels it once the
+/// record asks for that. The scheduler's cancel nudge (core NATS, not stored)
+/// is only the fast path: a runner that missed it, reconnecting for instance,
+/// would otherwise run a cancelled job to its end.
+async fn watch_cancel(
+    jobs: JobStore,
+    tenant: comfyq_shared::ids::TenantId,
+    job: JobId,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(every.max(Duration::from_millis(100)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        match jobs.get(&tenant, &job).await {
+            Ok(Some(current)) if current.record.cancel_requested => {
+                if !cancel.is_cancelled() {
+                    tracing::info!("cancel found in the job record; stopping the prompt");
+                    cancel.cancel();
+                }
+                return;
+            }
+            Ok(_) => {}
+            Err(error) => tracing::debug!(%error, "cannot re-read the job record"),
+        }
     }
 }
 

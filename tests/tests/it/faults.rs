@@ -222,6 +222,42 @@ async fn cancelling_a_running_job_interrupts_comfyui() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_the_runner_did_not_hear_is_found_in_the_record() {
+    let stack = TestStack::start().await;
+    let job = stack
+        .submit(json!({"workflow": slow_workflow(100, 100, "unheard")}))
+        .await;
+    let id = id_of(&job);
+    wait_running(&stack, &id).await;
+
+    // What the scheduler writes for a cancel, without its core-NATS nudge to
+    // the runner (a message lost while the runner reconnects, say).
+    let store = stack.job_store().await;
+    let tenant = comfyq_shared::TenantId::new(comfyq_tests::stack::TENANT).expect("tenant");
+    let job_id: comfyq_shared::JobId = id.parse().expect("job id");
+    eventually(
+        Duration::from_secs(5),
+        "cancel_requested written",
+        async || {
+            let current = store.get(&tenant, &job_id).await.ok()??;
+            let mut record = current.record;
+            record.cancel_requested = true;
+            store.update(&record, current.revision).await.ok()
+        },
+    )
+    .await;
+
+    let finished = stack.wait_finished(&id, Duration::from_secs(5)).await;
+    assert_eq!(finished["status"], "cancelled", "{finished:#}");
+    eventually_true(Duration::from_secs(3), "ComfyUI is idle", async || {
+        comfy_queue(&stack).await == Some((0, 0))
+    })
+    .await;
+    assert!(comfy_outputs(&stack, "unheard").is_empty());
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_completed_job_changes_nothing() {
     let stack = TestStack::start().await;
     let job = stack.submit(json!({"workflow": invert_workflow(8)})).await;
