@@ -32,6 +32,9 @@ pub struct StackOptions {
     pub sim: SimConfig,
     pub runners: usize,
     pub runner_slots: usize,
+    /// How long a stopping runner lets held jobs finish before handing
+    /// them back.
+    pub runner_shutdown_grace: Duration,
 }
 
 impl Default for StackOptions {
@@ -40,6 +43,7 @@ impl Default for StackOptions {
             sim: SimConfig::default(),
             runners: 1,
             runner_slots: 1,
+            runner_shutdown_grace: Duration::from_secs(5),
         }
     }
 }
@@ -127,12 +131,15 @@ impl TestStack {
         ));
 
         for index in 0..options.runners {
-            let runner = runner_config(
-                &nats_config,
-                &sim.base_url(),
-                &format!("runner-{index}"),
-                options.runner_slots,
-            );
+            let runner = RunnerConfig {
+                shutdown_grace: options.runner_shutdown_grace,
+                ..runner_config(
+                    &nats_config,
+                    &sim.base_url(),
+                    &format!("runner-{index}"),
+                    options.runner_slots,
+                )
+            };
             services.push(spawn(
                 "runner",
                 comfyq_runner::run(runner, shutdown.child_token()),

@@ -391,3 +391,27 @@ async fn stopping_the_stack_lets_a_running_job_finish() {
     assert_eq!(comfy_outputs(&stack, "graceful").len(), 1);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_outlasting_the_shutdown_grace_is_handed_back() {
+    let mut stack = TestStack::start_with(StackOptions {
+        runner_shutdown_grace: Duration::from_millis(500),
+        ..StackOptions::default()
+    })
+    .await;
+    // Ten seconds of work: far beyond the grace.
+    let job = stack
+        .submit(json!({"workflow": slow_workflow(100, 100, "handed-back")}))
+        .await;
+    wait_running(&stack, &id_of(&job)).await;
+    stack.stop_services().await;
+    // The prompt was interrupted, and the job waits in the work queue for
+    // the next runner instead of being lost or acknowledged.
+    eventually_true(Duration::from_secs(3), "ComfyUI is idle", async || {
+        comfy_queue(&stack).await == Some((0, 0))
+    })
+    .await;
+    assert!(comfy_outputs(&stack, "handed-back").is_empty());
+    assert_eq!(stack.dispatch_backlog().await, 1);
+    stack.stop().await;
+}
