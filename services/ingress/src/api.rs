@@ -61,7 +61,8 @@ pub struct ValidSubmission {
 }
 
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
-const WEBHOOK_EVENTS: [&str; 11] = [
+/// The events a webhook can subscribe to: state changes (what the notifier delivers).
+const WEBHOOK_EVENTS: [&str; 8] = [
     "job.accepted",
     "job.queued",
     "job.dispatched",
@@ -70,9 +71,6 @@ const WEBHOOK_EVENTS: [&str; 11] = [
     "job.completed",
     "job.failed",
     "job.cancelled",
-    "job.progress",
-    "job.node",
-    "job.output",
 ];
 
 impl SubmitRequest {
