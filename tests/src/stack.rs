@@ -26,6 +26,22 @@ pub const OTHER_API_KEY: &str = "test-key-globex-0123456789";
 /// The webhook signing secret of [`TENANT`] (Standard Webhooks format).
 pub const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
+/// A change to every runner's configuration, applied last.
+#[derive(Clone)]
+pub struct RunnerTweak(pub std::sync::Arc<dyn Fn(&mut RunnerConfig) + Send + Sync>);
+
+impl RunnerTweak {
+    pub fn new(tweak: impl Fn(&mut RunnerConfig) + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(tweak))
+    }
+}
+
+impl std::fmt::Debug for RunnerTweak {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RunnerTweak")
+    }
+}
+
 /// Changes to the defaults before the stack starts.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
@@ -35,6 +51,8 @@ pub struct StackOptions {
     /// How long a stopping runner lets held jobs finish before handing
     /// them back.
     pub runner_shutdown_grace: Duration,
+    /// Applied to every runner's configuration (managed mode, clean-up…).
+    pub runner_tweak: Option<RunnerTweak>,
 }
 
 impl Default for StackOptions {
@@ -44,6 +62,7 @@ impl Default for StackOptions {
             runners: 1,
             runner_slots: 1,
             runner_shutdown_grace: Duration::from_secs(5),
+            runner_tweak: None,
         }
     }
 }
@@ -131,7 +150,7 @@ impl TestStack {
         ));
 
         for index in 0..options.runners {
-            let runner = RunnerConfig {
+            let mut runner = RunnerConfig {
                 shutdown_grace: options.runner_shutdown_grace,
                 ..runner_config(
                     &nats_config,
@@ -140,6 +159,9 @@ impl TestStack {
                     options.runner_slots,
                 )
             };
+            if let Some(tweak) = &options.runner_tweak {
+                (tweak.0)(&mut runner);
+            }
             services.push(spawn(
                 "runner",
                 comfyq_runner::run(runner, shutdown.child_token()),

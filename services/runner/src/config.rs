@@ -2,18 +2,35 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use comfyq_shared::config::{ConfigError, NatsConfig, Validate};
 use comfyq_shared::ids::{PoolName, RunnerId};
 use serde::{Deserialize, Serialize};
 
+use crate::managed::ManagedConfig;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunnerConfig {
     pub nats: NatsConfig,
-    /// The ComfyUI this runner drives.
+    /// The ComfyUI this runner drives (in managed mode: where the launched
+    /// one listens, so its `args` must name the same port).
     pub comfyui_url: String,
+    /// Set: launch and supervise ComfyUI (managed mode). Unset: attach to
+    /// `comfyui_url`.
+    pub managed: Option<ManagedConfig>,
+    /// ComfyUI's directory (holding `input/`, `output/`, `temp/`). Set, the
+    /// runner deletes a job's uploads and outputs from it once stored;
+    /// ComfyUI has no API for that. Managed mode defaults to `working_dir`.
+    pub comfyui_dir: Option<PathBuf>,
+    /// At most one preview per job per this interval reaches NATS.
+    #[serde(with = "humantime_serde")]
+    pub preview_interval: Duration,
+    /// Ask ComfyUI for previews with metadata (event 4, naming their prompt)
+    /// instead of the legacy frames (event 1).
+    pub preview_metadata: bool,
     /// Stable name (registration key, ComfyUI client id); random if unset.
     pub runner_id: Option<String>,
     pub pool: String,
@@ -49,6 +66,10 @@ impl Default for RunnerConfig {
         Self {
             nats: NatsConfig::default(),
             comfyui_url: "http://127.0.0.1:8188".to_owned(),
+            managed: None,
+            comfyui_dir: None,
+            preview_interval: Duration::from_millis(250),
+            preview_metadata: true,
             runner_id: None,
             pool: "default".to_owned(),
             labels: BTreeMap::new(),
@@ -65,6 +86,15 @@ impl Default for RunnerConfig {
 }
 
 impl RunnerConfig {
+    /// Where ComfyUI keeps its files, if the runner may clean them up.
+    pub fn comfyui_dir(&self) -> Option<PathBuf> {
+        self.comfyui_dir.clone().or_else(|| {
+            self.managed
+                .as_ref()
+                .and_then(|managed| managed.working_dir.clone())
+        })
+    }
+
     pub fn pool(&self) -> Result<PoolName, ConfigError> {
         PoolName::new(self.pool.clone()).map_err(|e| ConfigError::Invalid(format!("pool: {e}")))
     }
@@ -113,6 +143,13 @@ impl Validate for RunnerConfig {
                     "{name} must be at least 10ms"
                 )));
             }
+        }
+        if let Some(managed) = &self.managed
+            && managed.command.as_os_str().is_empty()
+        {
+            return Err(ConfigError::Invalid(
+                "managed.command must name ComfyUI's launcher".to_owned(),
+            ));
         }
         Ok(())
     }

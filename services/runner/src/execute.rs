@@ -26,6 +26,7 @@ use crate::comfy::{
 };
 use crate::config::RunnerConfig;
 use crate::link::{ComfyLink, PromptEvent};
+use crate::managed::ComfyHealth;
 use crate::progress::ProgressTracker;
 
 /// How an attempt ended.
@@ -55,6 +56,8 @@ pub struct Executor {
     pub names: Names,
     pub client_id: String,
     pub config: Arc<RunnerConfig>,
+    /// Whether ComfyUI is up; a managed one that dies fails the prompts it held.
+    pub health: ComfyHealth,
 }
 
 fn infrastructure(message: impl Into<String>) -> JobError {
@@ -72,12 +75,25 @@ fn comfy_failure(context: &str, error: &ComfyError) -> JobError {
 impl Executor {
     /// Runs `spec` on ComfyUI until it ends, `cancel` fires, or its time is up.
     pub async fn execute(&self, spec: &JobSpec, cancel: &CancellationToken) -> AttemptEnd {
+        let end = self.attempt(spec, cancel).await;
+        self.clean_up(spec, end.1.as_ref()).await;
+        end.0
+    }
+
+    /// The attempt, and the prompt's history entry when ComfyUI has one
+    /// (it lists the files to clean up).
+    async fn attempt(
+        &self,
+        spec: &JobSpec,
+        cancel: &CancellationToken,
+    ) -> (AttemptEnd, Option<HistoryEntry>) {
+        let generation = self.health.state().generation;
         let workflow = match self.upload_inputs(spec).await {
             Ok(workflow) => workflow,
-            Err(error) => return AttemptEnd::Failed(error),
+            Err(error) => return (AttemptEnd::Failed(error), None),
         };
         if cancel.is_cancelled() {
-            return AttemptEnd::Cancelled;
+            return (AttemptEnd::Cancelled, None);
         }
 
         let prompt_id = Uuid::new_v4();
@@ -92,16 +108,18 @@ impl Executor {
             Err(SubmitError::Rejected(rejection)) => {
                 let mut error = JobError::new(ErrorKind::Validation, rejection.to_string());
                 error.details = serde_json::to_value(&rejection.node_errors).ok();
-                return AttemptEnd::Failed(error);
+                return (AttemptEnd::Failed(error), None);
             }
             Err(SubmitError::BadRequest { status, body }) => {
-                return AttemptEnd::Failed(JobError::new(
+                let error = JobError::new(
                     ErrorKind::Validation,
                     format!("ComfyUI refused the prompt ({status}): {body}"),
-                ));
+                );
+                return (AttemptEnd::Failed(error), None);
             }
             Err(SubmitError::Comfy(error)) => {
-                return AttemptEnd::Failed(comfy_failure("submitting the prompt", &error));
+                let error = comfy_failure("submitting the prompt", &error);
+                return (AttemptEnd::Failed(error), None);
             }
         };
         // Older ComfyUI versions choose their own prompt id.
@@ -112,13 +130,28 @@ impl Executor {
         tracing::info!(%prompt_id, "prompt queued in ComfyUI");
 
         let end = self
-            .follow(spec, &prompt_id, &mut events.receiver, cancel)
+            .follow(spec, &prompt_id, &mut events.receiver, cancel, generation)
             .await;
         drop(events);
+        let history = match self.comfy.history(&prompt_id).await {
+            Ok(entry) => entry,
+            Err(error) => {
+                if matches!(end, PromptEnd::Done) {
+                    let error = comfy_failure("reading history", &error);
+                    return (AttemptEnd::Failed(error), None);
+                }
+                None
+            }
+        };
         let result = match end {
-            PromptEnd::Done => match self.collect_outputs(spec, &prompt_id).await {
-                Ok(outputs) => AttemptEnd::Completed(outputs),
-                Err(error) => AttemptEnd::Failed(error),
+            PromptEnd::Done => match &history {
+                Some(entry) => match self.collect_outputs(spec, entry).await {
+                    Ok(outputs) => AttemptEnd::Completed(outputs),
+                    Err(error) => AttemptEnd::Failed(error),
+                },
+                None => AttemptEnd::Failed(infrastructure(
+                    "ComfyUI reported success but has no history for the prompt",
+                )),
             },
             PromptEnd::Failed(error) => AttemptEnd::Failed(error),
             PromptEnd::Cancelled => AttemptEnd::Cancelled,
@@ -127,7 +160,37 @@ impl Executor {
         if let Err(error) = self.comfy.delete_history(&[prompt_id.as_str()]).await {
             tracing::debug!(%error, "could not delete the prompt's history");
         }
-        result
+        (result, history)
+    }
+
+    /// Deletes the job's uploads and the prompt's output files from
+    /// ComfyUI's disk (ComfyUI has no API for it), when `comfyui_dir` is
+    /// known. Best effort: a file left behind costs disk, not correctness.
+    async fn clean_up(&self, spec: &JobSpec, history: Option<&HistoryEntry>) {
+        let Some(root) = self.config.comfyui_dir() else {
+            return;
+        };
+        let uploads = root.join("input").join(upload_subfolder(spec));
+        match tokio::fs::remove_dir_all(&uploads).await {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(%error, path = %uploads.display(), "cannot delete the job's uploads")
+            }
+        }
+        let Some(entry) = history else { return };
+        for (_, file) in entry.output_files() {
+            let Some(path) = output_path(&root, file) else {
+                continue;
+            };
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(%error, path = %path.display(), "cannot delete an output")
+                }
+            }
+        }
     }
 
     /// Streams each input from the media store into ComfyUI's input folder
@@ -149,7 +212,7 @@ impl Executor {
             })?;
             let upload = UploadImage {
                 name: input.name.clone(),
-                subfolder: format!("comfyq-{}", spec.id),
+                subfolder: upload_subfolder(spec),
                 overwrite: true,
                 content_type: info.content_type.clone(),
                 content_length: Some(info.size),
@@ -172,8 +235,13 @@ impl Executor {
         prompt_id: &str,
         events: &mut tokio::sync::mpsc::UnboundedReceiver<PromptEvent>,
         cancel: &CancellationToken,
+        generation: u64,
     ) -> PromptEnd {
-        let deadline = Instant::now() + Duration::from_secs(spec.timeout_s);
+        // The time limit counts from when ComfyUI starts the prompt: with
+        // several slots it may first wait behind this runner's other prompts.
+        let limit = Duration::from_secs(spec.timeout_s);
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let mut deadline = far;
         let mut tracker = ProgressTracker::new(&spec.workflow);
         let mut last_event = Instant::now();
         let mut last_preview: Option<Instant> = None;
@@ -187,6 +255,11 @@ impl Executor {
                 _ = cancel.cancelled() => {
                     self.stop_prompt(prompt_id).await;
                     return PromptEnd::Cancelled;
+                }
+                _ = self.health.lost(generation) => {
+                    return PromptEnd::Failed(infrastructure(
+                        "ComfyUI exited while the prompt was queued or running",
+                    ));
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     self.stop_prompt(prompt_id).await;
@@ -211,6 +284,9 @@ impl Executor {
                     };
                     if progress {
                         socket_replaced = false;
+                        if deadline == far {
+                            deadline = Instant::now() + limit;
+                        }
                     }
                     match event {
                         PromptEvent::Message(message) => {
@@ -231,7 +307,7 @@ impl Executor {
                             }
                         }
                         PromptEvent::Frame(frame) => {
-                            let due = last_preview.is_none_or(|at| at.elapsed() >= Duration::from_millis(250));
+                            let due = last_preview.is_none_or(|at| at.elapsed() >= self.config.preview_interval);
                             if due && self.publish_preview(spec, &frame).await {
                                 last_preview = Some(Instant::now());
                             }
@@ -246,6 +322,14 @@ impl Executor {
                     }
                 }
                 _ = reconcile.tick() => {
+                    let quiet = last_event.elapsed() >= self.config.stall_timeout;
+                    if deadline == far && (quiet || !self.link.is_connected())
+                        && let Ok(queue) = self.comfy.queue().await
+                        && queue.queue_running.iter().any(|item| item.prompt_id == prompt_id)
+                    {
+                        // Started while the socket was down.
+                        deadline = Instant::now() + limit;
+                    }
                     let silent = last_event.elapsed() >= self.config.stall_timeout;
                     let replaced_before = socket_replaced;
                     if (silent || !self.link.is_connected())
@@ -359,17 +443,8 @@ impl Executor {
     async fn collect_outputs(
         &self,
         spec: &JobSpec,
-        prompt_id: &str,
+        entry: &HistoryEntry,
     ) -> Result<Vec<OutputFile>, JobError> {
-        let entry = match self.comfy.history(prompt_id).await {
-            Ok(Some(entry)) => entry,
-            Ok(None) => {
-                return Err(infrastructure(
-                    "ComfyUI reported success but has no history for the prompt",
-                ));
-            }
-            Err(error) => return Err(comfy_failure("reading history", &error)),
-        };
         let mut outputs = Vec::new();
         let mut taken = HashSet::new();
         for (node_id, file) in entry.output_files() {
@@ -437,6 +512,28 @@ impl Executor {
         }
         Ok(outputs)
     }
+}
+
+/// The per-job subfolder of ComfyUI's input directory holding its uploads.
+fn upload_subfolder(spec: &JobSpec) -> String {
+    format!("comfyq-{}", spec.id)
+}
+
+/// Where ComfyUI wrote an output or temp file, if its name stays inside
+/// `root` (inputs are never deleted this way: they may be shared).
+fn output_path(
+    root: &std::path::Path,
+    file: &crate::comfy::OutputFile,
+) -> Option<std::path::PathBuf> {
+    use std::path::Component;
+    if !matches!(file.folder_type.as_str(), "output" | "temp") {
+        return None;
+    }
+    let relative = std::path::Path::new(&file.subfolder).join(&file.filename);
+    let plain = relative
+        .components()
+        .all(|component| matches!(component, Component::Normal(_)));
+    (plain && !file.filename.is_empty()).then(|| root.join(&file.folder_type).join(relative))
 }
 
 /// How a finished prompt ended, according to its history entry.

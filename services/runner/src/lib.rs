@@ -7,13 +7,17 @@
 //! - [`execute`]: one attempt of a job, from inputs to stored outputs.
 //! - [`worker`]: the pull loop, reports and acknowledgements.
 //! - [`registration`]: the runner's entry in the runners bucket.
+//! - [`managed`]: launching and supervising ComfyUI (managed mode).
+//! - [`verify`]: `comfyq-runner verify`, checking ComfyUI against a workflow.
 
 pub mod comfy;
 pub mod config;
 pub mod execute;
 pub mod link;
+pub mod managed;
 pub mod progress;
 pub mod registration;
+pub mod verify;
 pub mod worker;
 
 use std::sync::Arc;
@@ -46,6 +50,8 @@ pub enum RunnerError {
     },
     #[error(transparent)]
     Comfy(#[from] comfy::ComfyError),
+    #[error(transparent)]
+    Managed(#[from] managed::ManagedError),
     #[error("subscribing: {0}")]
     Subscribe(#[from] async_nats::SubscribeError),
     #[error("metrics listener: {0}")]
@@ -85,7 +91,25 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
     let pool = config.pool()?;
     let runner = config.runner_id()?;
     let comfy = comfy::ComfyClient::new(config.comfyui_url()?, comfy::ClientConfig::default())?;
-    wait_for_comfyui(&comfy, config.comfyui_ready_timeout).await?;
+    // Stopped last, after held jobs are done with it.
+    let comfy_stop = CancellationToken::new();
+    let (managed, health) = match &config.managed {
+        Some(managed) => {
+            let process = tokio::select! {
+                process = managed::ManagedComfy::start(managed.clone(), comfy.clone(), comfy_stop.clone()) => process?,
+                _ = shutdown.cancelled() => {
+                    comfy_stop.cancel();
+                    return Ok(());
+                }
+            };
+            let health = process.health();
+            (Some(process), health)
+        }
+        None => {
+            wait_for_comfyui(&comfy, config.comfyui_ready_timeout).await?;
+            (None, managed::ComfyHealth::attached())
+        }
+    };
 
     let client = connection::connect(&config.nats, "runner").await?;
     let js = connection::jetstream(client.clone());
@@ -106,6 +130,10 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
     let link = link::ComfyLink::start(
         comfy.base_url().clone(),
         runner.to_string(),
+        comfy::SocketConfig {
+            preview_metadata: config.preview_metadata,
+            ..comfy::SocketConfig::default()
+        },
         link_stop.clone(),
     );
     let held = worker::HeldJobs::default();
@@ -118,6 +146,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         names: names.clone(),
         client_id: runner.to_string(),
         config: config.clone(),
+        health,
     };
 
     // Cancellations for jobs held here.
@@ -187,6 +216,10 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
     registration_stop.cancel();
     let _ = registration_task.await;
     link_stop.cancel();
+    comfy_stop.cancel();
+    if let Some(process) = managed {
+        process.stopped().await;
+    }
     let _ = client.flush().await;
     tracing::info!(%runner, "runner stopped");
     Ok(())

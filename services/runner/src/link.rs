@@ -64,7 +64,12 @@ impl Drop for PromptEvents {
 
 impl ComfyLink {
     /// Starts the socket task; it runs until `shutdown`.
-    pub fn start(base: Url, client_id: String, shutdown: CancellationToken) -> Self {
+    pub fn start(
+        base: Url,
+        client_id: String,
+        config: SocketConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
         let shared = Arc::new(Shared {
             routes: Mutex::new(Routes::default()),
             connected: AtomicBool::new(false),
@@ -72,7 +77,7 @@ impl ComfyLink {
         });
         let link = Self { shared };
         let task_link = link.clone();
-        tokio::spawn(async move { task_link.run(base, client_id, shutdown).await });
+        tokio::spawn(async move { task_link.run(base, client_id, config, shutdown).await });
         link
     }
 
@@ -102,8 +107,13 @@ impl ComfyLink {
         }
     }
 
-    async fn run(&self, base: Url, client_id: String, shutdown: CancellationToken) {
-        let config = SocketConfig::default();
+    async fn run(
+        &self,
+        base: Url,
+        client_id: String,
+        config: SocketConfig,
+        shutdown: CancellationToken,
+    ) {
         let backoff = Backoff::default();
         loop {
             let connected = tokio::select! {

@@ -175,4 +175,82 @@ mod tests {
         }
         assert!(checked >= 10, "only {checked} recordings checked");
     }
+
+    /// Every message type ComfyUI sends has a decided fate: node, progress
+    /// and output messages become job events here; start, success, error
+    /// and interruption end the attempt and become state events through the
+    /// runner's report; the rest concern the queue or the socket.
+    #[test]
+    fn every_message_type_maps_to_an_event_or_is_accounted_for() {
+        let workflow = serde_json::json!({
+            "1": {"class_type": "EmptyImage", "inputs": {}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}
+        });
+        let p = "p1";
+        let messages = [
+            serde_json::json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 1}}}}),
+            serde_json::json!({"type": "execution_start", "data": {"prompt_id": p, "timestamp": 1}}),
+            serde_json::json!({"type": "execution_cached", "data": {"nodes": ["1"], "prompt_id": p, "timestamp": 1}}),
+            serde_json::json!({"type": "executing", "data": {"node": "2", "display_node": "2", "prompt_id": p}}),
+            serde_json::json!({"type": "progress", "data": {"value": 1, "max": 2, "prompt_id": p, "node": "2"}}),
+            serde_json::json!({"type": "progress_state", "data": {"prompt_id": p, "nodes": {}}}),
+            serde_json::json!({"type": "executed", "data": {"node": "2", "display_node": "2", "prompt_id": p,
+                "output": {"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}}}),
+            serde_json::json!({"type": "executing", "data": {"node": null, "prompt_id": p}}),
+            serde_json::json!({"type": "execution_success", "data": {"prompt_id": p, "timestamp": 1}}),
+            serde_json::json!({"type": "execution_error", "data": {"prompt_id": p, "node_id": "2", "node_type": "SaveImage",
+                "executed": [], "exception_message": "x", "exception_type": "ValueError", "traceback": [],
+                "current_inputs": {}, "current_outputs": {}, "timestamp": 1}}),
+            serde_json::json!({"type": "execution_interrupted", "data": {"prompt_id": p, "node_id": "2",
+                "node_type": "SaveImage", "executed": [], "timestamp": 1}}),
+            serde_json::json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}}),
+            serde_json::json!({"type": "custom.thing", "data": {}}),
+        ];
+        let mut tracker = ProgressTracker::new(&workflow);
+        let mut kinds = Vec::new();
+        for raw in messages {
+            let message =
+                ServerMessage::from_json(&raw.to_string()).unwrap_or_else(|e| panic!("{raw}: {e}"));
+            let event = tracker.observe(&message);
+            let expected = match &message {
+                ServerMessage::ExecutionCached(_) => Some("job.node"),
+                ServerMessage::Executing(e) if e.node.is_some() => Some("job.node"),
+                ServerMessage::Progress(_) => Some("job.progress"),
+                ServerMessage::Executed(_) => Some("job.output"),
+                // The end of the prompt: the report makes it `job.completed`.
+                ServerMessage::Executing(_) => None,
+                // Become `job.running` / `completed` / `failed` via reports.
+                ServerMessage::ExecutionStart(_)
+                | ServerMessage::ExecutionSuccess(_)
+                | ServerMessage::ExecutionError(_)
+                | ServerMessage::ExecutionInterrupted(_) => None,
+                // Queue and socket bookkeeping; the per-node picture is
+                // already given by `executing`/`progress`.
+                ServerMessage::Status(_)
+                | ServerMessage::ProgressState(_)
+                | ServerMessage::FeatureFlags(_)
+                | ServerMessage::Unknown { .. } => None,
+            };
+            let got = event.as_ref().map(|body| match body {
+                EventBody::Node(_) => "job.node",
+                EventBody::Progress(_) => "job.progress",
+                EventBody::Output(_) => "job.output",
+                _ => "state",
+            });
+            assert_eq!(got, expected, "{}", message.kind());
+            kinds.push(message.kind().to_owned());
+        }
+        assert_eq!(kinds.len(), 13);
+        match tracker.observe(
+            &ServerMessage::from_json(
+                r#"{"type":"progress","data":{"value":2,"max":2,"prompt_id":"p1","node":"2"}}"#,
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        ) {
+            Some(EventBody::Progress(p)) => {
+                assert!(p.fraction <= 1.0 && p.fraction >= 0.5, "{p:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

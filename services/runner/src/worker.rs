@@ -130,6 +130,12 @@ impl Worker {
                     Err(_) => break,
                 },
             };
+            // No pulling while a managed ComfyUI restarts: the job would
+            // only fail (or wait) on it.
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.executor.health.ready() => {}
+            }
             let Some(message) = self.next_message(&shutdown).await else {
                 break;
             };

@@ -278,6 +278,11 @@ impl ComfyClient {
         self.get_json(&["object_info"]).await
     }
 
+    /// `GET /models`: the model folder names.
+    pub async fn model_folders(&self) -> Result<Vec<String>, ComfyError> {
+        self.get_json(&["models"]).await
+    }
+
     /// `GET /models/<folder>`: file names in a model folder (`checkpoints`, `loras`...).
     /// An unknown folder is [`ComfyError::NotFound`].
     pub async fn models(&self, folder: &str) -> Result<Vec<String>, ComfyError> {
