@@ -85,35 +85,6 @@ pub struct NatsConfig {
     pub dispatch_ack_wait: Duration,
     /// Deliveries of one dispatch message before the job is dead-lettered.
     pub dispatch_max_deliver: i64,
-    /// NATS priority-group policy of the dispatch consumers; every service
-    /// must agree on it (each provisions the consumers).
-    pub dispatch_priority_policy: DispatchPriorityPolicy,
-}
-
-/// How the server chooses among runners pulling from one dispatch consumer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DispatchPriorityPolicy {
-    /// Any waiting pull gets the next message.
-    #[default]
-    None,
-    /// Pulls with a lower `dispatch_pull_priority` (0–9) are served first
-    /// (preferred runners), others only while those have no pull open.
-    Prioritized,
-    /// A runner with `dispatch_min_pending` is served only while at least
-    /// that many messages wait (burst capacity).
-    Overflow,
-}
-
-impl DispatchPriorityPolicy {
-    pub fn policy(self) -> async_nats::jetstream::consumer::PriorityPolicy {
-        use async_nats::jetstream::consumer::PriorityPolicy;
-        match self {
-            DispatchPriorityPolicy::None => PriorityPolicy::None,
-            DispatchPriorityPolicy::Prioritized => PriorityPolicy::Prioritized,
-            DispatchPriorityPolicy::Overflow => PriorityPolicy::Overflow,
-        }
-    }
 }
 
 impl Default for NatsConfig {
@@ -130,7 +101,6 @@ impl Default for NatsConfig {
             runner_ttl: Duration::from_secs(30),
             dispatch_ack_wait: Duration::from_secs(30),
             dispatch_max_deliver: 5,
-            dispatch_priority_policy: DispatchPriorityPolicy::None,
         }
     }
 }

@@ -224,11 +224,6 @@ impl Names {
     pub fn dispatch_consumer(&self, pool: &PoolName, priority: Priority) -> String {
         format!("dispatch-{pool}-{priority}")
     }
-    /// The priority group every runner of a pool pulls in, when the
-    /// dispatch consumers use a priority policy.
-    pub fn dispatch_priority_group(&self) -> String {
-        "runners".to_owned()
-    }
     pub fn scheduler_advisories_consumer(&self) -> String {
         "scheduler-advisories".to_owned()
     }

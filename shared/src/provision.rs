@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 
-use crate::config::{DispatchPriorityPolicy, NatsConfig};
+use crate::config::NatsConfig;
 use crate::ids::PoolName;
 use crate::names::Names;
 use crate::priority::Priority;
@@ -264,11 +264,6 @@ pub async fn ensure_dispatch_consumer(
             max_deliver: config.dispatch_max_deliver,
             max_ack_pending: 10_000,
             num_replicas: config.replicas,
-            priority_policy: config.dispatch_priority_policy.policy(),
-            priority_groups: match config.dispatch_priority_policy {
-                DispatchPriorityPolicy::None => Vec::new(),
-                _ => vec![names.dispatch_priority_group()],
-            },
             ..Default::default()
         },
     )

@@ -42,12 +42,6 @@ pub struct RunnerConfig {
     #[serde(with = "humantime_serde")]
     pub comfyui_ready_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
-    /// With `nats.dispatch_priority_policy = "prioritized"`: this runner's
-    /// pull priority, 0 (served first: preferred runners) to 9.
-    pub dispatch_pull_priority: u8,
-    /// With `nats.dispatch_priority_policy = "overflow"`: pull only while at
-    /// least this many dispatch messages wait (burst runners); unset pulls always.
-    pub dispatch_min_pending: Option<usize>,
 }
 
 impl Default for RunnerConfig {
@@ -66,8 +60,6 @@ impl Default for RunnerConfig {
             retry_backoff: Duration::from_secs(2),
             comfyui_ready_timeout: Duration::from_secs(60),
             metrics_addr: None,
-            dispatch_pull_priority: 0,
-            dispatch_min_pending: None,
         }
     }
 }
@@ -109,12 +101,6 @@ impl Validate for RunnerConfig {
             return Err(ConfigError::Invalid(format!(
                 "slots must be 1 to 64 (got {})",
                 self.slots
-            )));
-        }
-        if self.dispatch_pull_priority > 9 {
-            return Err(ConfigError::Invalid(format!(
-                "dispatch_pull_priority must be 0 to 9 (got {})",
-                self.dispatch_pull_priority
             )));
         }
         for (name, value) in [

@@ -179,24 +179,8 @@ impl Worker {
     }
 
     async fn poll_once(&self) -> Option<Message> {
-        use comfyq_shared::config::DispatchPriorityPolicy;
         for (priority, consumer) in &self.consumers {
-            // Pulls name the group when the consumer has a priority policy.
-            let fetch = consumer.fetch().max_messages(1);
-            let fetch = match self.config.nats.dispatch_priority_policy {
-                DispatchPriorityPolicy::None => fetch,
-                DispatchPriorityPolicy::Prioritized => fetch
-                    .group(self.names.dispatch_priority_group())
-                    .priority(usize::from(self.config.dispatch_pull_priority)),
-                DispatchPriorityPolicy::Overflow => {
-                    let fetch = fetch.group(self.names.dispatch_priority_group());
-                    match self.config.dispatch_min_pending {
-                        Some(min) => fetch.min_pending(min),
-                        None => fetch,
-                    }
-                }
-            };
-            let batch = match fetch.messages().await {
+            let batch = match consumer.fetch().max_messages(1).messages().await {
                 Ok(batch) => batch,
                 Err(error) => {
                     tracing::debug!(%error, %priority, "fetch failed");

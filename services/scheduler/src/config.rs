@@ -16,6 +16,10 @@ pub struct SchedulerConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Messages of one kind handled at once.
     pub concurrency: usize,
+    /// Redelivery deadline of a JOBS message (submission, report, cancel)
+    /// whose handler died with it.
+    #[serde(with = "humantime_serde")]
+    pub handler_ack_wait: Duration,
     /// Name written in the dispatcher lease; random if unset.
     pub instance_id: Option<String>,
     /// Dispatch messages a pool may hold beyond its runners' free slots.
@@ -78,6 +82,7 @@ impl Default for SchedulerConfig {
             nats: NatsConfig::default(),
             metrics_addr: None,
             concurrency: 64,
+            handler_ack_wait: Duration::from_secs(30),
             instance_id: None,
             dispatch_window: 0,
             ageing: Duration::from_secs(300),

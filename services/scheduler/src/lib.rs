@@ -63,7 +63,7 @@ pub async fn run(
         durable_name: Some(durable),
         filter_subject: filter,
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: std::time::Duration::from_secs(30),
+        ack_wait: config.handler_ack_wait,
         max_ack_pending: 10_000,
         num_replicas: config.nats.replicas,
         ..Default::default()
