@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Unroutable;
 use crate::lease::Lease;
 use crate::machine::Input;
-use crate::policy::{self, Pending, Policy, PoolQueue};
+use crate::policy::{self, Pending, Policy, PoolQueue, Tenants};
 use crate::service::{HandleError, Scheduler};
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +94,8 @@ struct View {
     runners: HashMap<String, LiveRunner>,
     /// Jobs marked `waiting_for_capability` in their record.
     marked: HashSet<comfyq_shared::JobId>,
+    /// Round-robin state per pool (memory only: a new dispatcher starts it afresh).
+    served: HashMap<PoolName, HashMap<TenantId, u64>>,
 }
 
 #[derive(Clone, Debug)]
@@ -303,19 +305,21 @@ impl Dispatcher {
             let slots: usize = runners.iter().map(|r| r.view.slots).sum();
             let mut capacity =
                 (slots + s.config.dispatch_window).saturating_sub(running.values().sum::<usize>());
-            let mut running = running;
+            let last_served = view.served.remove(&pool).unwrap_or_default();
+            let mut tenants = Tenants::new(running, last_served);
             while capacity > 0 {
-                let Some(next) = policy::pick(queue, now, &policy, &running, capable).cloned()
+                let Some(next) = policy::pick(queue, now, &policy, &tenants, capable).cloned()
                 else {
                     break;
                 };
                 queue.remove(next.priority, &next.tenant, next.seq);
                 if dispatch_one(s, pending, &next, now).await? {
                     capacity -= 1;
-                    *running.entry(next.tenant.clone()).or_insert(0) += 1;
+                    tenants.served(&next.tenant);
                 }
                 view.marked.remove(&next.job);
             }
+            view.served.insert(pool.clone(), tenants.last_served);
             report_depth(&pool, queue, now);
         }
         view.pools.retain(|_, q| !q.is_empty());
@@ -416,7 +420,7 @@ impl View {
             job: submit.spec.id,
             tenant,
             priority,
-            enqueued_at: info.published,
+            enqueued_at: submit.spec.created_at,
             node_types: node_types(&submit.spec.workflow),
         };
         self.pools.entry(pool).or_default().push(entry);

@@ -6,10 +6,12 @@
 //! 1. **Effective priority**, highest first. A job's priority rises one
 //!    level per `ageing` waited, so `low` work always progresses.
 //! 2. **Tenant fairness** within that level: the tenant with the fewest jobs
-//!    in flight goes first, so one tenant's backlog delays another tenant's
-//!    job by at most one job per busy slot.
-//! 3. **FIFO**: the oldest head (stream sequence) breaks ties. Within one
-//!    priority and tenant, jobs leave in the order they came.
+//!    in flight goes first, then the one served longest ago (round-robin),
+//!    so one tenant's backlog delays another tenant's job by at most one job
+//!    per busy slot.
+//! 3. **FIFO**: the oldest head breaks ties. Within one priority and tenant,
+//!    jobs leave in the order they were accepted (`created_at`, then stream
+//!    sequence), whatever order concurrent submissions reached the stream in.
 //!
 //! Tenants at their running limit, and jobs the caller marks ineligible (no
 //! capable runner), are skipped without blocking the others.
@@ -24,11 +26,13 @@ use time::OffsetDateTime;
 /// One job waiting in the pending stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pending {
-    /// Sequence in the pending stream: arrival order, and the handle to delete it.
+    /// Sequence in the pending stream: the handle to delete it, and the
+    /// tie-break of equal acceptance times.
     pub seq: u64,
     pub job: JobId,
     pub tenant: TenantId,
     pub priority: Priority,
+    /// When the job was accepted: its place in the FIFO and its age.
     pub enqueued_at: OffsetDateTime,
     /// ComfyUI node types the workflow uses (for capability routing).
     pub node_types: Vec<String>,
@@ -42,7 +46,7 @@ pub struct PoolQueue {
 }
 
 impl PoolQueue {
-    /// Adds a job, keeping each lane in sequence order.
+    /// Adds a job, keeping each lane in acceptance order.
     pub fn push(&mut self, entry: Pending) {
         let lane = self
             .lanes
@@ -51,7 +55,7 @@ impl PoolQueue {
         if lane.iter().any(|e| e.seq == entry.seq) {
             return;
         }
-        let at = lane.partition_point(|e| e.seq < entry.seq);
+        let at = lane.partition_point(|e| (e.enqueued_at, e.seq) < (entry.enqueued_at, entry.seq));
         lane.insert(at, entry);
         self.len += 1;
     }
@@ -135,20 +139,48 @@ pub fn effective_priority(priority: Priority, waited: Duration, ageing: Duration
     }
 }
 
+/// What the policy knows of tenants beyond their queued jobs.
+#[derive(Clone, Debug, Default)]
+pub struct Tenants {
+    /// Jobs in flight (dispatched, not finished) per tenant.
+    pub running: HashMap<TenantId, usize>,
+    /// When each tenant was last picked, as a pick counter.
+    pub last_served: HashMap<TenantId, u64>,
+    picks: u64,
+}
+
+impl Tenants {
+    pub fn new(running: HashMap<TenantId, usize>, last_served: HashMap<TenantId, u64>) -> Self {
+        let picks = last_served.values().copied().max().unwrap_or(0);
+        Self {
+            running,
+            last_served,
+            picks,
+        }
+    }
+
+    /// Records that `tenant` got a slot.
+    pub fn served(&mut self, tenant: &TenantId) {
+        self.picks += 1;
+        *self.running.entry(tenant.clone()).or_insert(0) += 1;
+        self.last_served.insert(tenant.clone(), self.picks);
+    }
+}
+
 /// The job to dispatch next, or `None` if nothing may go now.
 ///
-/// `running` gives each tenant's jobs in flight; `eligible` says whether a
-/// job may go at all (a capable runner exists).
+/// `eligible` says whether a job may go at all (a capable runner exists).
 pub fn pick<'a>(
     queue: &'a PoolQueue,
     now: OffsetDateTime,
     policy: &Policy,
-    running: &HashMap<TenantId, usize>,
+    tenants: &Tenants,
     eligible: impl Fn(&Pending) -> bool,
 ) -> Option<&'a Pending> {
-    let mut best: Option<((Priority, usize, u64), &Pending)> = None;
+    type Key = (Priority, usize, u64, OffsetDateTime, u64);
+    let mut best: Option<(Key, &Pending)> = None;
     for ((_, tenant), lane) in &queue.lanes {
-        let in_flight = running.get(tenant).copied().unwrap_or(0);
+        let in_flight = tenants.running.get(tenant).copied().unwrap_or(0);
         if policy
             .running_limit(tenant)
             .is_some_and(|limit| in_flight >= limit)
@@ -164,6 +196,8 @@ pub fn pick<'a>(
         let key = (
             effective_priority(head.priority, waited, policy.ageing),
             in_flight,
+            tenants.last_served.get(tenant).copied().unwrap_or(0),
+            head.enqueued_at,
             head.seq,
         );
         if best.as_ref().is_none_or(|(k, _)| key < *k) {
@@ -227,7 +261,7 @@ mod tests {
             queue.push(entry(seq, 0, 2, 1, now));
         }
         queue.push(entry(1001, 0, 0, 0, now));
-        let next = pick(&queue, now, &policy(300), &HashMap::new(), |_| true);
+        let next = pick(&queue, now, &policy(300), &Tenants::default(), |_| true);
         assert_eq!(next.map(|e| e.seq), Some(1001));
     }
 
@@ -244,6 +278,31 @@ mod tests {
         );
     }
 
+    /// With one slot that frees between picks (nothing in flight at each
+    /// pick), tenants alternate instead of the oldest backlog winning.
+    #[test]
+    fn tenants_take_turns_when_nothing_is_in_flight() {
+        let now = OffsetDateTime::now_utc();
+        let mut queue = PoolQueue::default();
+        for seq in 1..=10 {
+            queue.push(entry(seq, 0, 1, 100, now));
+        }
+        queue.push(entry(11, 1, 1, 0, now));
+        queue.push(entry(12, 1, 1, 0, now));
+        let mut tenants = Tenants::default();
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            let next = pick(&queue, now, &policy(0), &tenants, |_| true)
+                .cloned()
+                .expect("work");
+            tenants.served(&next.tenant);
+            tenants.running.clear(); // the slot freed again
+            queue.remove(next.priority, &next.tenant, next.seq);
+            order.push(next.tenant.as_str().to_owned());
+        }
+        assert_eq!(order, ["a", "b", "a", "b", "a"]);
+    }
+
     proptest! {
         /// Nothing eligible with a higher effective priority is passed over.
         #[test]
@@ -251,7 +310,7 @@ mod tests {
             let now = OffsetDateTime::now_utc();
             let queue = build(&specs, now);
             let policy = policy(ageing);
-            let picked = pick(&queue, now, &policy, &HashMap::new(), |_| true);
+            let picked = pick(&queue, now, &policy, &Tenants::default(), |_| true);
             prop_assert_eq!(picked.is_some(), !queue.is_empty());
             if let Some(picked) = picked {
                 let effective = |e: &Pending| effective_priority(e.priority, (now - e.enqueued_at).try_into().unwrap_or(Duration::ZERO), policy.ageing);
@@ -271,13 +330,14 @@ mod tests {
             let now = OffsetDateTime::now_utc();
             let mut queue = build(&specs, now);
             let total = queue.len();
-            let mut last_seq: HashMap<(Priority, TenantId), u64> = HashMap::new();
+            let mut last: HashMap<(Priority, TenantId), (OffsetDateTime, u64)> = HashMap::new();
             for _ in 0..total {
-                let picked = pick(&queue, now, &policy(0), &HashMap::new(), |_| true).cloned();
+                let picked = pick(&queue, now, &policy(0), &Tenants::default(), |_| true).cloned();
                 let Some(picked) = picked else { prop_assert!(false, "queue not drained"); return Ok(()); };
                 let key = (picked.priority, picked.tenant.clone());
-                prop_assert!(last_seq.get(&key).is_none_or(|s| *s < picked.seq));
-                last_seq.insert(key, picked.seq);
+                let order = (picked.enqueued_at, picked.seq);
+                prop_assert!(last.get(&key).is_none_or(|o| *o < order), "FIFO broken in a lane");
+                last.insert(key, order);
                 queue.remove(picked.priority, &picked.tenant, picked.seq);
             }
             prop_assert!(queue.is_empty());
@@ -292,7 +352,7 @@ mod tests {
             for i in 0..highs {
                 queue.push(entry(2 + i as u64, 1, 0, 0, now));
             }
-            let picked = pick(&queue, now, &policy(ageing), &HashMap::new(), |_| true);
+            let picked = pick(&queue, now, &policy(ageing), &Tenants::default(), |_| true);
             prop_assert_eq!(picked.map(|e| e.seq), Some(1));
         }
 
@@ -307,24 +367,22 @@ mod tests {
             }
             // Tenant b's single job arrived last.
             queue.push(entry(1 + backlog as u64, 1, 1, 0, now));
-            let running: HashMap<TenantId, usize> = [(tenant(0), busy)].into();
+            let mut tenants = Tenants::new([(tenant(0), busy)].into(), HashMap::new());
             let mut policy = policy(0);
             policy.default_max_running = limit;
-            let picked = pick(&queue, now, &policy, &running, |_| true).expect("b may run");
+            let picked = pick(&queue, now, &policy, &tenants, |_| true).expect("b may run");
             if busy > 0 {
                 prop_assert_eq!(&picked.tenant, &tenant(1));
             }
-            // Simulate slots freeing: b's job leaves within `busy + 1` picks.
-            let mut running = running;
+            // Simulate slots freeing: b's job leaves within two picks.
             let mut queue = queue;
             let mut picks = 0;
             loop {
-                let Some(next) = pick(&queue, now, &policy, &running, |_| true).cloned() else { break };
+                let Some(next) = pick(&queue, now, &policy, &tenants, |_| true).cloned() else { break };
                 picks += 1;
-                let in_flight = running.entry(next.tenant.clone()).or_insert(0);
-                *in_flight += 1;
+                tenants.served(&next.tenant);
                 if let Some(limit) = limit {
-                    prop_assert!(*in_flight <= limit.max(busy));
+                    prop_assert!(tenants.running[&next.tenant] <= limit.max(busy));
                 }
                 queue.remove(next.priority, &next.tenant, next.seq);
                 if next.tenant == tenant(1) { break; }
@@ -340,7 +398,7 @@ mod tests {
             let now = OffsetDateTime::now_utc();
             let queue = build(&specs, now);
             let eligible = |e: &Pending| e.seq % blocked_mod != 0;
-            let picked = pick(&queue, now, &policy(0), &HashMap::new(), eligible);
+            let picked = pick(&queue, now, &policy(0), &Tenants::default(), eligible);
             prop_assert_eq!(picked.is_some(), queue.iter().any(eligible));
             if let Some(p) = picked { prop_assert!(eligible(p)); }
         }
