@@ -175,7 +175,8 @@ impl Dispatcher {
             let _ = sender.send(Event::Ended("ack subscription")).await;
         });
 
-        let mut registrations = self.runners.watch_all().await.map_err(nats)?;
+        // Last value of every key first, then updates.
+        let mut registrations = self.runners.watch_with_history(">").await.map_err(nats)?;
         let sender = tx.clone();
         sources.spawn(async move {
             while let Some(Ok(entry)) = registrations.next().await {
