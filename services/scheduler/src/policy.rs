@@ -375,10 +375,8 @@ mod tests {
                 prop_assert_eq!(&picked.tenant, &tenant(1));
             }
             // Simulate slots freeing: b's job leaves within two picks.
-            let mut queue = queue;
             let mut picks = 0;
-            loop {
-                let Some(next) = pick(&queue, now, &policy, &tenants, |_| true).cloned() else { break };
+            while let Some(next) = pick(&queue, now, &policy, &tenants, |_| true).cloned() {
                 picks += 1;
                 tenants.served(&next.tenant);
                 if let Some(limit) = limit {
@@ -397,7 +395,7 @@ mod tests {
         fn ineligible_jobs_do_not_block(specs in any_queue(), blocked_mod in 2u64..5) {
             let now = OffsetDateTime::now_utc();
             let queue = build(&specs, now);
-            let eligible = |e: &Pending| e.seq % blocked_mod != 0;
+            let eligible = |e: &Pending| !e.seq.is_multiple_of(blocked_mod);
             let picked = pick(&queue, now, &policy(0), &Tenants::default(), eligible);
             prop_assert_eq!(picked.is_some(), queue.iter().any(eligible));
             if let Some(p) = picked { prop_assert!(eligible(p)); }
