@@ -119,6 +119,9 @@ pub enum ErrorKind {
     Timeout,
     /// Every allowed attempt was used up.
     AttemptsExhausted,
+    /// The scheduler refused the job: a tenant quota, or no runner of the
+    /// pool can run it (when configured to reject rather than wait).
+    Rejected,
     /// A bug or an unexpected answer.
     Internal,
 }
@@ -132,6 +135,7 @@ impl ErrorKind {
             | ErrorKind::Execution
             | ErrorKind::Timeout
             | ErrorKind::AttemptsExhausted
+            | ErrorKind::Rejected
             | ErrorKind::Internal => false,
         }
     }
@@ -260,7 +264,14 @@ pub struct JobRecord {
     /// Set when a cancel arrived; the job ends `cancelled` once the runner stops.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
+    /// Why a queued job is not dispatched yet, when it is not just waiting
+    /// for a slot (e.g. `waiting_for_capability`); cleared on dispatch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_reason: Option<String>,
 }
+
+/// [`JobRecord::waiting_reason`] of a job no registered runner of its pool can run.
+pub const WAITING_FOR_CAPABILITY: &str = "waiting_for_capability";
 
 impl JobRecord {
     /// The record of a job that has just been accepted.
@@ -286,6 +297,7 @@ impl JobRecord {
             metadata: spec.metadata.clone(),
             timeout_s: spec.timeout_s,
             cancel_requested: false,
+            waiting_reason: None,
         }
     }
 

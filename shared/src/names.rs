@@ -64,6 +64,31 @@ impl Names {
         vec![format!("{}.dispatch.>", self.prefix)]
     }
 
+    /// Jobs the scheduler holds back until a runner slot frees (decide
+    /// late), one subject per pool, priority and tenant.
+    pub fn pending_stream(&self) -> String {
+        format!("{}_PENDING", self.upper)
+    }
+    pub fn pending_stream_subjects(&self) -> Vec<String> {
+        vec![format!("{}.pending.>", self.prefix)]
+    }
+
+    /// Max-deliveries advisories of the dispatch stream, kept so an
+    /// exhausted job is failed even if no scheduler was up when it fired.
+    pub fn advisories_stream(&self) -> String {
+        format!("{}_ADVISORIES", self.upper)
+    }
+    pub fn advisories_stream_subjects(&self) -> Vec<String> {
+        vec![self.max_deliveries_advisory_filter()]
+    }
+    /// The server's advisory subject for exhausted dispatch deliveries (any consumer).
+    pub fn max_deliveries_advisory_filter(&self) -> String {
+        format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+            self.dispatch_stream()
+        )
+    }
+
     /// Every job event, for SSE, webhooks and NATS subscribers.
     pub fn events_stream(&self) -> String {
         format!("{}_EVENTS", self.upper)
@@ -92,12 +117,59 @@ impl Names {
         format!("{}.jobs.report", self.prefix)
     }
 
-    pub fn dispatch_subject(&self, pool: &PoolName, priority: Priority) -> String {
-        format!("{}.dispatch.{pool}.{priority}", self.prefix)
+    /// One attempt's dispatch message. The tenant token lets the scheduler
+    /// count a tenant's jobs in flight from the stream's subject counts.
+    pub fn dispatch_subject(
+        &self,
+        pool: &PoolName,
+        priority: Priority,
+        tenant: &TenantId,
+    ) -> String {
+        format!("{}.dispatch.{pool}.{priority}.{tenant}", self.prefix)
     }
-    /// All priorities of one pool (runners watch it to learn that work arrived).
+    /// One priority of one pool, all tenants: a dispatch consumer's filter.
+    pub fn dispatch_priority_filter(&self, pool: &PoolName, priority: Priority) -> String {
+        format!("{}.dispatch.{pool}.{priority}.*", self.prefix)
+    }
+    /// Everything dispatched to one pool and not yet acknowledged.
     pub fn dispatch_pool_filter(&self, pool: &PoolName) -> String {
-        format!("{}.dispatch.{pool}.*", self.prefix)
+        format!("{}.dispatch.{pool}.>", self.prefix)
+    }
+    /// Reads `(pool, priority, tenant)` back from a dispatch subject.
+    pub fn parse_dispatch_subject(&self, subject: &str) -> Option<(PoolName, Priority, TenantId)> {
+        let rest = subject
+            .strip_prefix(&self.prefix)?
+            .strip_prefix(".dispatch.")?;
+        let mut tokens = rest.split('.');
+        let pool = PoolName::new(tokens.next()?).ok()?;
+        let priority = tokens.next()?.parse().ok()?;
+        let tenant = TenantId::new(tokens.next()?).ok()?;
+        tokens.next().is_none().then_some((pool, priority, tenant))
+    }
+
+    /// Every held-back job of one tenant, in any pool and priority.
+    pub fn tenant_pending_filter(&self, tenant: &TenantId) -> String {
+        format!("{}.pending.*.*.{tenant}", self.prefix)
+    }
+    /// Reads `(pool, priority, tenant)` back from a pending subject.
+    pub fn parse_pending_subject(&self, subject: &str) -> Option<(PoolName, Priority, TenantId)> {
+        let rest = subject
+            .strip_prefix(&self.prefix)?
+            .strip_prefix(".pending.")?;
+        let mut tokens = rest.split('.');
+        let pool = PoolName::new(tokens.next()?).ok()?;
+        let priority = tokens.next()?.parse().ok()?;
+        let tenant = TenantId::new(tokens.next()?).ok()?;
+        tokens.next().is_none().then_some((pool, priority, tenant))
+    }
+    /// A job held back by the scheduler (`Nats-Msg-Id` = job id).
+    pub fn pending_subject(
+        &self,
+        pool: &PoolName,
+        priority: Priority,
+        tenant: &TenantId,
+    ) -> String {
+        format!("{}.pending.{pool}.{priority}.{tenant}", self.prefix)
     }
 
     /// Core NATS nudge after work lands on a pool's dispatch subjects. Idle
@@ -152,6 +224,9 @@ impl Names {
     pub fn dispatch_consumer(&self, pool: &PoolName, priority: Priority) -> String {
         format!("dispatch-{pool}-{priority}")
     }
+    pub fn scheduler_advisories_consumer(&self) -> String {
+        "scheduler-advisories".to_owned()
+    }
     pub fn notifier_consumer(&self) -> String {
         "notifier".to_owned()
     }
@@ -163,6 +238,14 @@ impl Names {
     }
     pub fn runners_bucket(&self) -> String {
         format!("{}_runners", self.prefix)
+    }
+    /// The scheduler's own state: the dispatcher lease.
+    pub fn scheduler_bucket(&self) -> String {
+        format!("{}_scheduler", self.prefix)
+    }
+    /// Key of the lease held by the one scheduler that dispatches.
+    pub fn dispatcher_lease_key(&self) -> String {
+        "dispatcher-lease".to_owned()
     }
     pub fn idempotency_bucket(&self) -> String {
         format!("{}_idempotency", self.prefix)
@@ -226,9 +309,15 @@ mod tests {
             prop_assert!(in_stream(&names.cancel_subject(), names.jobs_stream_subjects()));
             prop_assert!(in_stream(&names.report_subject(), names.jobs_stream_subjects()));
             for priority in Priority::ALL {
-                let subject = names.dispatch_subject(&pool, priority);
+                let subject = names.dispatch_subject(&pool, priority, &tenant);
                 prop_assert!(in_stream(&subject, names.dispatch_stream_subjects()));
                 prop_assert!(subject_matches(&names.dispatch_pool_filter(&pool), &subject));
+                prop_assert!(subject_matches(&names.dispatch_priority_filter(&pool, priority), &subject));
+                prop_assert_eq!(names.parse_dispatch_subject(&subject), Some((pool.clone(), priority, tenant.clone())));
+                let pending = names.pending_subject(&pool, priority, &tenant);
+                prop_assert!(in_stream(&pending, names.pending_stream_subjects()));
+                prop_assert!(subject_matches(&names.tenant_pending_filter(&tenant), &pending));
+                prop_assert_eq!(names.parse_pending_subject(&pending), Some((pool.clone(), priority, tenant.clone())));
             }
             for kind in EventKind::all() {
                 let subject = names.event_subject(&tenant, &job, kind);

@@ -29,6 +29,7 @@ fn failed(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> Provisio
 #[allow(missing_debug_implementations)] // async-nats' ObjectStore has no Debug
 pub struct Provisioned {
     pub jobs: kv::Store,
+    pub scheduler: kv::Store,
     pub runners: kv::Store,
     pub idempotency: kv::Store,
     pub media: object_store::ObjectStore,
@@ -63,6 +64,31 @@ pub async fn provision(
             subjects: names.dispatch_stream_subjects(),
             retention: stream::RetentionPolicy::WorkQueue,
             duplicate_window: Duration::from_secs(120),
+            max_age: config.jobs_max_age,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: names.pending_stream(),
+            description: Some(
+                "comfyq: jobs held by the scheduler until a runner slot frees".to_owned(),
+            ),
+            subjects: names.pending_stream_subjects(),
+            // Limits, not work-queue: the dispatcher reads it with an ordered
+            // consumer (no acks) and deletes each job once dispatched.
+            retention: stream::RetentionPolicy::Limits,
+            duplicate_window: Duration::from_secs(120),
+            max_age: config.jobs_max_age,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: names.advisories_stream(),
+            description: Some(
+                "comfyq: max-deliveries advisories of the dispatch stream".to_owned(),
+            ),
+            subjects: names.advisories_stream_subjects(),
+            retention: stream::RetentionPolicy::WorkQueue,
             max_age: config.jobs_max_age,
             num_replicas: replicas,
             ..Default::default()
@@ -121,6 +147,17 @@ pub async fn provision(
         },
     )
     .await?;
+    let scheduler = ensure_kv(
+        js,
+        kv::Config {
+            bucket: names.scheduler_bucket(),
+            description: "comfyq: scheduler coordination (dispatcher lease)".to_owned(),
+            history: 1,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
     let idempotency = ensure_kv(
         js,
         kv::Config {
@@ -138,6 +175,7 @@ pub async fn provision(
         ensure_object_store(js, &names.media_bucket(), config.media_max_age, replicas).await?;
     Ok(Provisioned {
         jobs,
+        scheduler,
         runners,
         idempotency,
         media,
@@ -220,7 +258,7 @@ pub async fn ensure_dispatch_consumer(
             description: Some(format!(
                 "comfyq runners of pool {pool}, {priority} priority"
             )),
-            filter_subject: names.dispatch_subject(pool, priority),
+            filter_subject: names.dispatch_priority_filter(pool, priority),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: config.dispatch_ack_wait,
             max_deliver: config.dispatch_max_deliver,

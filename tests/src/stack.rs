@@ -53,6 +53,11 @@ pub struct StackOptions {
     pub runner_shutdown_grace: Duration,
     /// Applied to every runner's configuration (managed mode, clean-up…).
     pub runner_tweak: Option<RunnerTweak>,
+    /// Schedulers started in-process (0: the test starts its own, e.g.
+    /// [`IsolatedScheduler`]s it can kill).
+    pub schedulers: usize,
+    /// Scheduler settings (its `nats` section is replaced by the stack's).
+    pub scheduler: SchedulerConfig,
 }
 
 impl Default for StackOptions {
@@ -63,6 +68,13 @@ impl Default for StackOptions {
             runner_slots: 1,
             runner_shutdown_grace: Duration::from_secs(5),
             runner_tweak: None,
+            schedulers: 1,
+            scheduler: SchedulerConfig {
+                lease_ttl: Duration::from_secs(2),
+                handler_ack_wait: Duration::from_secs(3),
+                tick: Duration::from_millis(100),
+                ..SchedulerConfig::default()
+            },
         }
     }
 }
@@ -76,6 +88,8 @@ pub struct TestStack {
     pub api: String,
     /// An HTTP client that sends [`API_KEY`].
     pub http: reqwest::Client,
+    /// Scheduler settings of this stack (for [`IsolatedScheduler`]s).
+    pub scheduler: SchedulerConfig,
     shutdown: CancellationToken,
     services: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
 }
@@ -128,12 +142,14 @@ impl TestStack {
 
         let scheduler = SchedulerConfig {
             nats: nats_config.clone(),
-            ..SchedulerConfig::default()
+            ..options.scheduler.clone()
         };
-        services.push(spawn(
-            "scheduler",
-            comfyq_scheduler::run(scheduler, shutdown.child_token()),
-        ));
+        for _ in 0..options.schedulers {
+            services.push(spawn(
+                "scheduler",
+                comfyq_scheduler::run(scheduler.clone(), shutdown.child_token()),
+            ));
+        }
 
         let notifier = NotifierConfig {
             nats: nats_config.clone(),
@@ -208,15 +224,39 @@ impl TestStack {
             webhooks,
             api,
             http,
+            scheduler,
             shutdown,
             services,
         };
-        stack.wait_ready().await;
+        stack.wait_ready(options.runners > 0).await;
         stack
     }
 
-    /// Waits until the API answers and every runner has registered.
-    async fn wait_ready(&self) {
+    /// Starts one more runner (slots `slots`) against the simulator.
+    pub async fn add_runner(&mut self, name: &str, slots: usize) {
+        let runner = runner_config(&self.nats_config(), &self.sim.base_url(), name, slots);
+        self.services.push(spawn(
+            "runner",
+            comfyq_runner::run(runner, self.shutdown.child_token()),
+        ));
+    }
+
+    /// An HTTP client that authenticates as another tenant.
+    pub fn client_for(api_key: &str) -> reqwest::Client {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {api_key}"))
+                .expect("valid header"),
+        );
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("HTTP client")
+    }
+
+    /// Waits until the API answers and (if any are expected) a runner has registered.
+    async fn wait_ready(&self, runners: bool) {
         let url = format!("{}/readyz", self.api);
         eventually(Duration::from_secs(30), "ingress ready", async || {
             self.assert_services_alive();
@@ -224,6 +264,9 @@ impl TestStack {
             ok.then_some(())
         })
         .await;
+        if !runners {
+            return;
+        }
         let client = self.nats.client().await;
         let js = async_nats::jetstream::new(client);
         eventually(Duration::from_secs(30), "runners registered", async || {
@@ -410,6 +453,47 @@ impl TestStack {
 impl Drop for TestStack {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// A scheduler on its own Tokio runtime, so a test can kill it the way a
+/// crash would: every task and its NATS connection stop at once, nothing is
+/// released or flushed.
+#[derive(Debug)]
+pub struct IsolatedScheduler {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl IsolatedScheduler {
+    pub fn start(config: SchedulerConfig) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("scheduler runtime");
+        runtime.spawn(async move {
+            if let Err(error) = comfyq_scheduler::run(config, CancellationToken::new()).await {
+                eprintln!("isolated scheduler failed: {error}");
+            }
+        });
+        Self {
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Stops it abruptly.
+    pub fn kill(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for IsolatedScheduler {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

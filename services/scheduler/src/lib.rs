@@ -2,12 +2,19 @@
 //!
 //! - [`config`]: typed configuration.
 //! - [`machine`]: the job state machine as a pure function.
+//! - [`policy`]: which held job goes next (priority, ageing, fairness, limits), pure.
 //! - [`service`]: message handlers (submit, report, cancel, exhausted deliveries).
+//! - [`dispatcher`]: decide-late dispatch from the PENDING stream, by the lease holder.
+//! - [`lease`]: the KV lease that elects one dispatching scheduler.
 //!
-//! [`run`] provisions NATS, then consumes the JOBS stream until shutdown.
+//! [`run`] provisions NATS, consumes the JOBS stream and the captured
+//! advisories, and competes for the dispatcher lease, until shutdown.
 
 pub mod config;
+pub mod dispatcher;
+pub mod lease;
 pub mod machine;
+pub mod policy;
 pub mod service;
 
 use async_nats::jetstream::consumer;
@@ -16,7 +23,10 @@ use comfyq_shared::consume::run_consumer;
 use comfyq_shared::job_store::JobStore;
 use comfyq_shared::provision::{self, ensure_pull_consumer};
 use comfyq_shared::publisher::EventPublisher;
-use futures::StreamExt;
+use std::sync::Arc;
+
+use crate::dispatcher::Dispatcher;
+use crate::lease::Lease;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -31,8 +41,6 @@ pub enum SchedulerError {
     Connect(#[from] connection::ConnectError),
     #[error(transparent)]
     Provision(#[from] provision::ProvisionError),
-    #[error("subscribing to advisories: {0}")]
-    Subscribe(#[from] async_nats::SubscribeError),
     #[error("metrics listener: {0}")]
     Metrics(#[from] std::io::Error),
 }
@@ -55,7 +63,7 @@ pub async fn run(
         durable_name: Some(durable),
         filter_subject: filter,
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: std::time::Duration::from_secs(30),
+        ack_wait: config.handler_ack_wait,
         max_ack_pending: 10_000,
         num_replicas: config.nats.replicas,
         ..Default::default()
@@ -79,19 +87,38 @@ pub async fn run(
         consumer_for(names.scheduler_cancel_consumer(), names.cancel_subject()),
     )
     .await?;
-    let advisories = client
-        .subscribe(format!(
-            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
-            names.dispatch_stream()
-        ))
-        .await?;
+    let advisories = ensure_pull_consumer(
+        &js,
+        &names.advisories_stream(),
+        consumer_for(
+            names.scheduler_advisories_consumer(),
+            names.max_deliveries_advisory_filter(),
+        ),
+    )
+    .await?;
 
+    let instance = config
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| format!("scheduler-{}", comfyq_shared::JobId::new()));
+    let config = Arc::new(config);
     let scheduler = Scheduler {
         js: js.clone(),
         client: client.clone(),
         jobs: JobStore::new(shared.jobs, names.clone()),
         events: EventPublisher::new(js.clone(), names.clone()),
-        names,
+        config: config.clone(),
+        names: names.clone(),
+    };
+    let dispatcher = Dispatcher {
+        scheduler: scheduler.clone(),
+        runners: shared.runners,
+        lease: Lease {
+            kv: shared.scheduler,
+            key: names.dispatcher_lease_key(),
+            holder: instance,
+            ttl: config.lease_ttl,
+        },
     };
     tracing::info!("scheduler running");
 
@@ -138,14 +165,18 @@ pub async fn run(
     }
     {
         let s = scheduler.clone();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            advisories
-                .take_until(shutdown.cancelled())
-                .for_each(|advisory| s.on_max_deliveries(advisory))
-                .await;
-        });
+        tasks.spawn(run_consumer(
+            "scheduler-advisories",
+            advisories,
+            concurrency,
+            shutdown.clone(),
+            move |m| {
+                let s = s.clone();
+                async move { s.on_max_deliveries(m).await }
+            },
+        ));
     }
+    tasks.spawn(dispatcher.run(shutdown.clone()));
     tasks.close();
     tasks.wait().await;
     let _ = client.flush().await;

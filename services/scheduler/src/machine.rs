@@ -20,6 +20,12 @@ pub enum Input<'a> {
     Cancel,
     /// The dispatch stream gave up redelivering attempt `attempt`.
     Exhausted { attempt: u32 },
+    /// The dispatcher explains why a queued job waits (or that it no longer
+    /// waits for anything but a slot: `None`).
+    Wait { reason: Option<&'a str> },
+    /// The job ends before it ever ran: a quota, no capable runner, or too
+    /// long in the queue.
+    FailQueued { kind: ErrorKind, message: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +74,27 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
             new.status = Dispatched;
             new.attempt = *attempt;
             new.queued_at.get_or_insert(now);
+            new.waiting_reason = None;
+            Transition::Apply(Box::new(new))
+        }
+        Input::Wait { reason } => {
+            if !matches!(record.status, Accepted | Queued) {
+                return Transition::Ignore("job is not waiting");
+            }
+            if record.waiting_reason.as_deref() == *reason {
+                return Transition::AlreadyApplied;
+            }
+            new.waiting_reason = reason.map(str::to_owned);
+            Transition::Apply(Box::new(new))
+        }
+        Input::FailQueued { kind, message } => {
+            if !matches!(record.status, Accepted | Queued) {
+                return Transition::Ignore("job already left the queue");
+            }
+            new.status = Failed;
+            new.finished_at = Some(now);
+            new.waiting_reason = None;
+            new.error = Some(JobError::new(*kind, message.clone()));
             Transition::Apply(Box::new(new))
         }
         Input::Cancel => match record.status {
@@ -254,6 +281,43 @@ mod tests {
     }
 
     #[test]
+    fn a_queued_job_can_wait_with_a_reason_and_fail_before_running() {
+        let record = apply(&accepted(), Input::Queue);
+        let record = apply(
+            &record,
+            Input::Wait {
+                reason: Some("waiting_for_capability"),
+            },
+        );
+        assert_eq!(
+            record.waiting_reason.as_deref(),
+            Some("waiting_for_capability")
+        );
+        let failed = apply(
+            &record,
+            Input::FailQueued {
+                kind: ErrorKind::Timeout,
+                message: "queued too long".to_owned(),
+            },
+        );
+        assert_eq!(failed.status, JobStatus::Failed);
+        assert_eq!(failed.error.map(|e| e.kind), Some(ErrorKind::Timeout));
+        let dispatched = apply(&record, Input::Dispatch { attempt: 1 });
+        assert_eq!(dispatched.waiting_reason, None);
+        assert!(matches!(
+            next(
+                &dispatched,
+                &Input::FailQueued {
+                    kind: ErrorKind::Timeout,
+                    message: "x".to_owned()
+                },
+                OffsetDateTime::UNIX_EPOCH
+            ),
+            Transition::Ignore(_)
+        ));
+    }
+
+    #[test]
     fn cancel_of_a_running_job_waits_for_the_runner() {
         let record = apply(
             &apply(&accepted(), Input::Queue),
@@ -273,7 +337,7 @@ mod tests {
 
     fn any_input(record: &JobRecord) -> impl Strategy<Value = (u8, u32)> + use<> {
         let _ = record;
-        (0u8..8, 1u32..4)
+        (0u8..10, 1u32..4)
     }
 
     proptest! {
@@ -297,13 +361,17 @@ mod tests {
                     (_, Some(r)) => Input::Report(r),
                     (0, None) => Input::Dispatch { attempt },
                     (6, None) => Input::Cancel,
+                    (8, None) => Input::Wait { reason: (attempt % 2 == 0).then_some("waiting_for_capability") },
+                    (9, None) => Input::FailQueued { kind: ErrorKind::Timeout, message: "x".to_owned() },
                     _ => Input::Queue,
                 };
                 if let Transition::Apply(new) = next(&record, &input, OffsetDateTime::UNIX_EPOCH) {
                     let new = *new;
                     prop_assert!(!record.status.is_terminal(), "terminal state changed");
-                    let moved_forward = new.position() > record.position()
-                        || (new.position() == record.position() && new.cancel_requested && !record.cancel_requested);
+                    let same_position_note = new.position() == record.position()
+                        && ((new.cancel_requested && !record.cancel_requested)
+                            || new.waiting_reason != record.waiting_reason);
+                    let moved_forward = new.position() > record.position() || same_position_note;
                     prop_assert!(moved_forward, "{:?} -> {:?}", record.position(), new.position());
                     record = new;
                 }

@@ -7,12 +7,13 @@ use std::time::Duration;
 use async_nats::jetstream::{self, Message};
 use comfyq_shared::consume::{Outcome, acknowledge};
 use comfyq_shared::event::Event;
-use comfyq_shared::job::{JobRecord, JobStatus, SCHEMA_VERSION};
+use comfyq_shared::job::{ErrorKind, JobRecord, JobSpec, JobStatus, SCHEMA_VERSION};
 use comfyq_shared::job_store::{JobStore, JobStoreError};
-use comfyq_shared::messages::{CancelJob, DispatchJob, RunnerReport, SubmitJob};
+use comfyq_shared::messages::{AttemptOutcome, CancelJob, DispatchJob, RunnerReport, SubmitJob};
 use comfyq_shared::names::Names;
 use comfyq_shared::publisher::EventPublisher;
 use comfyq_shared::{JobId, TenantId};
+use futures::StreamExt;
 use serde::Deserialize;
 use time::OffsetDateTime;
 use tracing::Instrument;
@@ -38,6 +39,7 @@ pub struct Scheduler {
     pub(crate) names: Names,
     pub(crate) jobs: JobStore,
     pub(crate) events: EventPublisher,
+    pub(crate) config: std::sync::Arc<crate::SchedulerConfig>,
 }
 
 impl Scheduler {
@@ -123,14 +125,40 @@ impl Scheduler {
     }
 
     async fn submit(&self, submit: SubmitJob) -> Result<(), HandleError> {
-        let spec = submit.spec;
+        let spec = &submit.spec;
         // Ingress normally creates the record; create it here if it could not.
-        if self.jobs.get(&spec.tenant, &spec.id).await?.is_none() {
-            let record = JobRecord::accepted(&spec);
-            match self.jobs.create(&record).await {
-                Ok(_) => self.announce(&record).await?,
-                Err(JobStoreError::Conflict(_)) => {}
-                Err(e) => return Err(e.into()),
+        let before = match self.jobs.get(&spec.tenant, &spec.id).await? {
+            Some(current) => current.record,
+            None => {
+                let record = JobRecord::accepted(spec);
+                match self.jobs.create(&record).await {
+                    Ok(_) => self.announce(&record).await?,
+                    Err(JobStoreError::Conflict(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                record
+            }
+        };
+        if before.status == JobStatus::Accepted
+            && let Some(limit) = self.config.limits(&spec.tenant).max_queued
+        {
+            let queued = self.tenant_pending(&spec.tenant).await?;
+            if queued >= limit {
+                metrics::counter!("comfyq_scheduler_rejected_total", "reason" => "max_queued")
+                    .increment(1);
+                self.transition(
+                    &spec.tenant,
+                    &spec.id,
+                    Input::FailQueued {
+                        kind: ErrorKind::Rejected,
+                        message: format!(
+                            "tenant {} already has {queued} jobs queued (limit {limit})",
+                            spec.tenant
+                        ),
+                    },
+                )
+                .await?;
+                return Ok(());
             }
         }
         let Some(record) = self
@@ -139,10 +167,53 @@ impl Scheduler {
         else {
             return Ok(());
         };
-        if !matches!(record.status, JobStatus::Queued | JobStatus::Dispatched) || record.attempt > 1
-        {
+        if record.status != JobStatus::Queued {
             return Ok(());
         }
+        // Held back until the dispatcher gives it a slot. A redelivered
+        // submission republishes it; the job id deduplicates that, and the
+        // dispatcher skips a pending job whose record has moved on.
+        let subject = self
+            .names
+            .pending_subject(&spec.pool, spec.priority, &spec.tenant);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            spec.id.to_string().as_str(),
+        );
+        let payload = serde_json::to_vec(&submit).map_err(|e| HandleError::Nats(e.into()))?;
+        self.js
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(|e| HandleError::Nats(e.into()))?
+            .await
+            .map_err(|e| HandleError::Nats(e.into()))?;
+        Ok(())
+    }
+
+    /// Jobs of `tenant` held in the pending stream, in any pool.
+    async fn tenant_pending(&self, tenant: &TenantId) -> Result<usize, HandleError> {
+        let stream = self
+            .js
+            .get_stream(self.names.pending_stream())
+            .await
+            .map_err(|e| HandleError::Nats(e.into()))?;
+        let mut subjects = stream
+            .info_with_subjects(self.names.tenant_pending_filter(tenant))
+            .await
+            .map_err(|e| HandleError::Nats(e.into()))?;
+        let mut total = 0;
+        while let Some(item) = subjects.next().await {
+            let (_, count) = item.map_err(|e| HandleError::Nats(e.into()))?;
+            total += count;
+        }
+        Ok(total)
+    }
+
+    /// Hands attempt 1 of a held job to its pool's runners: publish (the
+    /// message id makes a second publish by another scheduler a no-op),
+    /// then record `dispatched`.
+    pub(crate) async fn dispatch(&self, spec: JobSpec) -> Result<(), HandleError> {
         let dispatch = DispatchJob {
             v: SCHEMA_VERSION,
             attempt: 1,
@@ -164,9 +235,11 @@ impl Scheduler {
     }
 
     async fn publish_dispatch(&self, dispatch: &DispatchJob) -> Result<(), HandleError> {
-        let subject = self
-            .names
-            .dispatch_subject(&dispatch.spec.pool, dispatch.spec.priority);
+        let subject = self.names.dispatch_subject(
+            &dispatch.spec.pool,
+            dispatch.spec.priority,
+            &dispatch.spec.tenant,
+        );
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
             async_nats::header::NATS_MESSAGE_ID,
@@ -205,7 +278,17 @@ impl Scheduler {
                     .instrument(span)
                     .await
                 {
-                    Ok(_) => Outcome::Ack,
+                    Ok(_) => {
+                        if let AttemptOutcome::Failed {
+                            retrying: true,
+                            error,
+                        } = &report.outcome
+                        {
+                            metrics::counter!("comfyq_scheduler_retries_total", "kind" => error_kind(error.kind))
+                                .increment(1);
+                        }
+                        Outcome::Ack
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "report not applied yet; will retry");
                         Outcome::Retry(Some(TRANSIENT_RETRY))
@@ -239,50 +322,84 @@ impl Scheduler {
     }
 
     /// A dispatch message was delivered `max_deliver` times without an ack:
-    /// the job fails, and the message leaves the work queue.
-    pub async fn on_max_deliveries(&self, advisory: async_nats::Message) {
-        #[derive(Deserialize)]
-        struct Advisory {
-            stream: String,
-            stream_seq: u64,
-            deliveries: u32,
-        }
-        let Ok(advisory) = serde_json::from_slice::<Advisory>(&advisory.payload) else {
-            tracing::warn!("unreadable max-deliveries advisory");
-            return;
+    /// the job fails, and the message leaves the work queue. Advisories are
+    /// captured in a stream, so one that fired while no scheduler ran is
+    /// handled when one starts.
+    pub async fn on_max_deliveries(&self, message: Message) {
+        let outcome = match parse::<Advisory>(&message) {
+            Some(advisory) => match self.exhausted(&advisory).await {
+                Ok(()) => Outcome::Ack,
+                Err(error) => {
+                    tracing::warn!(%error, "could not fail an exhausted job yet");
+                    Outcome::Retry(Some(TRANSIENT_RETRY))
+                }
+            },
+            None => Outcome::Reject,
         };
+        acknowledge(&message, outcome).await;
+    }
+
+    async fn exhausted(&self, advisory: &Advisory) -> Result<(), HandleError> {
         if advisory.stream != self.names.dispatch_stream() {
-            return;
+            return Ok(());
         }
-        let Ok(stream) = self.js.get_stream(&advisory.stream).await else {
-            return;
-        };
-        let Ok(raw) = stream.get_raw_message(advisory.stream_seq).await else {
+        let stream = self
+            .js
+            .get_stream(&advisory.stream)
+            .await
+            .map_err(|e| HandleError::Nats(e.into()))?;
+        let raw = match stream.get_raw_message(advisory.stream_seq).await {
+            Ok(raw) => raw,
             // Already gone: acked or terminated by a runner meanwhile.
-            return;
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(HandleError::Nats(e.into())),
         };
         let Ok(dispatch) = serde_json::from_slice::<DispatchJob>(&raw.payload) else {
             tracing::warn!(seq = advisory.stream_seq, "unreadable dispatch message");
-            return;
+            let _ = stream.delete_message(advisory.stream_seq).await;
+            return Ok(());
         };
         let span = tracing::info_span!("exhausted", job_id = %dispatch.spec.id, deliveries = advisory.deliveries);
-        let result = self
-            .transition(
-                &dispatch.spec.tenant,
-                &dispatch.spec.id,
-                Input::Exhausted {
-                    attempt: advisory.deliveries,
-                },
-            )
-            .instrument(span)
-            .await;
-        match result {
-            Ok(_) => {
-                metrics::counter!("comfyq_scheduler_dead_letters_total").increment(1);
-                let _ = stream.delete_message(advisory.stream_seq).await;
-            }
-            Err(error) => tracing::warn!(%error, "could not fail an exhausted job"),
-        }
+        self.transition(
+            &dispatch.spec.tenant,
+            &dispatch.spec.id,
+            Input::Exhausted {
+                attempt: advisory.deliveries,
+            },
+        )
+        .instrument(span)
+        .await?;
+        metrics::counter!("comfyq_scheduler_dead_letters_total").increment(1);
+        stream
+            .delete_message(advisory.stream_seq)
+            .await
+            .map_err(|e| HandleError::Nats(e.into()))?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Advisory {
+    stream: String,
+    stream_seq: u64,
+    deliveries: u32,
+}
+
+fn error_kind(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Validation => "validation",
+        ErrorKind::Execution => "execution",
+        ErrorKind::OutOfMemory => "out_of_memory",
+        ErrorKind::Infrastructure => "infrastructure",
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::AttemptsExhausted => "attempts_exhausted",
+        ErrorKind::Rejected => "rejected",
+        ErrorKind::Internal => "internal",
     }
 }
 

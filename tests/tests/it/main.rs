@@ -4,3 +4,4 @@ mod e2e;
 mod faults;
 mod harness;
 mod runner;
+mod scheduling;

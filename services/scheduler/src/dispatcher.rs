@@ -1,0 +1,570 @@
+//! Decide-late dispatch. Submissions wait in the PENDING stream; the one
+//! scheduler holding the dispatcher lease keeps a view of them (rebuilt from
+//! the stream whenever it takes the lease) and moves a job to its pool's
+//! DISPATCH subjects only when a runner slot is free, choosing by
+//! [`policy::pick`]. Each pool's DISPATCH stays about as deep as its free
+//! slots (plus `dispatch_window`), so priority, ageing and fairness are
+//! decided when a slot frees, not when a job arrives.
+//!
+//! Capacity is read from NATS, never counted in memory: a pool's slots are
+//! the sum over live registrations in `comfyq_runners`, its jobs in flight
+//! the DISPATCH messages not yet acknowledged (subject counts, which carry
+//! the tenant), so any scheduler can take over and see the same numbers.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::consumer::{self, DeliverPolicy};
+use async_nats::jetstream::kv::{self, Operation};
+use async_nats::jetstream::stream::{DeleteMessageErrorKind, Stream as JsStream};
+use comfyq_shared::ids::{PoolName, TenantId};
+use comfyq_shared::job::{ErrorKind, JobStatus, WAITING_FOR_CAPABILITY};
+use comfyq_shared::messages::SubmitJob;
+use comfyq_shared::priority::Priority;
+use futures::StreamExt;
+use serde::Deserialize;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Unroutable;
+use crate::lease::Lease;
+use crate::machine::Input;
+use crate::policy::{self, Pending, Policy, PoolQueue, Tenants};
+use crate::service::{HandleError, Scheduler};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error(transparent)]
+    Handle(#[from] HandleError),
+    #[error("NATS: {0}")]
+    Nats(async_nats::Error),
+    #[error("{0} ended")]
+    Ended(&'static str),
+}
+
+fn nats<E: Into<async_nats::Error>>(error: E) -> DispatchError {
+    DispatchError::Nats(error.into())
+}
+
+/// What the dispatcher reads of a runner's registration (the runner writes more).
+#[derive(Clone, Debug, Deserialize)]
+struct RunnerView {
+    pool: PoolName,
+    slots: usize,
+    #[serde(default)]
+    node_types: Vec<String>,
+    #[serde(default = "ready_default")]
+    ready: bool,
+}
+
+fn ready_default() -> bool {
+    true
+}
+
+#[derive(Clone, Debug)]
+struct LiveRunner {
+    view: RunnerView,
+    node_types: HashSet<String>,
+    seen_at: OffsetDateTime,
+}
+
+impl LiveRunner {
+    /// Whether this runner can run a workflow made of `node_types`. A runner
+    /// that could not list its node types is assumed able to.
+    fn can_run(&self, node_types: &[String]) -> bool {
+        self.node_types.is_empty() || node_types.iter().all(|t| self.node_types.contains(t))
+    }
+}
+
+enum Event {
+    Pending(Box<async_nats::jetstream::Message>),
+    Runner(Box<kv::Entry>),
+    /// A dispatch message was acknowledged, terminated or handed back.
+    Freed,
+    Tick,
+    Ended(&'static str),
+}
+
+#[derive(Default)]
+struct View {
+    pools: BTreeMap<PoolName, PoolQueue>,
+    runners: HashMap<String, LiveRunner>,
+    /// Jobs marked `waiting_for_capability` in their record.
+    marked: HashSet<comfyq_shared::JobId>,
+    /// Round-robin state per pool (memory only: a new dispatcher starts it afresh).
+    served: HashMap<PoolName, HashMap<TenantId, u64>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Dispatcher {
+    pub scheduler: Scheduler,
+    pub runners: kv::Store,
+    pub lease: Lease,
+}
+
+impl Dispatcher {
+    /// Competes for the lease until `shutdown`; dispatches while holding it.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let Some(revision) = self.lease.acquire(&shutdown).await else {
+                break;
+            };
+            tracing::info!(holder = %self.lease.holder, "this scheduler dispatches now");
+            metrics::gauge!("comfyq_scheduler_dispatcher_active").set(1.0);
+            let lost = CancellationToken::new();
+            let stop_keeping = CancellationToken::new();
+            let keeper = {
+                let (lease, lost, stop) = (self.lease.clone(), lost.clone(), stop_keeping.clone());
+                tokio::spawn(async move { lease.keep(revision, lost, stop).await })
+            };
+            let result = self.lead(&lost, &shutdown).await;
+            stop_keeping.cancel();
+            let _ = keeper.await;
+            metrics::gauge!("comfyq_scheduler_dispatcher_active").set(0.0);
+            if shutdown.is_cancelled() {
+                self.lease.release().await;
+                break;
+            }
+            if let Err(error) = result {
+                tracing::warn!(%error, "dispatcher stopped; rebuilding from NATS");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.lease.release().await;
+                    break;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+
+    async fn lead(
+        &self,
+        lost: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Result<(), DispatchError> {
+        let s = &self.scheduler;
+        let pending =
+            s.js.get_stream(s.names.pending_stream())
+                .await
+                .map_err(nats)?;
+        let dispatch =
+            s.js.get_stream(s.names.dispatch_stream())
+                .await
+                .map_err(nats)?;
+        let (tx, mut rx) = mpsc::channel::<Event>(4096);
+        let mut sources = JoinSet::new();
+
+        // Every acknowledgement of a dispatch message passes on this subject
+        // (core NATS sees it); all but in-progress ones may free a slot.
+        let mut acks = s
+            .client
+            .subscribe(format!("$JS.ACK.{}.>", s.names.dispatch_stream()))
+            .await
+            .map_err(nats)?;
+        let sender = tx.clone();
+        sources.spawn(async move {
+            while let Some(ack) = acks.next().await {
+                if ack.payload.as_ref() != b"+WPI" && sender.send(Event::Freed).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sender.send(Event::Ended("ack subscription")).await;
+        });
+
+        // Last value of every key first, then updates.
+        let mut registrations = self.runners.watch_with_history(">").await.map_err(nats)?;
+        let sender = tx.clone();
+        sources.spawn(async move {
+            while let Some(Ok(entry)) = registrations.next().await {
+                if sender.send(Event::Runner(Box::new(entry))).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sender.send(Event::Ended("registration watch")).await;
+        });
+
+        // The whole pending stream, oldest first: the view is rebuilt from it.
+        let reader = pending
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats)?;
+        let mut caught_up = reader.cached_info().num_pending == 0;
+        let mut messages = reader.messages().await.map_err(nats)?;
+        let sender = tx.clone();
+        sources.spawn(async move {
+            while let Some(message) = messages.next().await {
+                let event = match message {
+                    Ok(message) => Event::Pending(Box::new(message)),
+                    Err(error) => {
+                        tracing::warn!(%error, "pending stream reader failed");
+                        Event::Ended("pending stream reader")
+                    }
+                };
+                if sender.send(event).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sender.send(Event::Ended("pending stream reader")).await;
+        });
+
+        let tick = s.config.tick;
+        let sender = tx.clone();
+        sources.spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                if sender.send(Event::Tick).await.is_err() {
+                    return;
+                }
+            }
+        });
+        drop(tx);
+
+        let mut view = View::default();
+        loop {
+            let first = tokio::select! {
+                _ = lost.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(()),
+                event = rx.recv() => event.ok_or(DispatchError::Ended("event sources"))?,
+            };
+            let mut sweep = false;
+            let mut runners_changed = false;
+            // Take everything already waiting, then act once.
+            let mut next = Some(first);
+            while let Some(event) = next.take() {
+                match event {
+                    Event::Pending(message) => {
+                        if message.info().map(|i| i.pending == 0).unwrap_or(false) {
+                            caught_up = true;
+                        }
+                        view.add_pending(&s.names, &message);
+                    }
+                    Event::Runner(entry) => {
+                        view.update_runner(*entry);
+                        runners_changed = true;
+                    }
+                    Event::Freed => {}
+                    Event::Tick => sweep = true,
+                    Event::Ended(what) => return Err(DispatchError::Ended(what)),
+                }
+                next = rx.try_recv().ok();
+            }
+            if !caught_up {
+                continue;
+            }
+            self.pass(&mut view, &pending, &dispatch, sweep || runners_changed)
+                .await?;
+        }
+    }
+
+    /// Dispatches what the pools have room for; with `sweep`, also fails jobs
+    /// queued too long and (un)marks jobs no runner can run.
+    async fn pass(
+        &self,
+        view: &mut View,
+        pending: &JsStream,
+        dispatch: &JsStream,
+        sweep: bool,
+    ) -> Result<(), DispatchError> {
+        let s = &self.scheduler;
+        let now = OffsetDateTime::now_utc();
+        let policy = self.policy();
+        let ttl =
+            time::Duration::try_from(s.config.nats.runner_ttl).unwrap_or(time::Duration::ZERO);
+        view.runners.retain(|_, r| now - r.seen_at < ttl);
+        let pools: Vec<PoolName> = view.pools.keys().cloned().collect();
+        for pool in pools {
+            let runners: Vec<LiveRunner> = view
+                .runners
+                .values()
+                .filter(|r| r.view.pool == pool && r.view.ready)
+                .cloned()
+                .collect();
+            let capable = |e: &Pending| {
+                runners.is_empty() || runners.iter().any(|r| r.can_run(&e.node_types))
+            };
+            if sweep {
+                self.sweep(view, &pool, &capable, pending, now).await?;
+            }
+            let running =
+                in_flight(dispatch, &s.names.dispatch_pool_filter(&pool), &s.names).await?;
+            for (tenant, count) in &running {
+                metrics::gauge!("comfyq_scheduler_running_jobs", "pool" => pool.to_string(), "tenant" => tenant.to_string())
+                    .set(*count as f64);
+            }
+            let Some(queue) = view.pools.get_mut(&pool) else {
+                continue;
+            };
+            let slots: usize = runners.iter().map(|r| r.view.slots).sum();
+            let mut capacity =
+                (slots + s.config.dispatch_window).saturating_sub(running.values().sum::<usize>());
+            let last_served = view.served.remove(&pool).unwrap_or_default();
+            let mut tenants = Tenants::new(running, last_served);
+            while capacity > 0 {
+                let Some(next) = policy::pick(queue, now, &policy, &tenants, capable).cloned()
+                else {
+                    break;
+                };
+                queue.remove(next.priority, &next.tenant, next.seq);
+                if dispatch_one(s, pending, &next, now).await? {
+                    capacity -= 1;
+                    tenants.served(&next.tenant);
+                }
+                view.marked.remove(&next.job);
+            }
+            view.served.insert(pool.clone(), tenants.last_served);
+            report_depth(&pool, queue, now);
+        }
+        view.pools.retain(|_, q| !q.is_empty());
+        Ok(())
+    }
+
+    async fn sweep(
+        &self,
+        view: &mut View,
+        pool: &PoolName,
+        capable: &impl Fn(&Pending) -> bool,
+        pending: &JsStream,
+        now: OffsetDateTime,
+    ) -> Result<(), DispatchError> {
+        let s = &self.scheduler;
+        let Some(queue) = view.pools.get(pool) else {
+            return Ok(());
+        };
+        let max_wait =
+            time::Duration::try_from(s.config.max_queue_time).unwrap_or(time::Duration::MAX);
+        let entries: Vec<Pending> = queue.iter().cloned().collect();
+        for entry in entries {
+            let fail = if now - entry.enqueued_at > max_wait {
+                Some((
+                    ErrorKind::Timeout,
+                    format!("queued longer than {:?}", s.config.max_queue_time),
+                ))
+            } else if !capable(&entry) && s.config.unroutable == Unroutable::Reject {
+                Some((
+                    ErrorKind::Rejected,
+                    format!("no runner of pool {pool} has every node type the workflow uses"),
+                ))
+            } else {
+                None
+            };
+            if let Some((kind, message)) = fail {
+                s.transition(
+                    &entry.tenant,
+                    &entry.job,
+                    Input::FailQueued { kind, message },
+                )
+                .await?;
+                if let Some(queue) = view.pools.get_mut(pool) {
+                    queue.remove(entry.priority, &entry.tenant, entry.seq);
+                }
+                view.marked.remove(&entry.job);
+                delete_pending(pending, entry.seq).await?;
+                continue;
+            }
+            let waiting = !capable(&entry);
+            if waiting != view.marked.contains(&entry.job) {
+                let reason = waiting.then_some(WAITING_FOR_CAPABILITY);
+                s.transition(&entry.tenant, &entry.job, Input::Wait { reason })
+                    .await?;
+                if waiting {
+                    view.marked.insert(entry.job);
+                } else {
+                    view.marked.remove(&entry.job);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn policy(&self) -> Policy {
+        let config = &self.scheduler.config;
+        Policy {
+            ageing: config.ageing,
+            max_running: config
+                .tenants
+                .iter()
+                .filter_map(|(tenant, limits)| {
+                    Some((TenantId::new(tenant.clone()).ok()?, limits.max_running?))
+                })
+                .collect(),
+            default_max_running: config.default_limits.max_running,
+        }
+    }
+}
+
+impl View {
+    fn add_pending(
+        &mut self,
+        names: &comfyq_shared::names::Names,
+        message: &async_nats::jetstream::Message,
+    ) {
+        let Ok(info) = message.info() else { return };
+        let Some((pool, priority, tenant)) = names.parse_pending_subject(&message.subject) else {
+            tracing::warn!(subject = %message.subject, "pending message on an unknown subject");
+            return;
+        };
+        let Ok(submit) = serde_json::from_slice::<SubmitJob>(&message.payload) else {
+            tracing::warn!(seq = info.stream_sequence, "unreadable pending message");
+            return;
+        };
+        let entry = Pending {
+            seq: info.stream_sequence,
+            job: submit.spec.id,
+            tenant,
+            priority,
+            enqueued_at: submit.spec.created_at,
+            node_types: node_types(&submit.spec.workflow),
+        };
+        self.pools.entry(pool).or_default().push(entry);
+    }
+
+    fn update_runner(&mut self, entry: kv::Entry) {
+        if matches!(entry.operation, Operation::Delete | Operation::Purge) {
+            self.runners.remove(&entry.key);
+            return;
+        }
+        match serde_json::from_slice::<RunnerView>(&entry.value) {
+            Ok(view) => {
+                let node_types = view.node_types.iter().cloned().collect();
+                self.runners.insert(
+                    entry.key,
+                    LiveRunner {
+                        view,
+                        node_types,
+                        seen_at: entry.created,
+                    },
+                );
+            }
+            Err(error) => {
+                tracing::warn!(key = %entry.key, %error, "unreadable runner registration")
+            }
+        }
+    }
+}
+
+/// The `class_type`s a ComfyUI API-format workflow uses.
+fn node_types(workflow: &serde_json::Value) -> Vec<String> {
+    let mut types: Vec<String> = workflow
+        .as_object()
+        .into_iter()
+        .flat_map(|nodes| nodes.values())
+        .filter_map(|node| node.get("class_type")?.as_str().map(str::to_owned))
+        .collect();
+    types.sort();
+    types.dedup();
+    types
+}
+
+/// Jobs in flight per tenant: dispatch messages of the pool not yet acked.
+async fn in_flight(
+    dispatch: &JsStream,
+    filter: &str,
+    names: &comfyq_shared::names::Names,
+) -> Result<HashMap<TenantId, usize>, DispatchError> {
+    let mut subjects = dispatch.info_with_subjects(filter).await.map_err(nats)?;
+    let mut running = HashMap::new();
+    while let Some(item) = subjects.next().await {
+        let (subject, count) = item.map_err(nats)?;
+        if let Some((_, _, tenant)) = names.parse_dispatch_subject(&subject) {
+            *running.entry(tenant).or_insert(0) += count;
+        }
+    }
+    Ok(running)
+}
+
+/// Moves one held job to DISPATCH if its record still waits; returns
+/// whether it took a slot. The pending message goes either way.
+async fn dispatch_one(
+    s: &Scheduler,
+    pending: &JsStream,
+    entry: &Pending,
+    now: OffsetDateTime,
+) -> Result<bool, DispatchError> {
+    let raw = match pending.get_raw_message(entry.seq).await {
+        Ok(raw) => raw,
+        Err(e)
+            if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+        {
+            return Ok(false);
+        }
+        Err(e) => return Err(nats(e)),
+    };
+    let Ok(submit) = serde_json::from_slice::<SubmitJob>(&raw.payload) else {
+        delete_pending(pending, entry.seq).await?;
+        return Ok(false);
+    };
+    let waiting = match s
+        .jobs
+        .get(&entry.tenant, &entry.job)
+        .await
+        .map_err(HandleError::from)?
+    {
+        Some(current) => matches!(
+            current.record.status,
+            JobStatus::Accepted | JobStatus::Queued
+        ),
+        None => false,
+    };
+    if waiting {
+        let waited = (now - entry.enqueued_at).as_seconds_f64().max(0.0);
+        metrics::histogram!("comfyq_scheduler_queue_wait_seconds", "priority" => entry.priority.as_str())
+            .record(waited);
+        s.dispatch(submit.spec).await?;
+    }
+    delete_pending(pending, entry.seq).await?;
+    Ok(waiting)
+}
+
+async fn delete_pending(pending: &JsStream, seq: u64) -> Result<(), DispatchError> {
+    match pending.delete_message(seq).await {
+        Ok(_) => Ok(()),
+        // Already deleted (by an earlier leader, or a retried pass).
+        Err(e) => match e.kind() {
+            DeleteMessageErrorKind::JetStream(js)
+                if js.error_code() == ErrorCode::NO_MESSAGE_FOUND =>
+            {
+                Ok(())
+            }
+            _ => Err(nats(e)),
+        },
+    }
+}
+
+fn report_depth(pool: &PoolName, queue: &PoolQueue, now: OffsetDateTime) {
+    let depth = queue.depth();
+    for priority in Priority::ALL {
+        let (count, oldest) = depth.get(&priority).copied().unwrap_or((0, None));
+        let labels = [
+            ("pool", pool.to_string()),
+            ("priority", priority.as_str().to_owned()),
+        ];
+        metrics::gauge!("comfyq_scheduler_queue_depth", &labels).set(count as f64);
+        let oldest = oldest.map_or(0.0, |o| (now - o).as_seconds_f64().max(0.0));
+        metrics::gauge!("comfyq_scheduler_oldest_wait_seconds", &labels).set(oldest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_types_of_a_workflow() {
+        let workflow = serde_json::json!({
+            "1": {"class_type": "KSampler", "inputs": {}},
+            "2": {"class_type": "SaveImage", "inputs": {}},
+            "3": {"class_type": "KSampler", "inputs": {}},
+            "4": {"inputs": {}}
+        });
+        assert_eq!(node_types(&workflow), vec!["KSampler", "SaveImage"]);
+    }
+}

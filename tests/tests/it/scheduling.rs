@@ -1,0 +1,325 @@
+//! The scheduler's decisions against the real stack: decide-late priority,
+//! tenant fairness and limits, capability waits and queue timeouts, two
+//! schedulers with one killed, and a restart with 1,000 jobs pending.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use comfyq_scheduler::SchedulerConfig;
+use comfyq_scheduler::config::TenantLimits;
+use comfyq_shared::job::{JobRecord, WAITING_FOR_CAPABILITY};
+use comfyq_shared::{JobId, TenantId};
+use comfyq_tests::stack::{OTHER_API_KEY, OTHER_TENANT, TENANT, invert_workflow, slow_workflow};
+use comfyq_tests::{IsolatedScheduler, StackOptions, TestStack, eventually, eventually_true};
+use serde_json::{Value, json};
+
+fn id_of(job: &Value) -> String {
+    job["id"].as_str().expect("job id").to_owned()
+}
+
+async fn record(stack: &TestStack, tenant: &str, id: &str) -> JobRecord {
+    let store = stack.job_store().await;
+    let tenant = TenantId::new(tenant).expect("tenant");
+    let job: JobId = id.parse().expect("job id");
+    store
+        .get(&tenant, &job)
+        .await
+        .expect("record readable")
+        .expect("record exists")
+        .record
+}
+
+async fn wait_running(stack: &TestStack, id: &str) {
+    eventually(Duration::from_secs(10), "the job is running", async || {
+        stack.assert_services_alive();
+        (stack.job(id).await["status"] == "running").then_some(())
+    })
+    .await;
+}
+
+/// Records of finished jobs of one tenant, in the order given.
+async fn finished(stack: &TestStack, tenant: &str, ids: &[String]) -> Vec<JobRecord> {
+    let mut records = Vec::new();
+    for id in ids {
+        stack.wait_finished(id, Duration::from_secs(60)).await;
+        records.push(record(stack, tenant, id).await);
+    }
+    records
+}
+
+async fn pending_backlog(stack: &TestStack) -> u64 {
+    let names = stack.nats_config().names().expect("names");
+    let js = async_nats::jetstream::new(stack.nats.client().await);
+    let mut stream = js
+        .get_stream(names.pending_stream())
+        .await
+        .expect("pending stream");
+    stream.info().await.expect("info").state.messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_job_overtakes_queued_low_ones() {
+    let stack = TestStack::start().await; // one runner, one slot
+    let blocker = id_of(
+        &stack
+            .submit(json!({"workflow": slow_workflow(10, 50, "blocker")}))
+            .await,
+    );
+    wait_running(&stack, &blocker).await;
+    let mut lows = Vec::new();
+    for _ in 0..10 {
+        let job = stack
+            .submit(json!({"workflow": invert_workflow(8), "priority": "low"}))
+            .await;
+        lows.push(id_of(&job));
+    }
+    let high = id_of(
+        &stack
+            .submit(json!({"workflow": invert_workflow(8), "priority": "high"}))
+            .await,
+    );
+    // Decide late: the queued jobs wait in PENDING, not in the runners' queue.
+    eventually_true(Duration::from_secs(5), "all queued", async || {
+        pending_backlog(&stack).await == 11
+    })
+    .await;
+    assert_eq!(
+        stack.dispatch_backlog().await,
+        1,
+        "only the blocker is dispatched"
+    );
+
+    let high = finished(&stack, TENANT, &[high]).await.remove(0);
+    let lows = finished(&stack, TENANT, &lows).await;
+    let high_start = high.started_at.expect("high started");
+    for low in &lows {
+        assert!(high_start < low.started_at.expect("low started"), "{low:?}");
+    }
+    // FIFO within a priority and tenant.
+    let starts: Vec<_> = lows.iter().map(|r| r.started_at).collect();
+    assert!(starts.windows(2).all(|w| w[0] < w[1]), "{starts:?}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_job_is_not_stuck_behind_a_backlog() {
+    let stack = TestStack::start().await; // one runner, one slot
+    let blocker = id_of(
+        &stack
+            .submit(json!({"workflow": slow_workflow(10, 50, "fair")}))
+            .await,
+    );
+    wait_running(&stack, &blocker).await;
+    let mut backlog = Vec::new();
+    for _ in 0..6 {
+        backlog.push(id_of(
+            &stack.submit(json!({"workflow": invert_workflow(8)})).await,
+        ));
+    }
+    let other = TestStack::client_for(OTHER_API_KEY)
+        .post(format!("{}/v1/jobs", stack.api))
+        .json(&json!({"workflow": invert_workflow(8)}))
+        .send()
+        .await
+        .expect("POST as the other tenant");
+    assert_eq!(other.status(), reqwest::StatusCode::ACCEPTED);
+    let other: Value = other.json().await.expect("job JSON");
+    let other = id_of(&other);
+
+    let backlog = finished(&stack, TENANT, &backlog).await;
+    eventually(
+        Duration::from_secs(10),
+        "other tenant's job done",
+        async || {
+            let r = record(&stack, OTHER_TENANT, &other).await;
+            r.status.is_terminal().then_some(())
+        },
+    )
+    .await;
+    let other = record(&stack, OTHER_TENANT, &other).await;
+    let other_start = other.started_at.expect("started");
+    // The backlog's tenant had a job in flight, the other none: the other
+    // tenant's job takes the next free slot.
+    for job in &backlog {
+        assert!(other_start < job.started_at.expect("started"), "{job:?}");
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_limits_hold_jobs_back_and_reject_excess() {
+    let mut options = StackOptions {
+        runners: 2,
+        ..StackOptions::default()
+    };
+    options.scheduler.tenants = BTreeMap::from([(
+        TENANT.to_owned(),
+        TenantLimits {
+            max_running: Some(1),
+            max_queued: Some(2),
+        },
+    )]);
+    let stack = TestStack::start_with(options).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let job = stack
+            .submit(json!({"workflow": slow_workflow(4, 50, &format!("limit-{n}"))}))
+            .await;
+        ids.push(id_of(&job));
+    }
+    let records = finished(&stack, TENANT, &ids).await;
+    let rejected: Vec<_> = records
+        .iter()
+        .filter(|r| {
+            r.error
+                .as_ref()
+                .is_some_and(|e| e.kind == comfyq_shared::ErrorKind::Rejected)
+        })
+        .collect();
+    assert!(!rejected.is_empty(), "the queued limit rejected nothing");
+    let mut ran: Vec<_> = records
+        .iter()
+        .filter(|r| r.status == comfyq_shared::job::JobStatus::Completed)
+        .map(|r| {
+            (
+                r.started_at.expect("started"),
+                r.finished_at.expect("finished"),
+            )
+        })
+        .collect();
+    assert_eq!(ran.len() + rejected.len(), 5, "{records:#?}");
+    ran.sort();
+    // Two free runners, but never two of this tenant's jobs at once.
+    assert!(ran.windows(2).all(|w| w[0].1 <= w[1].0), "{ran:?}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_no_runner_can_run_waits_then_times_out() {
+    let mut options = StackOptions::default();
+    options.scheduler.max_queue_time = Duration::from_secs(2);
+    let stack = TestStack::start_with(options).await;
+    let workflow = json!({
+        "1": {"class_type": "NoSuchNode", "inputs": {}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}
+    });
+    let stuck = id_of(&stack.submit(json!({"workflow": workflow})).await);
+    eventually(
+        Duration::from_secs(5),
+        "marked waiting_for_capability",
+        async || {
+            let r = record(&stack, TENANT, &stuck).await;
+            (r.waiting_reason.as_deref() == Some(WAITING_FOR_CAPABILITY)).then_some(())
+        },
+    )
+    .await;
+    // It does not hold back work the pool can run.
+    let fine = id_of(&stack.submit(json!({"workflow": invert_workflow(8)})).await);
+    let fine = stack.wait_finished(&fine, Duration::from_secs(10)).await;
+    assert_eq!(fine["status"], "completed", "{fine:#}");
+
+    let failed = stack.wait_finished(&stuck, Duration::from_secs(10)).await;
+    assert_eq!(failed["status"], "failed", "{failed:#}");
+    assert_eq!(failed["error"]["kind"], "timeout", "{failed:#}");
+    assert!(failed["started_at"].is_null());
+    assert_eq!(stack.sim.prompts_received().len(), 1);
+    stack.stop().await;
+}
+
+fn isolated(stack: &TestStack, name: &str) -> IsolatedScheduler {
+    IsolatedScheduler::start(SchedulerConfig {
+        instance_id: Some(name.to_owned()),
+        ..stack.scheduler.clone()
+    })
+}
+
+async fn lease_holder(stack: &TestStack) -> Option<String> {
+    let names = stack.nats_config().names().expect("names");
+    let js = async_nats::jetstream::new(stack.nats.client().await);
+    let kv = js.get_key_value(names.scheduler_bucket()).await.ok()?;
+    let value = kv.get(names.dispatcher_lease_key()).await.ok()??;
+    Some(String::from_utf8_lossy(&value).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_schedulers_and_the_active_one_killed_run_every_job_once() {
+    let stack = TestStack::start_with(StackOptions {
+        schedulers: 0,
+        runner_slots: 2,
+        ..StackOptions::default()
+    })
+    .await;
+    let mut schedulers = BTreeMap::from([
+        ("sched-a".to_owned(), isolated(&stack, "sched-a")),
+        ("sched-b".to_owned(), isolated(&stack, "sched-b")),
+    ]);
+    let mut ids = Vec::new();
+    for _ in 0..15 {
+        ids.push(id_of(
+            &stack.submit(json!({"workflow": invert_workflow(8)})).await,
+        ));
+    }
+    let active = eventually(Duration::from_secs(10), "a dispatcher", async || {
+        lease_holder(&stack).await
+    })
+    .await;
+    schedulers
+        .remove(&active)
+        .expect("the holder is one of ours")
+        .kill();
+    let killed_at = std::time::Instant::now();
+    for _ in 0..15 {
+        ids.push(id_of(
+            &stack.submit(json!({"workflow": invert_workflow(8)})).await,
+        ));
+    }
+    let records = finished(&stack, TENANT, &ids).await;
+    let took_over = killed_at.elapsed();
+    for r in &records {
+        assert_eq!(r.status, comfyq_shared::job::JobStatus::Completed, "{r:?}");
+        assert_eq!(r.attempt, 1, "{r:?}");
+    }
+    assert_eq!(stack.sim.prompts_received().len(), 30, "every job ran once");
+    let survivor = lease_holder(&stack).await.expect("a holder");
+    assert_ne!(survivor, active);
+    assert!(took_over < Duration::from_secs(20), "{took_over:?}");
+    drop(schedulers);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_scheduler_loses_no_pending_job_and_keeps_order() {
+    const JOBS: usize = 1000;
+    let mut stack = TestStack::start_with(StackOptions {
+        schedulers: 0,
+        runners: 0,
+        ..StackOptions::default()
+    })
+    .await;
+    let first = isolated(&stack, "sched-first");
+    let mut ids = Vec::new();
+    for _ in 0..JOBS {
+        ids.push(id_of(
+            &stack.submit(json!({"workflow": invert_workflow(8)})).await,
+        ));
+    }
+    eventually_true(Duration::from_secs(30), "all pending", async || {
+        pending_backlog(&stack).await == JOBS as u64
+    })
+    .await;
+    first.kill();
+    let second = isolated(&stack, "sched-second");
+    stack.add_runner("late-runner", 1).await;
+
+    let records = finished(&stack, TENANT, &ids).await;
+    assert!(
+        records
+            .iter()
+            .all(|r| r.status == comfyq_shared::job::JobStatus::Completed)
+    );
+    let starts: Vec<_> = records.iter().map(|r| r.started_at).collect();
+    assert!(starts.windows(2).all(|w| w[0] < w[1]), "FIFO order kept");
+    assert_eq!(stack.sim.prompts_received().len(), JOBS);
+    drop(second);
+    stack.stop().await;
+}
