@@ -180,12 +180,49 @@ pub struct WebhookSpec {
 impl WebhookSpec {
     pub const DEFAULT_EVENTS: [&'static str; 3] = ["job.completed", "job.failed", "job.cancelled"];
 
+    /// Every event type a webhook may subscribe to: the state changes, plus
+    /// `job.progress` (throttled, best effort) and `job.started` (an alias of
+    /// `job.running`, the name other queues use).
+    pub const SUBSCRIBABLE: [&'static str; 10] = [
+        "job.accepted",
+        "job.queued",
+        "job.dispatched",
+        "job.running",
+        "job.started",
+        "job.retrying",
+        "job.completed",
+        "job.failed",
+        "job.cancelled",
+        "job.progress",
+    ];
+
     pub fn wants(&self, event_type: &str) -> bool {
         if self.events.is_empty() {
             Self::DEFAULT_EVENTS.contains(&event_type)
         } else {
-            self.events.iter().any(|e| e == event_type)
+            self.events
+                .iter()
+                .any(|e| e == event_type || (e == "job.started" && event_type == "job.running"))
         }
+    }
+}
+
+#[cfg(test)]
+mod webhook_tests {
+    use super::WebhookSpec;
+
+    #[test]
+    fn default_and_alias_subscriptions() {
+        let default = WebhookSpec {
+            url: "https://x".to_owned(),
+            events: vec![],
+        };
+        assert!(default.wants("job.completed") && !default.wants("job.running"));
+        let started = WebhookSpec {
+            url: "https://x".to_owned(),
+            events: vec!["job.started".to_owned()],
+        };
+        assert!(started.wants("job.running") && !started.wants("job.completed"));
     }
 }
 

@@ -31,6 +31,7 @@ pub struct Provisioned {
     pub jobs: kv::Store,
     pub runners: kv::Store,
     pub idempotency: kv::Store,
+    pub webhooks: kv::Store,
     pub media: object_store::ObjectStore,
 }
 
@@ -64,6 +65,16 @@ pub async fn provision(
             retention: stream::RetentionPolicy::WorkQueue,
             duplicate_window: Duration::from_secs(120),
             max_age: config.jobs_max_age,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: names.webhooks_stream(),
+            description: Some("comfyq: webhook redelivery requests for the notifier".to_owned()),
+            subjects: names.webhooks_stream_subjects(),
+            retention: stream::RetentionPolicy::WorkQueue,
+            duplicate_window: Duration::from_secs(120),
+            max_age: config.events_max_age,
             num_replicas: replicas,
             ..Default::default()
         },
@@ -134,12 +145,26 @@ pub async fn provision(
     )
     .await?;
 
+    let webhooks = ensure_kv(
+        js,
+        kv::Config {
+            bucket: names.webhooks_bucket(),
+            description: "comfyq: webhook deliveries and their attempts".to_owned(),
+            history: 1,
+            max_age: config.jobs_max_age,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+
     let media =
         ensure_object_store(js, &names.media_bucket(), config.media_max_age, replicas).await?;
     Ok(Provisioned {
         jobs,
         runners,
         idempotency,
+        webhooks,
         media,
     })
 }
