@@ -1,6 +1,7 @@
 //! The job record (one per job, in the jobs KV bucket) and the job
 //! specification it was submitted with.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -12,7 +13,7 @@ use crate::priority::Priority;
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Where a job is in its life. Terminal states never change again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Accepted,
@@ -88,7 +89,7 @@ pub struct InputFile {
 }
 
 /// A file the job produced, stored under its output prefix.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct OutputFile {
     /// The ComfyUI node that produced it.
     pub node_id: String,
@@ -104,7 +105,7 @@ pub struct OutputFile {
 }
 
 /// What went wrong. The kind decides whether a retry can help.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// ComfyUI refused the workflow (`/prompt` validation).
@@ -137,7 +138,7 @@ impl ErrorKind {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct JobError {
     pub kind: ErrorKind,
     pub message: String,
