@@ -10,6 +10,10 @@ NATS_VERSION="2.15.1"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NATS_DIR="${REPO_ROOT}/.tools/nats"
 NATS_BIN="${NATS_DIR}/bin/nats-server"
+# Python packages the test suite runs: the reference Standard Webhooks verifier
+# and the NATS client the example subscriber uses.
+PYTHON_DIR="${REPO_ROOT}/.tools/python"
+PYTHON_PACKAGES=("standardwebhooks==1.1.0" "nats-py==2.16.0")
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -31,7 +35,25 @@ installed_nats_version() {
     "${NATS_BIN}" --version 2>/dev/null | sed -n 's/.*v\([0-9][0-9.]*\).*/\1/p' | head -n1
 }
 
+setup_python() {
+    local wanted="${PYTHON_PACKAGES[*]}"
+    if [[ -f "${PYTHON_DIR}/.installed" && "$(cat "${PYTHON_DIR}/.installed")" == "${wanted}" ]]; then
+        return 0
+    fi
+    step "installing ${wanted} into ${PYTHON_DIR}"
+    rm -rf "${PYTHON_DIR}"
+    mkdir -p "${PYTHON_DIR}"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --disable-pip-version-check -q --target "${PYTHON_DIR}" \
+        "${PYTHON_PACKAGES[@]}"
+    printf '%s' "${wanted}" > "${PYTHON_DIR}/.installed"
+}
+
 setup() {
+    setup_nats
+    setup_python
+}
+
+setup_nats() {
     command -v cargo >/dev/null 2>&1 \
         || die "cargo not found on PATH; install Rust from https://rustup.rs (rust-version in Cargo.toml) and retry"
 
@@ -72,6 +94,7 @@ run_tests() {
     setup
     cd "${REPO_ROOT}"
     export NATS_SERVER_BIN="${NATS_BIN}"
+    export COMFYQ_TEST_PYTHONPATH="${PYTHON_DIR}"
 
     step "cargo fmt --all --check"
     cargo fmt --all --check

@@ -2,6 +2,7 @@
 //! `<prefix>.events.<tenant>.<job>.<kind>` for SSE clients, webhooks and
 //! NATS subscribers.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -41,7 +42,7 @@ impl EventKind {
 }
 
 /// One event, as it travels (JSON).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Event {
     pub v: u32,
     /// Unique per event; webhooks use it as their `webhook-id`.
@@ -49,6 +50,7 @@ pub struct Event {
     pub job_id: JobId,
     pub tenant: TenantId,
     #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String")]
     pub at: OffsetDateTime,
     #[serde(flatten)]
     pub body: EventBody,
@@ -102,7 +104,7 @@ impl Event {
 }
 
 /// A state change: the job record after it, in brief.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StateChange {
     pub status: JobStatus,
     pub attempt: u32,
@@ -114,7 +116,7 @@ pub struct StateChange {
     pub error: Option<JobError>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProgressUpdate {
     pub node_id: String,
     pub value: f64,
@@ -123,7 +125,7 @@ pub struct ProgressUpdate {
     pub fraction: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct NodeUpdate {
     /// The node now executing; `cached` lists nodes ComfyUI served from cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -135,7 +137,7 @@ pub struct NodeUpdate {
     pub fraction: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct OutputProduced {
     pub node_id: String,
     /// File names as ComfyUI reported them (not yet stored).
@@ -145,7 +147,7 @@ pub struct OutputProduced {
 }
 
 /// The event's payload; `type` is `job.<token>`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", content = "data")]
 pub enum EventBody {
     #[serde(rename = "job.accepted")]
@@ -240,5 +242,32 @@ mod tests {
         assert_eq!(event.type_name(), "job.completed");
         let back: Event = serde_json::from_value(json).expect("parses");
         assert_eq!(back, event);
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::Event;
+
+    /// The published schema (`shared/schemas/event.v1.json`) is the one the
+    /// types produce. After a deliberate change of the event JSON, rewrite it
+    /// with `COMFYQ_UPDATE_SCHEMAS=1 cargo test -p comfyq-shared schema`.
+    #[test]
+    fn published_event_schema_matches_the_types() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/event.v1.json");
+        let generated = serde_json::to_string_pretty(&schemars::schema_for!(Event))
+            .expect("schema serializes")
+            + "\n";
+        if std::env::var_os("COMFYQ_UPDATE_SCHEMAS").is_some() {
+            std::fs::write(&path, &generated).expect("schema written");
+        }
+        let published = std::fs::read_to_string(&path).unwrap_or_default();
+        // Compared as JSON values: key order depends on serde_json features.
+        let parse = |text: &str| serde_json::from_str::<serde_json::Value>(text).ok();
+        assert!(
+            parse(&published).is_some() && parse(&published) == parse(&generated),
+            "{} is out of date: run COMFYQ_UPDATE_SCHEMAS=1 cargo test -p comfyq-shared schema",
+            path.display()
+        );
     }
 }

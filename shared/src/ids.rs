@@ -40,6 +40,15 @@ impl Default for JobId {
     }
 }
 
+impl schemars::JsonSchema for JobId {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "JobId".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "format": "uuid", "description": "UUID v7: sorts by creation time"})
+    }
+}
+
 impl fmt::Display for JobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.as_hyphenated().fmt(f)
@@ -119,6 +128,18 @@ macro_rules! token_id {
             type Err = IdError;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 Self::new(s)
+            }
+        }
+
+        impl schemars::JsonSchema for $name {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({
+                    "type": "string",
+                    "pattern": concat!("^[A-Za-z0-9_-]{1,", $max, "}$")
+                })
             }
         }
 

@@ -1,6 +1,7 @@
 //! The job record (one per job, in the jobs KV bucket) and the job
 //! specification it was submitted with.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -12,7 +13,7 @@ use crate::priority::Priority;
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Where a job is in its life. Terminal states never change again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Accepted,
@@ -88,7 +89,7 @@ pub struct InputFile {
 }
 
 /// A file the job produced, stored under its output prefix.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct OutputFile {
     /// The ComfyUI node that produced it.
     pub node_id: String,
@@ -104,7 +105,7 @@ pub struct OutputFile {
 }
 
 /// What went wrong. The kind decides whether a retry can help.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// ComfyUI refused the workflow (`/prompt` validation).
@@ -141,7 +142,7 @@ impl ErrorKind {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct JobError {
     pub kind: ErrorKind,
     pub message: String,
@@ -184,12 +185,49 @@ pub struct WebhookSpec {
 impl WebhookSpec {
     pub const DEFAULT_EVENTS: [&'static str; 3] = ["job.completed", "job.failed", "job.cancelled"];
 
+    /// Every event type a webhook may subscribe to: the state changes, plus
+    /// `job.progress` (throttled, best effort) and `job.started` (an alias of
+    /// `job.running`, the name other queues use).
+    pub const SUBSCRIBABLE: [&'static str; 10] = [
+        "job.accepted",
+        "job.queued",
+        "job.dispatched",
+        "job.running",
+        "job.started",
+        "job.retrying",
+        "job.completed",
+        "job.failed",
+        "job.cancelled",
+        "job.progress",
+    ];
+
     pub fn wants(&self, event_type: &str) -> bool {
         if self.events.is_empty() {
             Self::DEFAULT_EVENTS.contains(&event_type)
         } else {
-            self.events.iter().any(|e| e == event_type)
+            self.events
+                .iter()
+                .any(|e| e == event_type || (e == "job.started" && event_type == "job.running"))
         }
+    }
+}
+
+#[cfg(test)]
+mod webhook_tests {
+    use super::WebhookSpec;
+
+    #[test]
+    fn default_and_alias_subscriptions() {
+        let default = WebhookSpec {
+            url: "https://x".to_owned(),
+            events: vec![],
+        };
+        assert!(default.wants("job.completed") && !default.wants("job.running"));
+        let started = WebhookSpec {
+            url: "https://x".to_owned(),
+            events: vec!["job.started".to_owned()],
+        };
+        assert!(started.wants("job.running") && !started.wants("job.completed"));
     }
 }
 

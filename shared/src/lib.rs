@@ -14,6 +14,7 @@
 //! - [`publisher`]: publishing job events.
 //! - [`config`]: layered configuration (file, then `COMFYQ_` environment).
 //! - [`telemetry`]: tracing and Prometheus metrics.
+//! - [`webhook`]: webhook delivery records and redelivery requests.
 //! - [`shutdown`]: the process-wide cancellation token.
 //! - [`service`]: the common `main` of every service binary.
 
@@ -33,6 +34,7 @@ pub mod publisher;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod webhook;
 
 pub use event::{Event, EventBody, EventKind};
 pub use ids::{JobId, PoolName, RunnerId, TenantId};

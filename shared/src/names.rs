@@ -105,6 +105,14 @@ impl Names {
         vec![format!("{}.previews.>", self.prefix)]
     }
 
+    /// Webhook redelivery requests for the notifier.
+    pub fn webhooks_stream(&self) -> String {
+        format!("{}_WEBHOOKS", self.upper)
+    }
+    pub fn webhooks_stream_subjects(&self) -> Vec<String> {
+        vec![format!("{}.webhooks.>", self.prefix)]
+    }
+
     // ---- subjects ------------------------------------------------------
 
     pub fn submit_subject(&self) -> String {
@@ -115,6 +123,10 @@ impl Names {
     }
     pub fn report_subject(&self) -> String {
         format!("{}.jobs.report", self.prefix)
+    }
+
+    pub fn webhook_redeliver_subject(&self) -> String {
+        format!("{}.webhooks.redeliver", self.prefix)
     }
 
     /// One attempt's dispatch message. The tenant token lets the scheduler
@@ -230,6 +242,9 @@ impl Names {
     pub fn notifier_consumer(&self) -> String {
         "notifier".to_owned()
     }
+    pub fn notifier_redeliver_consumer(&self) -> String {
+        "notifier-redeliver".to_owned()
+    }
 
     // ---- KV and object store ---------------------------------------------
 
@@ -249,6 +264,10 @@ impl Names {
     }
     pub fn idempotency_bucket(&self) -> String {
         format!("{}_idempotency", self.prefix)
+    }
+    /// Webhook delivery records (every attempt), one entry per job.
+    pub fn webhooks_bucket(&self) -> String {
+        format!("{}_webhooks", self.prefix)
     }
     pub fn media_bucket(&self) -> String {
         format!("{}_media", self.prefix)
@@ -328,6 +347,7 @@ mod tests {
             }
             prop_assert!(in_stream(&names.preview_subject(&tenant, &job), names.previews_stream_subjects()));
             prop_assert!(subject_matches(&names.runner_cancel_filter(), &names.runner_cancel_subject(&job)));
+            prop_assert!(in_stream(&names.webhook_redeliver_subject(), names.webhooks_stream_subjects()));
         }
     }
 

@@ -32,6 +32,7 @@ pub struct Provisioned {
     pub scheduler: kv::Store,
     pub runners: kv::Store,
     pub idempotency: kv::Store,
+    pub webhooks: kv::Store,
     pub media: object_store::ObjectStore,
 }
 
@@ -90,6 +91,16 @@ pub async fn provision(
             subjects: names.advisories_stream_subjects(),
             retention: stream::RetentionPolicy::WorkQueue,
             max_age: config.jobs_max_age,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: names.webhooks_stream(),
+            description: Some("comfyq: webhook redelivery requests for the notifier".to_owned()),
+            subjects: names.webhooks_stream_subjects(),
+            retention: stream::RetentionPolicy::WorkQueue,
+            duplicate_window: Duration::from_secs(120),
+            max_age: config.events_max_age,
             num_replicas: replicas,
             ..Default::default()
         },
@@ -171,6 +182,19 @@ pub async fn provision(
     )
     .await?;
 
+    let webhooks = ensure_kv(
+        js,
+        kv::Config {
+            bucket: names.webhooks_bucket(),
+            description: "comfyq: webhook deliveries and their attempts".to_owned(),
+            history: 1,
+            max_age: config.jobs_max_age,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+
     let media =
         ensure_object_store(js, &names.media_bucket(), config.media_max_age, replicas).await?;
     Ok(Provisioned {
@@ -178,6 +202,7 @@ pub async fn provision(
         scheduler,
         runners,
         idempotency,
+        webhooks,
         media,
     })
 }

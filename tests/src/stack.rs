@@ -58,6 +58,9 @@ pub struct StackOptions {
     pub schedulers: usize,
     /// Scheduler settings (its `nats` section is replaced by the stack's).
     pub scheduler: SchedulerConfig,
+    /// Notifiers the stack runs itself (tests that kill and restart one
+    /// run their own with [`notifier_config`]).
+    pub notifiers: usize,
 }
 
 impl Default for StackOptions {
@@ -75,6 +78,7 @@ impl Default for StackOptions {
                 tick: Duration::from_millis(100),
                 ..SchedulerConfig::default()
             },
+            notifiers: 1,
         }
     }
 }
@@ -100,6 +104,20 @@ pub fn nats_config(url: &str) -> NatsConfig {
         url: url.to_owned(),
         dispatch_ack_wait: Duration::from_secs(3),
         ..NatsConfig::default()
+    }
+}
+
+/// The notifier settings of the stack: the tenant's signing secret, local
+/// receivers allowed, fast retries.
+pub fn notifier_config(nats: &NatsConfig) -> NotifierConfig {
+    NotifierConfig {
+        nats: nats.clone(),
+        tenant_secrets: [(TENANT.to_owned(), vec![Secret::new(WEBHOOK_SECRET)])].into(),
+        allow_private_destinations: true,
+        attempt_timeout: Duration::from_secs(2),
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+        ..NotifierConfig::default()
     }
 }
 
@@ -151,19 +169,12 @@ impl TestStack {
             ));
         }
 
-        let notifier = NotifierConfig {
-            nats: nats_config.clone(),
-            tenant_secrets: [(TENANT.to_owned(), vec![Secret::new(WEBHOOK_SECRET)])].into(),
-            allow_private_destinations: true,
-            attempt_timeout: Duration::from_secs(2),
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-            ..NotifierConfig::default()
-        };
-        services.push(spawn(
-            "notifier",
-            comfyq_notifier::run(notifier, shutdown.child_token()),
-        ));
+        for _ in 0..options.notifiers {
+            services.push(spawn(
+                "notifier",
+                comfyq_notifier::run(notifier_config(&nats_config), shutdown.child_token()),
+            ));
+        }
 
         for index in 0..options.runners {
             let mut runner = RunnerConfig {

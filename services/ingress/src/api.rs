@@ -61,17 +61,6 @@ pub struct ValidSubmission {
 }
 
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
-/// The events a webhook can subscribe to: state changes (what the notifier delivers).
-const WEBHOOK_EVENTS: [&str; 8] = [
-    "job.accepted",
-    "job.queued",
-    "job.dispatched",
-    "job.running",
-    "job.retrying",
-    "job.completed",
-    "job.failed",
-    "job.cancelled",
-];
 
 impl SubmitRequest {
     pub fn validate(
@@ -139,12 +128,12 @@ impl SubmitRequest {
                     Err(e) => fail("/webhook/url", format!("not a URL: {e}")),
                 }
                 for (i, event) in webhook.events.iter().enumerate() {
-                    if !WEBHOOK_EVENTS.contains(&event.as_str()) {
+                    if !WebhookSpec::SUBSCRIBABLE.contains(&event.as_str()) {
                         fail(
                             &format!("/webhook/events/{i}"),
                             format!(
                                 "unknown event {event:?}; known: {}",
-                                WEBHOOK_EVENTS.join(", ")
+                                WebhookSpec::SUBSCRIBABLE.join(", ")
                             ),
                         );
                     }

@@ -6,6 +6,7 @@
 //! - [`problem`]: RFC 9457 problem responses, the one HTTP error type.
 //! - [`routes`]: handlers and the router.
 //! - [`state`]: what handlers share.
+//! - [`webhooks`]: a job's webhook deliveries and their redelivery.
 
 pub mod api;
 pub mod auth;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod problem;
 pub mod routes;
 pub mod state;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -55,6 +57,7 @@ pub async fn serve(
         jobs: JobStore::new(shared.jobs, names.clone()),
         media: MediaStore::new(shared.media, names.clone()),
         events: EventPublisher::new(js.clone(), names.clone()),
+        webhooks: shared.webhooks,
         js,
         names,
     };

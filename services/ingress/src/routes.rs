@@ -32,6 +32,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/outputs/{name}", get(get_output))
         .route("/v1/jobs/{id}/inputs/{name}", get(get_input))
+        .merge(crate::webhooks::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -161,7 +162,11 @@ async fn submit_job(
     .await
 }
 
-async fn load_job(state: &AppState, tenant: &Tenant, raw_id: &str) -> Result<JobRecord, Problem> {
+pub(crate) async fn load_job(
+    state: &AppState,
+    tenant: &Tenant,
+    raw_id: &str,
+) -> Result<JobRecord, Problem> {
     let id = parse_job_id(raw_id)?;
     match state.jobs.get(&tenant.0, &id).await {
         Ok(Some(versioned)) => Ok(versioned.record),

@@ -19,4 +19,6 @@ pub struct AppState {
     pub jobs: JobStore,
     pub media: MediaStore,
     pub events: EventPublisher,
+    /// Webhook delivery records (written by the notifier).
+    pub webhooks: async_nats::jetstream::kv::Store,
 }

@@ -17,6 +17,15 @@ pub struct NotifierConfig {
     pub tenant_secrets: BTreeMap<String, Vec<Secret>>,
     /// Secrets for tenants without their own.
     pub default_secrets: Vec<Secret>,
+    /// Secrets per webhook: the longest URL prefix that matches the webhook's
+    /// URL wins over the tenant's secrets.
+    pub url_secrets: BTreeMap<String, Vec<Secret>>,
+    /// Deliveries in flight to one host at once, so one slow receiver does
+    /// not hold up the others.
+    pub max_per_host: usize,
+    /// At most one `job.progress` webhook per job this often.
+    #[serde(with = "humantime_serde")]
+    pub progress_interval: Duration,
     /// Per-attempt timeout.
     #[serde(with = "humantime_serde")]
     pub attempt_timeout: Duration,
@@ -43,6 +52,9 @@ impl Default for NotifierConfig {
             metrics_addr: None,
             tenant_secrets: BTreeMap::new(),
             default_secrets: Vec::new(),
+            url_secrets: BTreeMap::new(),
+            max_per_host: 8,
+            progress_interval: Duration::from_secs(1),
             attempt_timeout: Duration::from_secs(10),
             max_age: Duration::from_secs(24 * 3600),
             initial_backoff: Duration::from_secs(1),
@@ -74,6 +86,11 @@ impl Validate for NotifierConfig {
         {
             return Err(ConfigError::Invalid(
                 "attempt_timeout must be 100ms to 300s".to_owned(),
+            ));
+        }
+        if !(1..=1_000).contains(&self.max_per_host) {
+            return Err(ConfigError::Invalid(
+                "max_per_host must be 1 to 1000".to_owned(),
             ));
         }
         if !(1..=10_000).contains(&self.concurrency) {

@@ -2,7 +2,9 @@
 //!
 //! - [`config`]: typed configuration (secrets, timeouts, retry schedule).
 //! - [`guard`]: refusing loopback, private and metadata destinations.
-//! - [`delivery`]: building, signing and posting one event; the retry decision.
+//! - [`delivery`]: building, signing and posting one event; its delivery record;
+//!   the retry decision; throttled progress webhooks.
+//! - [`hosts`]: a bound on deliveries in flight per destination host.
 //!
 //! Pending deliveries live in JetStream (a durable consumer on the EVENTS
 //! stream, retried with delayed naks), so a restart loses none.
@@ -10,6 +12,7 @@
 pub mod config;
 pub mod delivery;
 pub mod guard;
+pub mod hosts;
 
 use std::sync::Arc;
 
@@ -45,10 +48,12 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> Result<
     if let Some(addr) = config.metrics_addr {
         comfyq_shared::telemetry::serve_metrics(addr, shutdown.clone()).await?;
     }
-    // State changes are what webhooks subscribe to.
+    // State changes and progress are what webhooks subscribe to.
     let filters = JobStatus::ALL
         .into_iter()
-        .map(|status| names.event_kind_filter(EventKind::State(status)))
+        .map(EventKind::State)
+        .chain([EventKind::Progress])
+        .map(|kind| names.event_kind_filter(kind))
         .collect();
     let consumer = ensure_pull_consumer(
         &js,
@@ -66,9 +71,43 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> Result<
         },
     )
     .await?;
-    let notifier = delivery::Notifier {
-        jobs: JobStore::new(shared.jobs, names.clone()),
-        config: Arc::new(config.clone()),
+    let redeliveries = ensure_pull_consumer(
+        &js,
+        &names.webhooks_stream(),
+        consumer::pull::Config {
+            durable_name: Some(names.notifier_redeliver_consumer()),
+            description: Some("comfyq notifier: webhook redeliveries".to_owned()),
+            filter_subject: names.webhook_redeliver_subject(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: config.attempt_timeout * 3,
+            max_ack_pending: 10_000,
+            num_replicas: config.nats.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let notifier = delivery::Notifier::new(
+        JobStore::new(shared.jobs, names.clone()),
+        shared.webhooks,
+        names.clone(),
+        Arc::new(config.clone()),
+    );
+    let redeliver_task = {
+        let notifier = notifier.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            run_consumer(
+                "notifier-redeliver",
+                redeliveries,
+                16,
+                shutdown,
+                move |message| {
+                    let notifier = notifier.clone();
+                    async move { notifier.on_redeliver(message).await }
+                },
+            )
+            .await;
+        })
     };
     tracing::info!("notifier running");
     run_consumer(
@@ -82,6 +121,7 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> Result<
         },
     )
     .await;
+    let _ = redeliver_task.await;
     let _ = client.flush().await;
     tracing::info!("notifier stopped");
     Ok(())
