@@ -12,7 +12,7 @@ use crate::priority::Priority;
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Where a job is in its life. Terminal states never change again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Accepted,
@@ -78,7 +78,7 @@ impl std::fmt::Display for JobStatus {
 }
 
 /// A media file the job brought, already stored under its input prefix.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InputFile {
     /// The name the workflow refers to it by (a safe file name).
     pub name: String,
@@ -88,7 +88,7 @@ pub struct InputFile {
 }
 
 /// A file the job produced, stored under its output prefix.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OutputFile {
     /// The ComfyUI node that produced it.
     pub node_id: String,
@@ -104,7 +104,7 @@ pub struct OutputFile {
 }
 
 /// What went wrong. The kind decides whether a retry can help.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// ComfyUI refused the workflow (`/prompt` validation).
@@ -137,7 +137,7 @@ impl ErrorKind {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobError {
     pub kind: ErrorKind,
     pub message: String,
@@ -169,7 +169,7 @@ impl JobError {
 }
 
 /// Where and for which events a job's webhook is sent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WebhookSpec {
     pub url: String,
     /// Event types (`job.completed`, …); empty means the terminal ones.
@@ -260,6 +260,9 @@ pub struct JobRecord {
     /// Set when a cancel arrived; the job ends `cancelled` once the runner stops.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
+    /// The client asked for outputs inline (base64) in the job it reads.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inline_outputs: bool,
 }
 
 impl JobRecord {
@@ -286,6 +289,7 @@ impl JobRecord {
             metadata: spec.metadata.clone(),
             timeout_s: spec.timeout_s,
             cancel_requested: false,
+            inline_outputs: false,
         }
     }
 

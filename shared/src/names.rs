@@ -179,6 +179,24 @@ impl Names {
     pub fn tenant_jobs_key_filter(&self, tenant: &TenantId) -> String {
         format!("{tenant}.*")
     }
+    /// The stream behind the jobs bucket (JetStream names it `KV_<bucket>`).
+    pub fn jobs_kv_stream(&self) -> String {
+        format!("KV_{}", self.jobs_bucket())
+    }
+    /// The subjects of one tenant's records in the jobs bucket's stream, for
+    /// listing with a `LastPerSubject` consumer.
+    pub fn tenant_jobs_kv_subjects(&self, tenant: &TenantId) -> String {
+        format!(
+            "$KV.{}.{}",
+            self.jobs_bucket(),
+            self.tenant_jobs_key_filter(tenant)
+        )
+    }
+    /// Key of an idempotency entry: tenant, then the hex SHA-256 of the
+    /// client's key (any bytes a client sends become a safe KV token).
+    pub fn idempotency_key(&self, tenant: &TenantId, key_sha256: &str) -> String {
+        format!("{tenant}.{key_sha256}")
+    }
 
     pub fn input_object(&self, tenant: &TenantId, job: &JobId, name: &str) -> String {
         format!("{tenant}/{job}/inputs/{name}")

@@ -9,7 +9,7 @@
 
 pub mod config;
 pub mod delivery;
-pub mod guard;
+pub use comfyq_shared::guard;
 
 use std::sync::Arc;
 

@@ -3,3 +3,5 @@
 mod e2e;
 mod faults;
 mod harness;
+mod rest_api;
+mod rest_catalogue;
