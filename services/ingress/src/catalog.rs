@@ -172,10 +172,7 @@ pub(crate) async fn queue(
         };
         let oldest_wait_s = if info.num_pending > 0 {
             stream
-                .direct_get_next_for_subject(
-                    subject.clone(),
-                    Some(info.delivered.stream_sequence + 1),
-                )
+                .get_first_raw_message_by_subject(&subject, info.delivered.stream_sequence + 1)
                 .await
                 .ok()
                 .map(|m| {

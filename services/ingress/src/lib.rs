@@ -13,9 +13,11 @@
 //! - [`streams`]: SSE and WebSocket event streams from the EVENTS stream.
 //! - [`catalog`]: runners, queue depth, node-type check.
 //! - [`limits`]: per-tenant request rate limits.
+//! - [`active`]: unfinished jobs per tenant, for the active-job limit.
 //! - [`openapi`]: the generated OpenAPI document and docs page.
 //! - [`state`]: what handlers share.
 
+pub mod active;
 pub mod api;
 pub mod auth;
 pub mod catalog;
@@ -82,11 +84,20 @@ pub async fn serve(
         names,
         config: Arc::new(config),
         shutdown: shutdown.clone(),
+        active: Arc::new(active::ActiveJobs::default()),
     };
+    let follower = tokio::spawn({
+        let active = state.active.clone();
+        let jobs = state.jobs.kv().clone();
+        let shutdown = shutdown.clone();
+        async move { active.follow(jobs, shutdown).await }
+    });
     tracing::info!(addr = %listener.local_addr()?, "ingress listening");
     axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await?;
+    shutdown.cancel();
+    let _ = follower.await;
     let _ = client.flush().await;
     tracing::info!("ingress stopped");
     Ok(())

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{self, DeliverPolicy, pull};
+use async_nats::jetstream::consumer;
 use async_nats::jetstream::{kv, stream};
 use comfyq_shared::event::{Event, EventBody, EventKind};
 use comfyq_shared::job::{JobRecord, JobStatus};
@@ -15,9 +15,9 @@ use crate::api::ProgressView;
 use crate::problem::Problem;
 use crate::state::AppState;
 
-/// Scanning the own dispatch subject for the position stops here; the answer
-/// is then a lower bound.
-const POSITION_SCAN_LIMIT: u64 = 10_000;
+/// Scanning the own dispatch subject for the position stops here (one
+/// message get each); the answer is then a lower bound.
+const POSITION_SCAN_LIMIT: u64 = 1_000;
 
 /// The latest progress of a running job: two direct gets of the last
 /// message on the job's `node` and `progress` subjects (cheap, no consumer).
@@ -60,8 +60,7 @@ pub async fn progress(state: &AppState, record: &JobRecord) -> Option<ProgressVi
 
 /// How many jobs a runner of the job's pool takes before this one: every
 /// undelivered message of higher priorities (their consumers' `num_pending`)
-/// plus the undelivered messages ahead of it on its own subject (counted
-/// with a headers-only ordered consumer from the first undelivered one).
+/// plus the undelivered messages ahead of it on its own subject.
 pub async fn queue_position(state: &AppState, record: &JobRecord) -> Option<u64> {
     if !matches!(
         record.status,
@@ -84,45 +83,32 @@ pub async fn queue_position(state: &AppState, record: &JobRecord) -> Option<u64>
         }
     }
     let own = consumer_info(&stream, state, record, record.priority).await;
-    let start = own.map_or(1, |info| info.delivered.stream_sequence + 1);
-    let ordered = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: state.names.dispatch_subject(&record.pool, record.priority),
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: start,
-            },
-            headers_only: true,
-            ..Default::default()
-        })
-        .await
-        .ok()?;
-    if ordered.cached_info().num_pending == 0 {
-        // Not in the queue (yet or any more): a runner holds it or the
-        // scheduler has not dispatched it.
-        return Some(ahead);
-    }
+    // Work-queue streams allow no second consumer on a subject, so the own
+    // subject is walked with message gets from the first undelivered one.
+    let subject = state.names.dispatch_subject(&record.pool, record.priority);
+    let mut next = own.map_or(1, |info| info.delivered.stream_sequence + 1);
     let job_prefix = record.id.to_string();
-    let mut messages = ordered.messages().await.ok()?;
     let mut scanned = 0;
-    loop {
-        let message = match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
-            Ok(Some(Ok(message))) => message,
-            _ => return Some(ahead + scanned),
+    while scanned < POSITION_SCAN_LIMIT {
+        let Ok(message) = stream
+            .get_first_raw_message_by_subject(&subject, next)
+            .await
+        else {
+            // Not in the queue (yet or any more): the scheduler has not
+            // dispatched it, or a runner holds it.
+            return Some(ahead);
         };
         let ours = message
             .headers
-            .as_ref()
-            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .get(async_nats::header::NATS_MESSAGE_ID)
             .is_some_and(|id| id.as_str().starts_with(&job_prefix));
         if ours {
             return Some(ahead + scanned);
         }
         scanned += 1;
-        let pending = message.info().map_or(0, |info| info.pending);
-        if pending == 0 || scanned >= POSITION_SCAN_LIMIT {
-            return Some(ahead + scanned);
-        }
+        next = message.sequence + 1;
     }
+    Some(ahead + scanned)
 }
 
 async fn consumer_info(

@@ -192,6 +192,7 @@ pub(crate) async fn submit_job(
         let valid = request
             .validate(&limits(&state), uploaded.clone())
             .map_err(Problem::validation)?;
+        state.active.check(&tenant, state.config.max_active_jobs)?;
         catalog::check_node_types(&state, &valid).await?;
         if let Some(webhook) = &valid.webhook {
             fetch::check_webhook(&state, &webhook.url).await?;

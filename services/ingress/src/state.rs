@@ -23,6 +23,7 @@ pub struct AppState {
     pub idempotency: kv::Store,
     pub runners: kv::Store,
     pub limiter: std::sync::Arc<RateLimiter>,
+    pub active: std::sync::Arc<crate::active::ActiveJobs>,
     /// Cancelled at shutdown: open event streams end so the server can drain.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

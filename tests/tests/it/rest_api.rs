@@ -411,3 +411,72 @@ async fn multipart_ranges_runners_queue_and_openapi() {
     assert_eq!(docs.status(), 200);
     stack.stop().await;
 }
+
+fn four_active_jobs(config: &mut comfyq_ingress::IngressConfig) {
+    config.max_active_jobs = 4;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_position_depth_and_active_job_limit() {
+    let stack = TestStack::start_with(comfyq_tests::StackOptions {
+        configure_ingress: Some(four_active_jobs),
+        ..comfyq_tests::StackOptions::default()
+    })
+    .await;
+    // One slow job occupies the only runner slot; three wait behind it.
+    let running = stack
+        .submit(json!({"workflow": slow_workflow(100, 100, "hold")}))
+        .await;
+    let running_id = running["id"].as_str().expect("id").to_owned();
+    comfyq_tests::eventually(Duration::from_secs(20), "first job running", async || {
+        (stack.job(&running_id).await["status"] == "running").then_some(())
+    })
+    .await;
+    let normal_1 = stack.submit(json!({"workflow": invert_workflow(8)})).await;
+    let normal_2 = stack.submit(json!({"workflow": invert_workflow(8)})).await;
+    let high = stack
+        .submit(json!({"workflow": invert_workflow(8), "priority": "high"}))
+        .await;
+    let expected = [(&high, 0), (&normal_1, 1), (&normal_2, 2)];
+    for (job, ahead) in expected {
+        let id = job["id"].as_str().expect("id");
+        comfyq_tests::eventually(Duration::from_secs(20), "queue position", async || {
+            let job = stack.job(id).await;
+            (job["queue_position"] == ahead).then_some(())
+        })
+        .await;
+    }
+    assert!(stack.job(&running_id).await["queue_position"].is_null());
+    let queue: Value = stack
+        .http
+        .get(url(&stack, "/v1/queue"))
+        .send()
+        .await
+        .expect("queue")
+        .json()
+        .await
+        .expect("queue JSON");
+    let depth = |priority: &str| {
+        queue["levels"]
+            .as_array()
+            .and_then(|levels| levels.iter().find(|l| l["priority"] == priority))
+            .map(|l| (l["depth"].clone(), l["oldest_wait_s"].is_number()))
+    };
+    assert_eq!(depth("high"), Some((json!(1), true)), "{queue:#}");
+    assert_eq!(depth("normal"), Some((json!(2), true)), "{queue:#}");
+
+    // Four unfinished jobs is the limit.
+    let refused = stack
+        .http
+        .post(url(&stack, "/v1/jobs"))
+        .json(&json!({"workflow": invert_workflow(8)}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let problem: Value = refused.json().await.expect("problem");
+    assert_eq!(problem["type"], "https://comfyq.dev/problems/too-many-jobs");
+    stack.cancel(&running_id).await;
+    stack.stop().await;
+}
