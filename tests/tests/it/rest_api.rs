@@ -480,3 +480,67 @@ async fn queue_position_depth_and_active_job_limit() {
     stack.cancel(&running_id).await;
     stack.stop().await;
 }
+
+/// Peak resident memory of this process (services run in it), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_mib_multipart_upload_is_streamed() {
+    use sha2::Digest;
+    const MIB: usize = 1024 * 1024;
+    const SIZE: usize = 200 * MIB;
+    let stack = TestStack::start().await;
+    let chunk = bytes::Bytes::from((0..MIB).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+    let mut expected = sha2::Sha256::new();
+    for _ in 0..SIZE / MIB {
+        expected.update(&chunk);
+    }
+    let expected = hex::encode(expected.finalize());
+    // A pool without runners: the job only needs to be accepted.
+    let job = json!({"pool": "bulk", "workflow": {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "big.bin"}}
+    }});
+    let body = futures::stream::iter(
+        (0..SIZE / MIB).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    );
+    let form = reqwest::multipart::Form::new()
+        .part("job", reqwest::multipart::Part::text(job.to_string()))
+        .part(
+            "big.bin",
+            reqwest::multipart::Part::stream_with_length(
+                reqwest::Body::wrap_stream(body),
+                SIZE as u64,
+            ),
+        );
+    // Reset the peak (Linux: 5 → clear VmHWM) so it measures this upload.
+    std::fs::write("/proc/self/clear_refs", "5").expect("reset peak RSS");
+    let before = peak_rss();
+    let response = stack
+        .http
+        .post(url(&stack, "/v1/jobs"))
+        .multipart(form)
+        .send()
+        .await
+        .expect("POST 200 MiB");
+    let status = response.status();
+    let accepted: Value = response.json().await.expect("job");
+    let growth = peak_rss().saturating_sub(before);
+    assert_eq!(status, 202, "{accepted:#}");
+    assert_eq!(accepted["inputs"][0]["size"], SIZE);
+    assert_eq!(accepted["inputs"][0]["sha256"], expected);
+    eprintln!("peak RSS growth during a 200 MiB upload: {} MiB", growth / MIB as u64);
+    assert!(
+        growth < 48 * MIB as u64,
+        "peak RSS grew {} MiB during a 200 MiB upload",
+        growth / MIB as u64
+    );
+    stack.stop().await;
+}
