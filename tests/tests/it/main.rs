@@ -5,3 +5,4 @@ mod faults;
 mod harness;
 mod rest_api;
 mod rest_catalogue;
+mod rest_fuzz;

@@ -508,9 +508,8 @@ async fn a_200_mib_multipart_upload_is_streamed() {
     let job = json!({"pool": "bulk", "workflow": {
         "1": {"class_type": "LoadImage", "inputs": {"image": "big.bin"}}
     }});
-    let body = futures::stream::iter(
-        (0..SIZE / MIB).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
-    );
+    let body =
+        futures::stream::iter((0..SIZE / MIB).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
     let form = reqwest::multipart::Form::new()
         .part("job", reqwest::multipart::Part::text(job.to_string()))
         .part(
@@ -536,7 +535,10 @@ async fn a_200_mib_multipart_upload_is_streamed() {
     assert_eq!(status, 202, "{accepted:#}");
     assert_eq!(accepted["inputs"][0]["size"], SIZE);
     assert_eq!(accepted["inputs"][0]["sha256"], expected);
-    eprintln!("peak RSS growth during a 200 MiB upload: {} MiB", growth / MIB as u64);
+    eprintln!(
+        "peak RSS growth during a 200 MiB upload: {} MiB",
+        growth / MIB as u64
+    );
     assert!(
         growth < 48 * MIB as u64,
         "peak RSS grew {} MiB during a 200 MiB upload",
