@@ -286,8 +286,12 @@ async fn wait_list_idempotency_and_event_streams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn multipart_ranges_runners_queue_and_openapi() {
-    let stack = TestStack::start().await;
+async fn multipart_url_inputs_ranges_runners_queue_and_openapi() {
+    let stack = TestStack::start_with(comfyq_tests::StackOptions {
+        configure_ingress: Some(private_input_urls),
+        ..comfyq_tests::StackOptions::default()
+    })
+    .await;
     let png = {
         let mut bytes = Vec::new();
         let mut encoder = png::Encoder::new(&mut bytes, 4, 4);
@@ -410,6 +414,10 @@ async fn multipart_ranges_runners_queue_and_openapi() {
     let docs = reqwest::get(url(&stack, "/docs")).await.expect("docs");
     assert_eq!(docs.status(), 200);
     stack.stop().await;
+}
+
+fn private_input_urls(config: &mut comfyq_ingress::IngressConfig) {
+    config.allow_private_input_urls = true;
 }
 
 fn four_active_jobs(config: &mut comfyq_ingress::IngressConfig) {
