@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # comfyq developer entry point.
 #
-#   bash deploy/dev.sh setup        install pinned nats-server into .tools/nats (idempotent)
+#   bash deploy/dev.sh setup        install pinned nats-server and schemathesis into .tools (idempotent)
 #   bash deploy/dev.sh up [args]    setup, then run the whole stack with the ComfyUI simulator
 #   bash deploy/dev.sh test         setup, then fmt check, clippy, tests (what CI runs)
 set -euo pipefail
 
 NATS_VERSION="2.15.1"
+SCHEMATHESIS_VERSION="4.32.5"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NATS_DIR="${REPO_ROOT}/.tools/nats"
 NATS_BIN="${NATS_DIR}/bin/nats-server"
@@ -14,6 +15,7 @@ NATS_BIN="${NATS_DIR}/bin/nats-server"
 # and the NATS client the example subscriber uses.
 PYTHON_DIR="${REPO_ROOT}/.tools/python"
 PYTHON_PACKAGES=("standardwebhooks==1.1.0" "nats-py==2.16.0")
+ST_DIR="${REPO_ROOT}/.tools/schemathesis"
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -23,7 +25,8 @@ usage() {
 usage: bash deploy/dev.sh <command> [args]
 
 commands:
-  setup        install nats-server ${NATS_VERSION} into .tools/nats (skipped if present)
+  setup        install nats-server ${NATS_VERSION} into .tools/nats and schemathesis
+               ${SCHEMATHESIS_VERSION} into .tools/schemathesis (each skipped if present)
   up [args]    setup, then: cargo run --release -p comfyq -- up --sim --nats-server <nats> [args]
   test         setup, then: cargo fmt --check, cargo clippy -D warnings, cargo nextest/test
 USAGE
@@ -51,6 +54,29 @@ setup_python() {
 setup() {
     setup_nats
     setup_python
+    setup_schemathesis
+}
+
+# schemathesis fuzzes the API from its OpenAPI document in the test suite
+# (tests/tests/it/rest_fuzz.rs); without it that test is skipped, so a failed
+# install warns instead of stopping.
+setup_schemathesis() {
+    local have=""
+    [[ -x "${ST_DIR}/bin/st" ]] && have="$("${ST_DIR}/bin/st" --version 2>/dev/null | sed -n 's/.*version \([0-9][0-9.]*\).*/\1/p' | head -n1)"
+    if [[ "${have}" == "${SCHEMATHESIS_VERSION}" ]]; then
+        step "schemathesis ${SCHEMATHESIS_VERSION} already installed at ${ST_DIR}"
+        return 0
+    fi
+    step "installing schemathesis ${SCHEMATHESIS_VERSION} into ${ST_DIR}"
+    rm -rf "${ST_DIR}"
+    if python3 -m venv "${ST_DIR}" \
+        && PIP_ROOT_USER_ACTION=ignore "${ST_DIR}/bin/pip" install --disable-pip-version-check -q \
+            "schemathesis==${SCHEMATHESIS_VERSION}"; then
+        step "schemathesis installed at ${ST_DIR}"
+    else
+        rm -rf "${ST_DIR}"
+        printf 'warning: schemathesis not installed; the API fuzz test will be skipped\n' >&2
+    fi
 }
 
 setup_nats() {

@@ -13,7 +13,9 @@ use crate::priority::Priority;
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Where a job is in its life. Terminal states never change again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Accepted,
@@ -79,7 +81,7 @@ impl std::fmt::Display for JobStatus {
 }
 
 /// A media file the job brought, already stored under its input prefix.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InputFile {
     /// The name the workflow refers to it by (a safe file name).
     pub name: String,
@@ -89,7 +91,7 @@ pub struct InputFile {
 }
 
 /// A file the job produced, stored under its output prefix.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
 pub struct OutputFile {
     /// The ComfyUI node that produced it.
     pub node_id: String,
@@ -105,7 +107,9 @@ pub struct OutputFile {
 }
 
 /// What went wrong. The kind decides whether a retry can help.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// ComfyUI refused the workflow (`/prompt` validation).
@@ -142,7 +146,7 @@ impl ErrorKind {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
 pub struct JobError {
     pub kind: ErrorKind,
     pub message: String,
@@ -174,7 +178,7 @@ impl JobError {
 }
 
 /// Where and for which events a job's webhook is sent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WebhookSpec {
     pub url: String,
     /// Event types (`job.completed`, …); empty means the terminal ones.
@@ -306,6 +310,9 @@ pub struct JobRecord {
     /// for a slot (e.g. `waiting_for_capability`); cleared on dispatch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_reason: Option<String>,
+    /// The client asked for outputs inline (base64) in the job it reads.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inline_outputs: bool,
 }
 
 /// [`JobRecord::waiting_reason`] of a job no registered runner of its pool can run.
@@ -336,6 +343,7 @@ impl JobRecord {
             timeout_s: spec.timeout_s,
             cancel_requested: false,
             waiting_reason: None,
+            inline_outputs: false,
         }
     }
 

@@ -4,6 +4,7 @@
 //! - [`priority`]: `high`, `normal`, `low`.
 //! - [`job`]: the job record, its specification, outputs and errors.
 //! - [`event`]: job events and their subject kinds.
+//! - [`guard`]: SSRF guard: outbound URLs must resolve to public addresses.
 //! - [`messages`]: what services send each other on the JOBS and DISPATCH streams.
 //! - [`names`]: every subject, stream, consumer and bucket name, from one prefix.
 //! - [`provision`]: idempotent creation of streams, buckets and consumers.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod connection;
 pub mod consume;
 pub mod event;
+pub mod guard;
 pub mod ids;
 pub mod job;
 pub mod job_store;

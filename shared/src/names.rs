@@ -174,6 +174,14 @@ impl Names {
         let tenant = TenantId::new(tokens.next()?).ok()?;
         tokens.next().is_none().then_some((pool, priority, tenant))
     }
+    /// Every job a pool's scheduler holds back, all priorities and tenants.
+    pub fn pending_pool_filter(&self, pool: &PoolName) -> String {
+        format!("{}.pending.{pool}.>", self.prefix)
+    }
+    /// The jobs held back for one pool and priority, all tenants.
+    pub fn pending_priority_filter(&self, pool: &PoolName, priority: Priority) -> String {
+        format!("{}.pending.{pool}.{priority}.*", self.prefix)
+    }
     /// A job held back by the scheduler (`Nats-Msg-Id` = job id).
     pub fn pending_subject(
         &self,
@@ -280,6 +288,24 @@ impl Names {
     }
     pub fn tenant_jobs_key_filter(&self, tenant: &TenantId) -> String {
         format!("{tenant}.*")
+    }
+    /// The stream behind the jobs bucket (JetStream names it `KV_<bucket>`).
+    pub fn jobs_kv_stream(&self) -> String {
+        format!("KV_{}", self.jobs_bucket())
+    }
+    /// The subjects of one tenant's records in the jobs bucket's stream, for
+    /// listing with a `LastPerSubject` consumer.
+    pub fn tenant_jobs_kv_subjects(&self, tenant: &TenantId) -> String {
+        format!(
+            "$KV.{}.{}",
+            self.jobs_bucket(),
+            self.tenant_jobs_key_filter(tenant)
+        )
+    }
+    /// Key of an idempotency entry: tenant, then the hex SHA-256 of the
+    /// client's key (any bytes a client sends become a safe KV token).
+    pub fn idempotency_key(&self, tenant: &TenantId, key_sha256: &str) -> String {
+        format!("{tenant}.{key_sha256}")
     }
 
     pub fn input_object(&self, tenant: &TenantId, job: &JobId, name: &str) -> String {

@@ -61,6 +61,8 @@ pub struct StackOptions {
     /// Notifiers the stack runs itself (tests that kill and restart one
     /// run their own with [`notifier_config`]).
     pub notifiers: usize,
+    /// Changes to the ingress configuration (limits, for instance).
+    pub configure_ingress: Option<fn(&mut IngressConfig)>,
 }
 
 impl Default for StackOptions {
@@ -79,6 +81,7 @@ impl Default for StackOptions {
                 ..SchedulerConfig::default()
             },
             notifiers: 1,
+            configure_ingress: None,
         }
     }
 }
@@ -199,8 +202,10 @@ impl TestStack {
             .await
             .expect("bind ingress");
         let api = format!("http://{}", listener.local_addr().expect("bound address"));
-        let ingress = IngressConfig {
+        let mut ingress = IngressConfig {
             nats: nats_config.clone(),
+            // The webhook sink listens on loopback.
+            allow_private_webhooks: true,
             api_keys: vec![
                 ApiKey {
                     tenant: TENANT.to_owned(),
@@ -215,6 +220,9 @@ impl TestStack {
             ],
             ..IngressConfig::default()
         };
+        if let Some(configure) = options.configure_ingress {
+            configure(&mut ingress);
+        }
         services.push(spawn(
             "ingress",
             comfyq_ingress::serve(ingress, listener, shutdown.child_token()),
@@ -438,6 +446,45 @@ impl TestStack {
             .expect("dispatch stream info")
             .state
             .messages
+    }
+
+    /// What is stored: the last sequence of the JOBS stream, the jobs and
+    /// idempotency buckets and the events stream, and the number of media
+    /// objects. Equal before and after a request means it queued and stored
+    /// nothing.
+    pub async fn stored_state(&self) -> (Vec<u64>, usize) {
+        use futures::StreamExt;
+        let names = self.nats_config().names().expect("valid prefix");
+        let js = async_nats::jetstream::new(self.nats.client().await);
+        let mut sequences = Vec::new();
+        for stream in [
+            names.jobs_stream(),
+            names.jobs_kv_stream(),
+            format!("KV_{}", names.idempotency_bucket()),
+            names.events_stream(),
+        ] {
+            let mut stream = js.get_stream(&stream).await.expect("stream");
+            sequences.push(
+                stream
+                    .info()
+                    .await
+                    .expect("stream info")
+                    .state
+                    .last_sequence,
+            );
+        }
+        let media = js
+            .get_object_store(names.media_bucket())
+            .await
+            .expect("media bucket");
+        let objects = media
+            .list()
+            .await
+            .expect("list media")
+            .filter(|o| std::future::ready(o.as_ref().is_ok_and(|o| !o.deleted)))
+            .count()
+            .await;
+        (sequences, objects)
     }
 
     /// Stops every service and waits for them (graceful shutdown).

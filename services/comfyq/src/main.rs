@@ -171,6 +171,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut ingress: comfyq_ingress::IngressConfig = config::load(None)?;
     ingress.nats = nats.clone();
     ingress.http_addr = args.http_addr.to_string();
+    // Local development: webhooks to this machine, like the notifier allows.
+    ingress.allow_private_webhooks = true;
     match &args.api_key {
         Some(key) => ingress.api_keys.push(comfyq_ingress::config::ApiKey {
             tenant: "local".to_owned(),

@@ -10,64 +10,120 @@ use comfyq_shared::priority::Priority;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::problem::InvalidParam;
 
-/// `POST /v1/jobs` body.
-#[derive(Debug, Deserialize)]
+/// `POST /v1/jobs` body. Unknown fields are rejected (400), so a misspelt
+/// option never goes silently unused.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
+    /// ComfyUI API format: node id → `{class_type, inputs}`; a link is
+    /// `[node_id, output_index]`.
+    #[schema(value_type = Object)]
     pub workflow: Value,
+    /// Files the workflow refers to by name (in a loader node's file-name input).
     #[serde(default)]
     pub inputs: Vec<InputRequest>,
+    /// `high`, `normal` (default) or `low`.
     #[serde(default)]
+    #[schema(value_type = Option<Priority>)]
     pub priority: Option<String>,
+    /// Runner pool; `default` when absent.
     #[serde(default)]
     pub pool: Option<String>,
     #[serde(default)]
     pub webhook: Option<WebhookRequest>,
+    /// Execution time limit once running, in seconds.
     #[serde(default)]
     pub timeout_s: Option<u64>,
+    /// Client data kept with the job (JSON, at most 16 KiB).
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
+    #[serde(default)]
+    pub outputs: Option<OutputsRequest>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One input file: exactly one of `data` (base64 or a `data:` URL) and `url`
+/// (http(s), fetched by the service).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InputRequest {
+    /// A safe file name: no path separators, `..` or control characters.
     pub name: String,
-    /// Base64, or a `data:` URL.
-    pub data: String,
+    /// Base64, or a `data:<type>;base64,<data>` URL.
+    #[serde(default)]
+    pub data: Option<String>,
+    /// An http(s) URL the service downloads (public addresses only).
+    #[serde(default)]
+    pub url: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookRequest {
     pub url: String,
+    /// `job.accepted` … `job.cancelled`; default the terminal ones.
     #[serde(default)]
     pub events: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutputsRequest {
+    /// Also return outputs base64-encoded in the job.
+    #[serde(default)]
+    pub inline: bool,
+}
+
+/// Where an input's bytes come from, once validated.
+#[derive(Debug)]
+pub enum InputSource {
+    Bytes(Vec<u8>),
+    Url(url::Url),
+    /// Already streamed to the object store (multipart upload).
+    Stored(InputFile),
 }
 
 /// A request that passed validation.
 #[derive(Debug)]
 pub struct ValidSubmission {
     pub workflow: Value,
-    pub inputs: Vec<(String, Vec<u8>)>,
+    pub inputs: Vec<(String, InputSource)>,
     pub priority: Priority,
     pub pool: PoolName,
     pub webhook: Option<WebhookSpec>,
     pub timeout_s: u64,
     pub metadata: Option<Value>,
+    pub inline_outputs: bool,
+}
+
+/// Limits validation checks against (from configuration).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub default_timeout_s: u64,
+    pub max_timeout_s: u64,
+    pub max_inputs: usize,
+    pub max_nodes: usize,
 }
 
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 
 impl SubmitRequest {
+    /// Checks everything that can be checked without I/O. `uploaded` are
+    /// inputs that arrived as multipart file parts (already stored).
     pub fn validate(
         self,
-        default_timeout_s: u64,
-        max_timeout_s: u64,
+        limits: &Limits,
+        uploaded: Vec<InputFile>,
     ) -> Result<ValidSubmission, Vec<InvalidParam>> {
+        let Limits {
+            default_timeout_s,
+            max_timeout_s,
+            ..
+        } = *limits;
         let mut errors = Vec::new();
         let mut fail = |pointer: &str, message: String| {
             errors.push(InvalidParam {
@@ -76,10 +132,27 @@ impl SubmitRequest {
             })
         };
 
-        validate_workflow(&self.workflow, &mut fail);
+        validate_workflow(&self.workflow, limits.max_nodes, &mut fail);
+        let referenced = referenced_strings(&self.workflow);
 
         let mut inputs = Vec::new();
         let mut seen = HashSet::new();
+        if self.inputs.len() + uploaded.len() > limits.max_inputs {
+            fail(
+                "/inputs",
+                format!("at most {} inputs allowed", limits.max_inputs),
+            );
+        }
+        for file in uploaded {
+            seen.insert(file.name.clone());
+            if !referenced.contains(file.name.as_str()) {
+                fail(
+                    &format!("/inputs/{}", escape_pointer(&file.name)),
+                    format!("input {:?} is not referenced by the workflow", file.name),
+                );
+            }
+            inputs.push((file.name.clone(), InputSource::Stored(file)));
+        }
         for (i, input) in self.inputs.into_iter().enumerate() {
             let pointer = format!("/inputs/{i}");
             if let Err(message) = check_file_name(&input.name) {
@@ -93,9 +166,23 @@ impl SubmitRequest {
                 );
                 continue;
             }
-            match decode_data(&input.data) {
-                Ok(bytes) => inputs.push((input.name, bytes)),
-                Err(message) => fail(&format!("{pointer}/data"), message),
+            // An input no node refers to is almost always a typo in the name.
+            if !referenced.contains(input.name.as_str()) {
+                fail(
+                    &format!("{pointer}/name"),
+                    format!("input {:?} is not referenced by the workflow", input.name),
+                );
+            }
+            match (input.data, input.url) {
+                (Some(data), None) => match decode_data(&data) {
+                    Ok(bytes) => inputs.push((input.name, InputSource::Bytes(bytes))),
+                    Err(message) => fail(&format!("{pointer}/data"), message),
+                },
+                (None, Some(url)) => match parse_http_url(&url) {
+                    Ok(url) => inputs.push((input.name, InputSource::Url(url))),
+                    Err(message) => fail(&format!("{pointer}/url"), message),
+                },
+                _ => fail(&pointer, "needs exactly one of data and url".to_owned()),
             }
         }
 
@@ -118,14 +205,8 @@ impl SubmitRequest {
         let webhook = match self.webhook {
             None => None,
             Some(webhook) => {
-                match url::Url::parse(&webhook.url) {
-                    Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
-                    }
-                    Ok(_) => fail(
-                        "/webhook/url",
-                        "must be an http(s) URL with a host".to_owned(),
-                    ),
-                    Err(e) => fail("/webhook/url", format!("not a URL: {e}")),
+                if let Err(message) = parse_http_url(&webhook.url) {
+                    fail("/webhook/url", message);
                 }
                 for (i, event) in webhook.events.iter().enumerate() {
                     if !WebhookSpec::SUBSCRIBABLE.contains(&event.as_str()) {
@@ -176,6 +257,7 @@ impl SubmitRequest {
                 webhook,
                 timeout_s,
                 metadata: self.metadata,
+                inline_outputs: self.outputs.unwrap_or_default().inline,
             })
         } else {
             Err(errors)
@@ -185,7 +267,7 @@ impl SubmitRequest {
 
 /// Checks the shape of an API-format workflow: nodes with `class_type` and
 /// `inputs`, links to existing nodes, and no cycles.
-fn validate_workflow(workflow: &Value, fail: &mut impl FnMut(&str, String)) {
+fn validate_workflow(workflow: &Value, max_nodes: usize, fail: &mut impl FnMut(&str, String)) {
     let Some(nodes) = workflow.as_object() else {
         fail(
             "/workflow",
@@ -195,6 +277,13 @@ fn validate_workflow(workflow: &Value, fail: &mut impl FnMut(&str, String)) {
     };
     if nodes.is_empty() {
         fail("/workflow", "has no nodes".to_owned());
+        return;
+    }
+    if nodes.len() > max_nodes {
+        fail(
+            "/workflow",
+            format!("has {} nodes; at most {max_nodes} allowed", nodes.len()),
+        );
         return;
     }
     let mut edges: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -280,6 +369,27 @@ fn find_cycle<'a>(
     None
 }
 
+/// Every string value of every node's inputs: where a loader node names a file.
+fn referenced_strings(workflow: &Value) -> HashSet<&str> {
+    workflow
+        .as_object()
+        .into_iter()
+        .flat_map(|nodes| nodes.values())
+        .filter_map(|node| node.get("inputs")?.as_object())
+        .flat_map(|inputs| inputs.values())
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+/// An absolute http(s) URL with a host.
+pub fn parse_http_url(raw: &str) -> Result<url::Url, String> {
+    match url::Url::parse(raw) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(url),
+        Ok(_) => Err("must be an http(s) URL with a host".to_owned()),
+        Err(e) => Err(format!("not a URL: {e}")),
+    }
+}
+
 fn escape_pointer(token: &str) -> String {
     token.replace('~', "~0").replace('/', "~1")
 }
@@ -315,34 +425,71 @@ fn decode_data(data: &str) -> Result<Vec<u8>, String> {
 }
 
 /// The job as clients see it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct JobView {
     pub id: JobId,
+    pub tenant: TenantId,
     pub status: JobStatus,
     pub priority: Priority,
     pub pool: PoolName,
+    /// The attempt now running or last run (1-based; 0 before dispatch).
     pub attempt: u32,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub queued_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<OffsetDateTime>,
+    /// Jobs ahead of this one in its pool (all priorities at or above its
+    /// own), while it waits for a runner.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
+    /// The latest progress while running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressView>,
     pub runner: Option<RunnerId>,
-    pub inputs: Vec<InputFile>,
+    pub inputs: Vec<InputView>,
     pub outputs: Vec<OutputView>,
     pub error: Option<JobError>,
     pub cancel_requested: bool,
+    pub webhook: Option<WebhookSpec>,
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
-    pub tenant: TenantId,
+    pub timeout_s: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, ToSchema)]
+pub struct ProgressView {
+    /// The node executing now.
+    pub node_id: Option<String>,
+    pub node_type: Option<String>,
+    /// The current node's step counter (e.g. sampler steps).
+    pub value: Option<f64>,
+    pub max: Option<f64>,
+    /// Whole job, 0.0 to 1.0.
+    pub fraction: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
 pub struct OutputView {
     #[serde(flatten)]
     pub file: OutputFile,
+    pub url: String,
+    /// Base64 of the bytes, when the job asked for inline outputs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InputView {
+    #[serde(flatten)]
+    pub file: InputFile,
     pub url: String,
 }
 
@@ -354,10 +501,20 @@ impl JobView {
             .map(|file| OutputView {
                 url: format!("/v1/jobs/{}/outputs/{}", record.id, file.name),
                 file,
+                data: None,
+            })
+            .collect();
+        let inputs = record
+            .inputs
+            .into_iter()
+            .map(|file| InputView {
+                url: format!("/v1/jobs/{}/inputs/{}", record.id, file.name),
+                file,
             })
             .collect();
         Self {
             id: record.id,
+            tenant: record.tenant,
             status: record.status,
             priority: record.priority,
             pool: record.pool,
@@ -366,15 +523,52 @@ impl JobView {
             queued_at: record.queued_at,
             started_at: record.started_at,
             finished_at: record.finished_at,
+            queue_position: None,
+            progress: None,
             runner: record.runner,
-            inputs: record.inputs,
+            inputs,
             outputs,
             error: record.error,
             cancel_requested: record.cancel_requested,
+            webhook: record.webhook,
             metadata: record.metadata,
-            tenant: record.tenant,
+            timeout_s: record.timeout_s,
         }
     }
+}
+
+/// `GET /v1/jobs` query.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only jobs in these states (comma separated).
+    pub status: Option<String>,
+    /// Only jobs created at or after this time (RFC 3339).
+    pub created_after: Option<String>,
+    /// Only jobs created before this time (RFC 3339).
+    pub created_before: Option<String>,
+    /// Page size, 1 to 200 (default 50).
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// One page of jobs, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobPage {
+    pub jobs: Vec<JobView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// `?wait=N` on `POST /v1/jobs` and `GET /v1/jobs/{id}`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// Seconds to wait for the job to end (capped by configuration); 200
+    /// with the finished job if it ends in time, else 202.
+    pub wait: Option<u64>,
 }
 
 #[cfg(test)]
@@ -382,9 +576,18 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const LIMITS: Limits = Limits {
+        default_timeout_s: 60,
+        max_timeout_s: 3600,
+        max_inputs: 16,
+        max_nodes: 1000,
+    };
+
     fn errors_of(body: Value) -> Vec<InvalidParam> {
         let request: SubmitRequest = serde_json::from_value(body).expect("shape parses");
-        request.validate(60, 3600).expect_err("should be invalid")
+        request
+            .validate(&LIMITS, Vec::new())
+            .expect_err("should be invalid")
     }
 
     #[test]
@@ -405,7 +608,7 @@ mod tests {
 
     #[test]
     fn inputs_names_and_data() {
-        let workflow = json!({"1": {"class_type": "A", "inputs": {}}});
+        let workflow = json!({"1": {"class_type": "A", "inputs": {"image": "x.png"}}});
         let errors = errors_of(
             json!({"workflow": workflow, "inputs": [{"name": "../x.png", "data": "aGk="}]}),
         );
@@ -419,8 +622,11 @@ mod tests {
             "priority": "high"
         }))
         .expect("parses");
-        let valid = ok.validate(60, 3600).expect("valid");
-        assert_eq!(valid.inputs[0].1, b"hi");
+        let valid = ok.validate(&LIMITS, Vec::new()).expect("valid");
+        assert!(matches!(&valid.inputs[0].1, InputSource::Bytes(b) if b == b"hi"));
+        let errors =
+            errors_of(json!({"workflow": workflow, "inputs": [{"name": "y.png", "data": "aGk="}]}));
+        assert!(errors[0].message.contains("not referenced"), "{errors:?}");
         assert_eq!(valid.priority, Priority::High);
     }
 

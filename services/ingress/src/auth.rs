@@ -76,10 +76,11 @@ impl FromRequestParts<AppState> for Tenant {
             .headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        state
+        let tenant = state
             .auth
             .tenant_for(header)
-            .map(Tenant)
-            .ok_or_else(Problem::unauthorized)
+            .ok_or_else(Problem::unauthorized)?;
+        state.limiter.check(&tenant)?;
+        Ok(Tenant(tenant))
     }
 }

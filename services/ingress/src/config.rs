@@ -19,6 +19,28 @@ pub struct IngressConfig {
     /// Default and largest allowed `timeout_s` of a job.
     pub default_timeout_s: u64,
     pub max_timeout_s: u64,
+    /// Longest `?wait=N` honoured, in seconds.
+    pub max_wait_s: u64,
+    /// Most input files per job and most nodes per workflow.
+    pub max_inputs: usize,
+    pub max_nodes: usize,
+    /// Largest input file (multipart part or fetched URL), in bytes.
+    pub max_input_bytes: u64,
+    /// Time limit of fetching one `{name, url}` input.
+    #[serde(with = "humantime_serde")]
+    pub input_fetch_timeout: std::time::Duration,
+    /// Allow webhook URLs that resolve to loopback, private or link-local
+    /// addresses (development only).
+    pub allow_private_webhooks: bool,
+    /// Same for input URLs the service fetches.
+    pub allow_private_input_urls: bool,
+    /// Requests per second per tenant (sustained), and the burst above it.
+    /// 0 turns rate limiting off.
+    pub rate_limit_per_s: u32,
+    pub rate_limit_burst: u32,
+    /// Jobs per tenant not yet finished before `POST /v1/jobs` answers 429.
+    /// 0 means no limit.
+    pub max_active_jobs: u64,
 }
 
 /// One API key. Configuration holds the SHA-256 of the key (hex) so a leaked
@@ -43,6 +65,16 @@ impl Default for IngressConfig {
             max_body_bytes: 64 * 1024 * 1024,
             default_timeout_s: 600,
             max_timeout_s: 24 * 3600,
+            max_wait_s: 300,
+            max_inputs: 32,
+            max_nodes: 5000,
+            max_input_bytes: 512 * 1024 * 1024,
+            input_fetch_timeout: std::time::Duration::from_secs(60),
+            allow_private_webhooks: false,
+            allow_private_input_urls: false,
+            rate_limit_per_s: 50,
+            rate_limit_burst: 200,
+            max_active_jobs: 10_000,
         }
     }
 }
@@ -82,6 +114,12 @@ impl Validate for IngressConfig {
         }
         if self.max_body_bytes < 1024 {
             return invalid("max_body_bytes must be at least 1024".to_owned());
+        }
+        if self.rate_limit_per_s > 0 && self.rate_limit_burst == 0 {
+            return invalid("rate_limit_burst must be at least 1".to_owned());
+        }
+        if self.max_inputs == 0 || self.max_nodes == 0 {
+            return invalid("max_inputs and max_nodes must be at least 1".to_owned());
         }
         if self.default_timeout_s == 0 || self.default_timeout_s > self.max_timeout_s {
             return invalid("default_timeout_s must be between 1 and max_timeout_s".to_owned());

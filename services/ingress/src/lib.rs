@@ -5,15 +5,34 @@
 //! - [`api`]: request/response bodies and edge validation.
 //! - [`problem`]: RFC 9457 problem responses, the one HTTP error type.
 //! - [`routes`]: handlers and the router.
+//! - [`listing`]: `GET /v1/jobs` from the jobs bucket's keys.
+//! - [`live`]: progress, queue position and `?wait` for one job.
+//! - [`idempotency`]: `Idempotency-Key` claims.
+//! - [`upload`]: multipart submissions streamed to the object store.
+//! - [`fetch`]: `{name, url}` inputs and webhook URLs behind the SSRF guard.
+//! - [`streams`]: SSE and WebSocket event streams from the EVENTS stream.
+//! - [`catalog`]: runners, queue depth, node-type check.
+//! - [`limits`]: per-tenant request rate limits.
+//! - [`active`]: unfinished jobs per tenant, for the active-job limit.
+//! - [`openapi`]: the generated OpenAPI document and docs page.
 //! - [`state`]: what handlers share.
-//! - [`webhooks`]: a job's webhook deliveries and their redelivery.
 
+pub mod active;
 pub mod api;
 pub mod auth;
+pub mod catalog;
 pub mod config;
+pub mod fetch;
+pub mod idempotency;
+pub mod limits;
+pub mod listing;
+pub mod live;
+pub mod openapi;
 pub mod problem;
 pub mod routes;
 pub mod state;
+pub mod streams;
+pub mod upload;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -52,19 +71,35 @@ pub async fn serve(
     let shared = provision::provision(&js, &names, &config.nats).await?;
     let state = state::AppState {
         auth: Arc::new(auth::Authenticator::from_config(&config)),
-        config: Arc::new(config),
         client: client.clone(),
         jobs: JobStore::new(shared.jobs, names.clone()),
         media: MediaStore::new(shared.media, names.clone()),
         events: EventPublisher::new(js.clone(), names.clone()),
+        idempotency: shared.idempotency,
+        runners: shared.runners,
         webhooks: shared.webhooks,
+        limiter: Arc::new(limits::RateLimiter::new(
+            config.rate_limit_per_s,
+            config.rate_limit_burst,
+        )),
         js,
         names,
+        config: Arc::new(config),
+        shutdown: shutdown.clone(),
+        active: Arc::new(active::ActiveJobs::default()),
     };
+    let follower = tokio::spawn({
+        let active = state.active.clone();
+        let jobs = state.jobs.kv().clone();
+        let shutdown = shutdown.clone();
+        async move { active.follow(jobs, shutdown).await }
+    });
     tracing::info!(addr = %listener.local_addr()?, "ingress listening");
     axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await?;
+    shutdown.cancel();
+    let _ = follower.await;
     let _ = client.flush().await;
     tracing::info!("ingress stopped");
     Ok(())

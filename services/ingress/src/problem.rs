@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 /// One invalid part of a request: a JSON pointer into the body and why.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct InvalidParam {
     pub pointer: String,
     pub message: String,
@@ -20,17 +20,25 @@ pub struct Problem {
     title: &'static str,
     detail: String,
     errors: Vec<InvalidParam>,
+    retry_after: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct ProblemBody<'a> {
+/// RFC 9457 problem details (`application/problem+json`). `type` is stable:
+/// `https://comfyq.dev/problems/<kind>` with kind one of `bad-request`,
+/// `validation`, `unauthorized`, `not-found`, `conflict`, `too-large`,
+/// `unsupported-media-type`, `rate-limited`, `too-many-jobs`, `unavailable`,
+/// `internal`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Problem)]
+pub struct ProblemBody {
     #[serde(rename = "type")]
     kind: String,
-    title: &'a str,
+    title: &'static str,
     status: u16,
-    detail: &'a str,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
-    errors: &'a [InvalidParam],
+    detail: String,
+    /// For `validation`: each invalid part of the request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    errors: Vec<InvalidParam>,
 }
 
 impl Problem {
@@ -46,6 +54,38 @@ impl Problem {
             title,
             detail: detail.into(),
             errors: Vec::new(),
+            retry_after: None,
+        }
+    }
+
+    /// The stable kind (last segment of `type`).
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    pub fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", "Conflict", detail)
+    }
+
+    pub fn unsupported_media_type(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported content type",
+            detail,
+        )
+    }
+
+    /// Too many requests: `kind` is `rate-limited` or `too-many-jobs`.
+    pub fn too_many(kind: &'static str, detail: impl Into<String>, retry_after_s: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after_s.max(1)),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                kind,
+                "Too many requests",
+                detail,
+            )
         }
     }
 
@@ -128,14 +168,19 @@ impl IntoResponse for Problem {
             kind: format!("https://comfyq.dev/problems/{}", self.kind),
             title: self.title,
             status: self.status.as_u16(),
-            detail: &self.detail,
-            errors: &self.errors,
+            detail: self.detail,
+            errors: self.errors,
         };
         let mut response = (self.status, Json(&body)).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("application/problem+json"),
         );
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        }
         response
     }
 }

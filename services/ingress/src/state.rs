@@ -1,6 +1,6 @@
 //! What every handler shares.
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, kv};
 use comfyq_shared::job_store::JobStore;
 use comfyq_shared::media::MediaStore;
 use comfyq_shared::names::Names;
@@ -8,6 +8,7 @@ use comfyq_shared::publisher::EventPublisher;
 
 use crate::auth::Authenticator;
 use crate::config::IngressConfig;
+use crate::limits::RateLimiter;
 
 #[derive(Clone, Debug)]
 pub struct AppState {
@@ -19,6 +20,12 @@ pub struct AppState {
     pub jobs: JobStore,
     pub media: MediaStore,
     pub events: EventPublisher,
+    pub idempotency: kv::Store,
+    pub runners: kv::Store,
     /// Webhook delivery records (written by the notifier).
-    pub webhooks: async_nats::jetstream::kv::Store,
+    pub webhooks: kv::Store,
+    pub limiter: std::sync::Arc<RateLimiter>,
+    pub active: std::sync::Arc<crate::active::ActiveJobs>,
+    /// Cancelled at shutdown: open event streams end so the server can drain.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }

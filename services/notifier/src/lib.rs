@@ -11,7 +11,7 @@
 
 pub mod config;
 pub mod delivery;
-pub mod guard;
+pub use comfyq_shared::guard;
 pub mod hosts;
 
 use std::sync::Arc;

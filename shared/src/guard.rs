@@ -1,4 +1,4 @@
-//! Server-side request forgery guard: webhook destinations must resolve to
+//! Server-side request forgery guard: webhook destinations and fetched inputs must resolve to
 //! public addresses unless configuration allows private ones.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -1,0 +1,189 @@
+//! What a job record does not hold but a client wants to see: the latest
+//! progress (from the events stream), the queue position (from the pending
+//! and dispatch streams) and waiting for the end (a watch on the record's KV key).
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use async_nats::jetstream::{kv, stream};
+use comfyq_shared::event::{Event, EventBody, EventKind};
+use comfyq_shared::job::{JobRecord, JobStatus};
+use comfyq_shared::priority::Priority;
+use futures::StreamExt;
+
+use crate::api::ProgressView;
+use crate::problem::Problem;
+use crate::state::AppState;
+
+/// Scanning the own dispatch subject for the position stops here (one
+/// message get each); the answer is then a lower bound.
+const POSITION_SCAN_LIMIT: u64 = 1_000;
+
+/// The latest progress of a running job: two direct gets of the last
+/// message on the job's `node` and `progress` subjects (cheap, no consumer).
+pub async fn progress(state: &AppState, record: &JobRecord) -> Option<ProgressView> {
+    if record.status != JobStatus::Running {
+        return None;
+    }
+    let stream = state
+        .js
+        .get_stream(state.names.events_stream())
+        .await
+        .ok()?;
+    let last = async |kind| {
+        let subject = state.names.event_subject(&record.tenant, &record.id, kind);
+        let message = stream.direct_get_last_for_subject(subject).await.ok()?;
+        let event: Event = serde_json::from_slice(&message.payload).ok()?;
+        // Progress of an earlier attempt says nothing about this one.
+        let started = record.started_at?;
+        (event.at >= started).then_some((message.sequence, event.body))
+    };
+    let node = last(EventKind::Node).await;
+    let step = last(EventKind::Progress).await;
+    let mut view = ProgressView::default();
+    if let Some((_, EventBody::Node(node))) = &node {
+        view.node_id = node.node_id.clone();
+        view.node_type = node.node_type.clone();
+        view.fraction = node.fraction;
+    }
+    if let Some((step_seq, EventBody::Progress(step))) = &step {
+        let node_seq = node.as_ref().map_or(0, |(seq, _)| *seq);
+        if *step_seq > node_seq || view.node_id.as_deref() == Some(step.node_id.as_str()) {
+            view.node_id = Some(step.node_id.clone());
+            view.value = Some(step.value);
+            view.max = Some(step.max);
+            view.fraction = view.fraction.max(step.fraction);
+        }
+    }
+    (node.is_some() || step.is_some()).then_some(view)
+}
+
+/// About how many jobs of the job's pool start before it.
+///
+/// A queued job waits in PENDING, where the scheduler picks by priority
+/// (with ageing) and tenant fairness: the estimate counts every pending job
+/// of a higher priority plus those of its own priority submitted before it.
+/// A dispatched job is counted from the DISPATCH stream: undelivered
+/// messages of higher priorities plus those ahead on its own subjects.
+pub async fn queue_position(state: &AppState, record: &JobRecord) -> Option<u64> {
+    match record.status {
+        JobStatus::Queued => pending_position(state, record).await,
+        JobStatus::Dispatched | JobStatus::Retrying => dispatch_position(state, record).await,
+        _ => None,
+    }
+}
+
+async fn pending_position(state: &AppState, record: &JobRecord) -> Option<u64> {
+    let stream = state
+        .js
+        .get_stream(state.names.pending_stream())
+        .await
+        .ok()?;
+    let mut subjects = stream
+        .info_with_subjects(state.names.pending_pool_filter(&record.pool))
+        .await
+        .ok()?;
+    let mut ahead = 0;
+    while let Some(Ok((subject, count))) = subjects.next().await {
+        if let Some((_, priority, _)) = state.names.parse_pending_subject(&subject)
+            && priority < record.priority
+        {
+            ahead += count as u64;
+        }
+    }
+    let filter = state
+        .names
+        .pending_priority_filter(&record.pool, record.priority);
+    Some(ahead + scan_ahead(&stream, &filter, 1, record).await)
+}
+
+async fn dispatch_position(state: &AppState, record: &JobRecord) -> Option<u64> {
+    let stream = state
+        .js
+        .get_stream(state.names.dispatch_stream())
+        .await
+        .ok()?;
+    let mut ahead = 0;
+    for priority in Priority::ALL {
+        if priority >= record.priority {
+            break;
+        }
+        if let Some(info) = consumer_info(&stream, state, record, priority).await {
+            ahead += info.num_pending;
+        }
+    }
+    let own = consumer_info(&stream, state, record, record.priority).await;
+    let first = own.map_or(1, |info| info.delivered.stream_sequence + 1);
+    let filter = state
+        .names
+        .dispatch_priority_filter(&record.pool, record.priority);
+    Some(ahead + scan_ahead(&stream, &filter, first, record).await)
+}
+
+/// Messages on `filter` from sequence `first` before the job's own (its
+/// `Nats-Msg-Id` starts with the job id), one message get each, capped.
+async fn scan_ahead(stream: &stream::Stream, filter: &str, first: u64, record: &JobRecord) -> u64 {
+    let job_prefix = record.id.to_string();
+    let mut next = first;
+    let mut scanned = 0;
+    while scanned < POSITION_SCAN_LIMIT {
+        let Ok(message) = stream.get_first_raw_message_by_subject(filter, next).await else {
+            return scanned;
+        };
+        let ours = message
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .is_some_and(|id| id.as_str().starts_with(&job_prefix));
+        if ours {
+            return scanned;
+        }
+        scanned += 1;
+        next = message.sequence + 1;
+    }
+    scanned
+}
+
+async fn consumer_info(
+    stream: &stream::Stream,
+    state: &AppState,
+    record: &JobRecord,
+    priority: Priority,
+) -> Option<consumer::Info> {
+    let name = state.names.dispatch_consumer(&record.pool, priority);
+    let mut consumer: consumer::PullConsumer = stream.get_consumer(&name).await.ok()?;
+    consumer.info().await.ok().cloned()
+}
+
+/// Watches the job's record until it is terminal or `timeout` passes; the
+/// terminal record, or `None` on timeout.
+pub async fn wait_terminal(
+    state: &AppState,
+    record: &JobRecord,
+    timeout: Duration,
+) -> Result<Option<JobRecord>, Problem> {
+    if record.status.is_terminal() {
+        return Ok(Some(record.clone()));
+    }
+    let key = state.names.job_key(&record.tenant, &record.id);
+    let mut watch = state
+        .jobs
+        .kv()
+        .watch_with_history(key)
+        .await
+        .map_err(|e| Problem::unavailable(&e))?;
+    let wait = async {
+        while let Some(entry) = watch.next().await {
+            let Ok(entry) = entry else { return None };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            if let Ok(record) = serde_json::from_slice::<JobRecord>(&entry.value)
+                && record.status.is_terminal()
+            {
+                return Some(record);
+            }
+        }
+        None
+    };
+    Ok(tokio::time::timeout(timeout, wait).await.ok().flatten())
+}
