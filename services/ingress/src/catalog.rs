@@ -53,23 +53,76 @@ pub struct RunnerList {
     pub runners: Vec<RunnerView>,
 }
 
-async fn registrations(state: &AppState) -> Result<Vec<RunnerView>, Problem> {
-    let mut keys = state
-        .runners
-        .keys()
-        .await
-        .map_err(|e| Problem::unavailable(&e))?;
-    let mut runners = Vec::new();
-    while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| Problem::unavailable(&e))?;
-        if let Ok(Some(value)) = state.runners.get(&key).await
-            && let Ok(runner) = serde_json::from_slice::<RunnerView>(&value)
-        {
-            runners.push(runner);
+/// Live runner registrations, kept from one watch on the runners bucket
+/// (reading the bucket per request would open a consumer per request).
+#[derive(Debug, Default)]
+pub struct RunnerDirectory {
+    // A std mutex: held only to copy or update the map, never across an await.
+    by_key: std::sync::Mutex<BTreeMap<String, (RunnerView, OffsetDateTime)>>,
+}
+
+impl RunnerDirectory {
+    /// Keeps the view up to date until `shutdown`; re-watches after errors.
+    pub async fn follow(
+        &self,
+        runners: async_nats::jetstream::kv::Store,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        use async_nats::jetstream::kv::Operation;
+        while !shutdown.is_cancelled() {
+            let watch = match runners.watch_with_history(">").await {
+                Ok(watch) => watch,
+                Err(error) => {
+                    tracing::warn!(%error, "watching runner registrations");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            let mut watch = std::pin::pin!(watch.take_until(shutdown.cancelled()));
+            while let Some(entry) = watch.next().await {
+                let Ok(entry) = entry else { break };
+                let Ok(mut by_key) = self.by_key.lock() else {
+                    return;
+                };
+                match (
+                    entry.operation,
+                    serde_json::from_slice::<RunnerView>(&entry.value),
+                ) {
+                    (Operation::Put, Ok(view)) => {
+                        by_key.insert(entry.key.clone(), (view, entry.created));
+                    }
+                    _ => {
+                        by_key.remove(&entry.key);
+                    }
+                }
+            }
         }
     }
-    runners.sort_by(|a, b| a.runner.cmp(&b.runner));
-    Ok(runners)
+
+    /// Registrations refreshed within `ttl` (the bucket's age limit expires
+    /// entries without telling watchers, so staleness is judged here).
+    pub fn live(&self, ttl: std::time::Duration) -> Vec<RunnerView> {
+        let now = OffsetDateTime::now_utc();
+        let mut runners: Vec<RunnerView> = self
+            .by_key
+            .lock()
+            .map(|by_key| {
+                by_key
+                    .values()
+                    .filter(|(_, written)| (now - *written).unsigned_abs() <= ttl)
+                    .map(|(view, _)| view.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        runners.sort_by(|a, b| a.runner.cmp(&b.runner));
+        runners
+    }
+}
+
+async fn registrations(state: &AppState) -> Result<Vec<RunnerView>, Problem> {
+    Ok(state.runner_directory.live(state.config.nats.runner_ttl))
 }
 
 /// Registered runners (entries expire without a heartbeat).
@@ -87,8 +140,12 @@ pub(crate) async fn list_runners(
 }
 
 /// Rejects a workflow using node types that no runner of its pool has, when
-/// the pool's runners have registered their node types.
+/// the pool's runners have registered their node types (unless configured to
+/// let the scheduler hold such jobs as `waiting_for_capability`).
 pub async fn check_node_types(state: &AppState, valid: &ValidSubmission) -> Result<(), Problem> {
+    if !state.config.reject_unknown_node_types {
+        return Ok(());
+    }
     let runners = registrations(state).await?;
     let known: BTreeSet<&str> = runners
         .iter()
@@ -136,6 +193,18 @@ pub struct QueueLevel {
     pub oldest_wait_s: Option<f64>,
 }
 
+impl QueueLevel {
+    fn empty(pool: PoolName, priority: Priority) -> Self {
+        Self {
+            pool,
+            priority,
+            depth: 0,
+            in_flight: 0,
+            oldest_wait_s: None,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct QueueView {
     pub levels: Vec<QueueLevel>,
@@ -150,47 +219,74 @@ pub(crate) async fn queue(
     State(state): State<AppState>,
     _tenant: Tenant,
 ) -> Result<Json<QueueView>, Problem> {
-    let stream = state
+    use std::collections::BTreeMap;
+    let unavailable = |e: &dyn std::error::Error| Problem::unavailable(e);
+    // Jobs wait in PENDING until the scheduler dispatches them; once in
+    // DISPATCH they wait for a runner to pull them.
+    let mut levels: BTreeMap<(PoolName, Priority), QueueLevel> = BTreeMap::new();
+    let pending = state
+        .js
+        .get_stream(state.names.pending_stream())
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let mut subjects = pending
+        .info_with_subjects(format!("{}.pending.>", state.names.prefix()))
+        .await
+        .map_err(|e| unavailable(&e))?;
+    while let Some(entry) = subjects.next().await {
+        let (subject, count) = entry.map_err(|e| unavailable(&e))?;
+        if let Some((pool, priority, _tenant)) = state.names.parse_pending_subject(&subject) {
+            let level = levels
+                .entry((pool.clone(), priority))
+                .or_insert_with(|| QueueLevel::empty(pool, priority));
+            level.depth += count as u64;
+        }
+    }
+    let now = OffsetDateTime::now_utc();
+    let age = |time: OffsetDateTime| (now - time).as_seconds_f64().max(0.0);
+    for ((pool, priority), level) in levels.iter_mut() {
+        let filter = state.names.pending_priority_filter(pool, *priority);
+        level.oldest_wait_s = pending
+            .get_first_raw_message_by_subject(&filter, 1)
+            .await
+            .ok()
+            .map(|m| age(m.time));
+    }
+
+    let dispatch = state
         .js
         .get_stream(state.names.dispatch_stream())
         .await
-        .map_err(|e| Problem::unavailable(&e))?;
-    let mut consumers = stream.consumers();
-    let mut levels = Vec::new();
+        .map_err(|e| unavailable(&e))?;
+    let mut consumers = dispatch.consumers();
     let subject_prefix = format!("{}.dispatch.", state.names.prefix());
     while let Some(info) = consumers.next().await {
-        let info = info.map_err(|e| Problem::unavailable(&e))?;
+        let info = info.map_err(|e| unavailable(&e))?;
         let subject = info.config.filter_subject.clone();
-        let Some((pool, priority)) = subject
+        // Filters are `<prefix>.dispatch.<pool>.<priority>.*`.
+        let mut tokens = subject
             .strip_prefix(&subject_prefix)
-            .and_then(|rest| rest.split_once('.'))
-        else {
+            .unwrap_or_default()
+            .split('.');
+        let (Some(Ok(pool)), Some(Ok(priority))) = (
+            tokens.next().map(|p| PoolName::new(p.to_owned())),
+            tokens.next().map(str::parse::<Priority>),
+        ) else {
             continue;
         };
-        let (Ok(pool), Ok(priority)) = (PoolName::new(pool), priority.parse::<Priority>()) else {
-            continue;
-        };
-        let oldest_wait_s = if info.num_pending > 0 {
-            stream
+        let level = levels
+            .entry((pool.clone(), priority))
+            .or_insert_with(|| QueueLevel::empty(pool, priority));
+        level.depth += info.num_pending;
+        level.in_flight += info.num_ack_pending as u64;
+        if level.oldest_wait_s.is_none() && info.num_pending > 0 {
+            level.oldest_wait_s = dispatch
                 .get_first_raw_message_by_subject(&subject, info.delivered.stream_sequence + 1)
                 .await
                 .ok()
-                .map(|m| {
-                    (OffsetDateTime::now_utc() - m.time)
-                        .as_seconds_f64()
-                        .max(0.0)
-                })
-        } else {
-            None
-        };
-        levels.push(QueueLevel {
-            pool,
-            priority,
-            depth: info.num_pending,
-            in_flight: info.num_ack_pending as u64,
-            oldest_wait_s,
-        });
+                .map(|m| age(m.time));
+        }
     }
-    levels.sort_by(|a, b| (&a.pool, a.priority).cmp(&(&b.pool, b.priority)));
+    let levels = levels.into_values().collect();
     Ok(Json(QueueView { levels }))
 }

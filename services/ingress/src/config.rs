@@ -19,6 +19,11 @@ pub struct IngressConfig {
     /// Default and largest allowed `timeout_s` of a job.
     pub default_timeout_s: u64,
     pub max_timeout_s: u64,
+    /// Refuse (422) a workflow whose node types no registered runner of its
+    /// pool has. Off: accept it, and the scheduler holds it as
+    /// `waiting_for_capability` until such a runner registers (or fails it,
+    /// per the scheduler's `unroutable` setting).
+    pub reject_unknown_node_types: bool,
     /// Longest `?wait=N` honoured, in seconds.
     pub max_wait_s: u64,
     /// Most input files per job and most nodes per workflow.
@@ -65,6 +70,7 @@ impl Default for IngressConfig {
             max_body_bytes: 64 * 1024 * 1024,
             default_timeout_s: 600,
             max_timeout_s: 24 * 3600,
+            reject_unknown_node_types: true,
             max_wait_s: 300,
             max_inputs: 32,
             max_nodes: 5000,

@@ -87,7 +87,14 @@ pub async fn serve(
         config: Arc::new(config),
         shutdown: shutdown.clone(),
         active: Arc::new(active::ActiveJobs::default()),
+        runner_directory: Arc::new(catalog::RunnerDirectory::default()),
     };
+    let directory = tokio::spawn({
+        let directory = state.runner_directory.clone();
+        let runners = state.runners.clone();
+        let shutdown = shutdown.clone();
+        async move { directory.follow(runners, shutdown).await }
+    });
     let follower = tokio::spawn({
         let active = state.active.clone();
         let jobs = state.jobs.kv().clone();
@@ -100,6 +107,7 @@ pub async fn serve(
         .await?;
     shutdown.cancel();
     let _ = follower.await;
+    let _ = directory.await;
     let _ = client.flush().await;
     tracing::info!("ingress stopped");
     Ok(())

@@ -26,6 +26,7 @@ pub struct AppState {
     pub webhooks: kv::Store,
     pub limiter: std::sync::Arc<RateLimiter>,
     pub active: std::sync::Arc<crate::active::ActiveJobs>,
+    pub runner_directory: std::sync::Arc<crate::catalog::RunnerDirectory>,
     /// Cancelled at shutdown: open event streams end so the server can drain.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

@@ -198,6 +198,8 @@ async fn tenant_limits_hold_jobs_back_and_reject_excess() {
 async fn a_job_no_runner_can_run_waits_then_times_out() {
     let mut options = StackOptions::default();
     options.scheduler.max_queue_time = Duration::from_secs(2);
+    // Ingress would refuse it outright; here the scheduler is to hold it.
+    options.configure_ingress = Some(|ingress| ingress.reject_unknown_node_types = false);
     let stack = TestStack::start_with(options).await;
     let workflow = json!({
         "1": {"class_type": "NoSuchNode", "inputs": {}},
@@ -293,6 +295,8 @@ async fn a_restarted_scheduler_loses_no_pending_job_and_keeps_order() {
     let mut stack = TestStack::start_with(StackOptions {
         schedulers: 0,
         runners: 0,
+        // 1,000 submissions in a burst: beyond the default per-tenant rate.
+        configure_ingress: Some(|ingress| ingress.rate_limit_per_s = 0),
         ..StackOptions::default()
     })
     .await;

@@ -36,6 +36,21 @@ async fn delivery_in_state(stack: &TestStack, id: &str, state: &str) -> Value {
     .await
 }
 
+/// A notifier's durable consumer starts at new events: tests that run their
+/// own notifier wait for it before submitting.
+async fn notifier_consumer_ready(stack: &TestStack) {
+    let js = async_nats::jetstream::new(stack.nats.client().await);
+    eventually(
+        Duration::from_secs(10),
+        "the notifier's consumer exists",
+        async || {
+            let stream = js.get_stream("COMFYQ_EVENTS").await.ok()?;
+            stream.consumer_info("notifier").await.ok().map(|_| ())
+        },
+    )
+    .await;
+}
+
 async fn submit_with_webhook(stack: &TestStack, url: &str) -> String {
     let job = stack
         .submit(json!({"workflow": invert_workflow(8), "webhook": {"url": url}}))
@@ -236,6 +251,7 @@ async fn private_destinations_are_refused_and_recorded() {
     };
     let stop = CancellationToken::new();
     let notifier = tokio::spawn(comfyq_notifier::run(guarded, stop.clone()));
+    notifier_consumer_ready(&stack).await;
 
     let port = stack.webhooks.addr().port();
     let targets = [
