@@ -157,9 +157,15 @@ pub struct WebhookSink {
 impl WebhookSink {
     /// Binds 127.0.0.1:0 and serves in a background task.
     pub async fn start() -> WebhookSink {
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await
+    }
+
+    /// A sink on a given address: a receiver that comes back on the port it
+    /// had before going down.
+    pub async fn start_on(addr: SocketAddr) -> WebhookSink {
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .unwrap_or_else(|e| panic!("webhook sink cannot bind 127.0.0.1:0: {e}"));
+            .unwrap_or_else(|e| panic!("webhook sink cannot bind {addr}: {e}"));
         let addr = listener
             .local_addr()
             .unwrap_or_else(|e| panic!("webhook sink has no local address: {e}"));

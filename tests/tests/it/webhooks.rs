@@ -93,6 +93,50 @@ async fn server_errors_are_retried_under_one_webhook_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_down_then_up_gets_every_webhook() {
+    let stack = TestStack::start().await;
+    // A receiver that is down: nothing listens on its port yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let url = format!("http://127.0.0.1:{port}/down/{i}");
+        ids.push(submit_with_webhook(&stack, &url).await);
+    }
+    for id in &ids {
+        eventually(
+            Duration::from_secs(20),
+            "a failed attempt recorded",
+            async || {
+                let all = deliveries(&stack, id).await;
+                let delivery = all["deliveries"].as_array()?.first()?.clone();
+                (delivery["state"] == "retrying").then_some(())
+            },
+        )
+        .await;
+    }
+    // It comes back on the same port.
+    let receiver = comfyq_tests::WebhookSink::start_on(([127, 0, 0, 1], port).into()).await;
+    for id in &ids {
+        let delivery = delivery_in_state(&stack, id, "delivered").await;
+        let attempts = delivery["attempts"].as_array().expect("attempts");
+        assert!(attempts.len() >= 2, "{delivery:#}");
+        assert!(attempts[0]["error"].is_string(), "{delivery:#}");
+    }
+    for i in 0..3 {
+        let requests = receiver.requests_to(&format!("/down/{i}"));
+        let ids = webhook_ids(&requests);
+        assert!(
+            !ids.is_empty() && ids.iter().all(|w| *w == ids[0]),
+            "{ids:?}"
+        );
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_is_not_retried_and_can_be_redelivered() {
     let stack = TestStack::start().await;
     stack.webhooks.respond_with(1, 410, &[]);
