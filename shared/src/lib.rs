@@ -11,6 +11,7 @@
 //! - [`connection`]: connecting to NATS.
 //! - [`consume`]: running a durable pull consumer with one ack per message.
 //! - [`job_store`]: job records in KV with compare-and-set.
+//! - [`kv_view`]: an in-memory view of a KV bucket kept by one watch.
 //! - [`media`]: inputs and outputs in the JetStream object store.
 //! - [`publisher`]: publishing job events.
 //! - [`config`]: layered configuration (file, then `COMFYQ_` environment).
@@ -27,6 +28,7 @@ pub mod guard;
 pub mod ids;
 pub mod job;
 pub mod job_store;
+pub mod kv_view;
 pub mod media;
 pub mod messages;
 pub mod names;

@@ -73,9 +73,16 @@ async fn main() {
     let stop = CancellationToken::new();
     let running = notifier(stop.clone());
     // Its durable consumer starts at new events: wait until it exists.
-    let stream = js.get_stream(names.events_stream()).await.expect("events stream");
+    let stream = js
+        .get_stream(names.events_stream())
+        .await
+        .expect("events stream");
     comfyq_tests::eventually(Duration::from_secs(10), "notifier consumer", async || {
-        stream.consumer_info(names.notifier_consumer()).await.ok().map(|_| ())
+        stream
+            .consumer_info(names.notifier_consumer())
+            .await
+            .ok()
+            .map(|_| ())
     })
     .await;
     // Latency, one at a time.

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_nats::jetstream::kv;
 use comfyq_shared::ids::{JobId, TenantId};
 use comfyq_shared::job::JobRecord;
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::problem::Problem;
@@ -26,26 +25,14 @@ pub struct ActiveJobs {
 impl ActiveJobs {
     /// Keeps the view up to date until `shutdown`; re-watches after errors.
     pub async fn follow(&self, jobs: kv::Store, shutdown: CancellationToken) {
-        while !shutdown.is_cancelled() {
-            let watch = match jobs.watch_with_history(">").await {
-                Ok(watch) => watch,
-                Err(error) => {
-                    tracing::warn!(%error, "watching job records for active-job counts");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
-                    }
-                }
-            };
-            let mut watch = std::pin::pin!(watch.take_until(shutdown.cancelled()));
-            while let Some(entry) = watch.next().await {
-                let Ok(entry) = entry else { break };
-                self.apply(&entry);
-                if entry.delta == 0 {
-                    self.ready.store(true, Ordering::Relaxed);
-                }
-            }
-        }
+        comfyq_shared::kv_view::follow(
+            jobs,
+            "job records for active-job counts",
+            shutdown,
+            |entry| self.apply(entry),
+            || self.ready.store(true, Ordering::Relaxed),
+        )
+        .await;
     }
 
     fn apply(&self, entry: &kv::Entry) {

@@ -69,36 +69,24 @@ impl RunnerDirectory {
         shutdown: tokio_util::sync::CancellationToken,
     ) {
         use async_nats::jetstream::kv::Operation;
-        while !shutdown.is_cancelled() {
-            let watch = match runners.watch_with_history(">").await {
-                Ok(watch) => watch,
-                Err(error) => {
-                    tracing::warn!(%error, "watching runner registrations");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
-                    }
-                }
+        let apply = |entry: &async_nats::jetstream::kv::Entry| {
+            let Ok(mut by_key) = self.by_key.lock() else {
+                return;
             };
-            let mut watch = std::pin::pin!(watch.take_until(shutdown.cancelled()));
-            while let Some(entry) = watch.next().await {
-                let Ok(entry) = entry else { break };
-                let Ok(mut by_key) = self.by_key.lock() else {
-                    return;
-                };
-                match (
-                    entry.operation,
-                    serde_json::from_slice::<RunnerView>(&entry.value),
-                ) {
-                    (Operation::Put, Ok(view)) => {
-                        by_key.insert(entry.key.clone(), (view, entry.created));
-                    }
-                    _ => {
-                        by_key.remove(&entry.key);
-                    }
+            match (
+                entry.operation,
+                serde_json::from_slice::<RunnerView>(&entry.value),
+            ) {
+                (Operation::Put, Ok(view)) => {
+                    by_key.insert(entry.key.clone(), (view, entry.created));
+                }
+                _ => {
+                    by_key.remove(&entry.key);
                 }
             }
-        }
+        };
+        comfyq_shared::kv_view::follow(runners, "runner registrations", shutdown, apply, || {})
+            .await;
     }
 
     /// Registrations refreshed within `ttl` (the bucket's age limit expires
