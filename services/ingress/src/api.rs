@@ -459,9 +459,23 @@ pub struct JobView {
     pub error: Option<JobError>,
     pub cancel_requested: bool,
     pub webhook: Option<WebhookSpec>,
+    /// Where each webhook delivery of this job stands (details and every
+    /// attempt: `GET /v1/jobs/{id}/webhooks`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhook_deliveries: Vec<WebhookDeliverySummary>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
     pub timeout_s: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookDeliverySummary {
+    /// The event's type, such as `job.completed`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// `retrying`, `delivered` or `dead`.
+    pub state: String,
+    pub attempts: usize,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, ToSchema)]
@@ -531,6 +545,7 @@ impl JobView {
             error: record.error,
             cancel_requested: record.cancel_requested,
             webhook: record.webhook,
+            webhook_deliveries: Vec::new(),
             metadata: record.metadata,
             timeout_s: record.timeout_s,
         }

@@ -25,6 +25,8 @@ use crate::state::AppState;
         crate::routes::tenant_events,
         crate::catalog::list_runners,
         crate::catalog::queue,
+        crate::webhooks::list_deliveries,
+        crate::webhooks::redeliver,
     ),
     components(schemas(crate::problem::ProblemBody, crate::problem::InvalidParam)),
     modifiers(&BearerAuth),
@@ -33,6 +35,7 @@ use crate::state::AppState;
         (name = "media", description = "Input and output files"),
         (name = "events", description = "Live and replayed job events"),
         (name = "runners", description = "Runners and queues"),
+        (name = "webhooks", description = "Webhook deliveries and redelivery"),
     )
 )]
 #[derive(Debug)]

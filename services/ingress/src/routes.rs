@@ -407,6 +407,9 @@ async fn full_view(state: &AppState, record: JobRecord) -> JobView {
     let mut view = JobView::from_record(record);
     view.progress = progress;
     view.queue_position = position;
+    if view.webhook.is_some() {
+        view.webhook_deliveries = crate::webhooks::summaries(state, &tenant, &id).await;
+    }
     if inline {
         for output in &mut view.outputs {
             if output.file.size > MAX_INLINE_BYTES {

@@ -9,6 +9,7 @@ use comfyq_shared::job::SCHEMA_VERSION;
 use comfyq_shared::webhook::{DeliveryRecord, DeliveryState, JobDeliveries, RedeliverWebhook};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use utoipa::ToSchema;
 
 use crate::auth::Tenant;
 use crate::problem::Problem;
@@ -21,7 +22,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/v1/jobs/{id}/webhooks/redeliver", post(redeliver))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DeliveryView {
     pub event_id: String,
     #[serde(rename = "type")]
@@ -30,6 +31,7 @@ pub struct DeliveryView {
     pub state: DeliveryState,
     pub attempts: Vec<comfyq_shared::webhook::DeliveryAttempt>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub next_attempt_at: Option<OffsetDateTime>,
 }
 
@@ -46,7 +48,7 @@ impl From<&DeliveryRecord> for DeliveryView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DeliveriesView {
     pub job_id: String,
     pub deliveries: Vec<DeliveryView>,
@@ -60,7 +62,40 @@ async fn deliveries(state: &AppState, key: &str) -> Result<JobDeliveries, Proble
     }
 }
 
-async fn list_deliveries(
+/// The job's deliveries in brief, for the job view (empty if unreadable).
+pub(crate) async fn summaries(
+    state: &AppState,
+    tenant: &comfyq_shared::TenantId,
+    job: &comfyq_shared::JobId,
+) -> Vec<crate::api::WebhookDeliverySummary> {
+    let key = state.names.job_key(tenant, job);
+    let Ok(deliveries) = deliveries(state, &key).await else {
+        return Vec::new();
+    };
+    deliveries
+        .deliveries
+        .iter()
+        .map(|d| crate::api::WebhookDeliverySummary {
+            event_type: d.event.type_name(),
+            state: serde_json::to_value(d.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            attempts: d.attempts.len(),
+        })
+        .collect()
+}
+
+/// Every webhook delivery of the job's events, with every attempt.
+#[utoipa::path(get, path = "/v1/jobs/{id}/webhooks", tag = "webhooks",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job's deliveries", body = DeliveriesView),
+        (status = 404, description = "No such job for this tenant", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn list_deliveries(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(id): Path<String>,
@@ -78,7 +113,7 @@ async fn list_deliveries(
     }))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedeliverRequest {
     /// Only these events (ids); by default every dead delivery.
@@ -86,20 +121,37 @@ pub struct RedeliverRequest {
     pub event_ids: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct RedeliverView {
     pub job_id: String,
     /// Event ids queued for redelivery.
     pub redelivering: Vec<String>,
 }
 
-async fn redeliver(
+/// Sends dead deliveries (or the given events) again, same `webhook-id`.
+#[utoipa::path(post, path = "/v1/jobs/{id}/webhooks/redeliver", tag = "webhooks",
+    params(("id" = String, Path, description = "Job id")),
+    request_body(content = Option<RedeliverRequest>, description = "Events to redeliver; by default every dead delivery"),
+    responses(
+        (status = 202, description = "Redeliveries queued", body = RedeliverView),
+        (status = 400, description = "Malformed body", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No such job, or no delivery of a named event", body = crate::problem::ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn redeliver(
     State(state): State<AppState>,
     tenant: Tenant,
     Path(id): Path<String>,
-    body: Option<Json<RedeliverRequest>>,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<RedeliverView>), Problem> {
-    let request = body.map(|Json(r)| r).unwrap_or_default();
+    // The body is optional: empty means every dead delivery.
+    let request: RedeliverRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RedeliverRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| Problem::bad_request(format!("invalid JSON body: {e}")))?
+    };
     let record = load_job(&state, &tenant, &id).await?;
     let key = state.names.job_key(&record.tenant, &record.id);
     let deliveries = deliveries(&state, &key).await?;

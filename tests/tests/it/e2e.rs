@@ -91,6 +91,18 @@ async fn a_job_goes_all_the_way_through() {
     assert_eq!(body["data"]["job"]["metadata"]["order"], 42);
     assert_eq!(body["data"]["job"]["outputs"][0]["name"], name);
     assert_eq!(hook.header("webhook-id"), body["id"].as_str());
+    // The job shows where its webhook stands.
+    let delivered = eventually(
+        Duration::from_secs(10),
+        "delivery in the job view",
+        async || {
+            let job = stack.job(&id).await;
+            (job["webhook_deliveries"][0]["state"] == "delivered").then_some(job)
+        },
+    )
+    .await;
+    assert_eq!(delivered["webhook_deliveries"][0]["type"], "job.completed");
+    assert_eq!(delivered["webhook_deliveries"][0]["attempts"], 1);
 
     stack.stop().await;
 }
