@@ -134,64 +134,58 @@ pub async fn provision(
             .map_err(|e| failed(format!("stream {name}"))(e.into()))?;
     }
 
+    // Every bucket keeps the latest value per key only; `None` means no age limit.
+    let bucket = |name: String, description: &str, max_age: Option<Duration>| kv::Config {
+        bucket: name,
+        description: description.to_owned(),
+        history: 1,
+        max_age: max_age.unwrap_or_default(),
+        num_replicas: replicas,
+        ..Default::default()
+    };
     let jobs = ensure_kv(
         js,
-        kv::Config {
-            bucket: names.jobs_bucket(),
-            description: "comfyq: job records".to_owned(),
-            history: 1,
-            max_age: config.jobs_max_age,
-            num_replicas: replicas,
-            ..Default::default()
-        },
+        bucket(
+            names.jobs_bucket(),
+            "comfyq: job records",
+            Some(config.jobs_max_age),
+        ),
     )
     .await?;
     let runners = ensure_kv(
         js,
-        kv::Config {
-            bucket: names.runners_bucket(),
-            description: "comfyq: runner registrations (expire without heartbeat)".to_owned(),
-            history: 1,
-            max_age: config.runner_ttl,
-            num_replicas: replicas,
-            ..Default::default()
-        },
+        bucket(
+            names.runners_bucket(),
+            "comfyq: runner registrations (expire without heartbeat)",
+            Some(config.runner_ttl),
+        ),
     )
     .await?;
     let scheduler = ensure_kv(
         js,
-        kv::Config {
-            bucket: names.scheduler_bucket(),
-            description: "comfyq: scheduler coordination (dispatcher lease)".to_owned(),
-            history: 1,
-            num_replicas: replicas,
-            ..Default::default()
-        },
+        bucket(
+            names.scheduler_bucket(),
+            "comfyq: scheduler coordination (dispatcher lease)",
+            None,
+        ),
     )
     .await?;
     let idempotency = ensure_kv(
         js,
-        kv::Config {
-            bucket: names.idempotency_bucket(),
-            description: "comfyq: idempotency keys".to_owned(),
-            history: 1,
-            max_age: Duration::from_secs(24 * 3600),
-            num_replicas: replicas,
-            ..Default::default()
-        },
+        bucket(
+            names.idempotency_bucket(),
+            "comfyq: idempotency keys",
+            Some(Duration::from_secs(24 * 3600)),
+        ),
     )
     .await?;
-
     let webhooks = ensure_kv(
         js,
-        kv::Config {
-            bucket: names.webhooks_bucket(),
-            description: "comfyq: webhook deliveries and their attempts".to_owned(),
-            history: 1,
-            max_age: config.jobs_max_age,
-            num_replicas: replicas,
-            ..Default::default()
-        },
+        bucket(
+            names.webhooks_bucket(),
+            "comfyq: webhook deliveries and their attempts",
+            Some(config.jobs_max_age),
+        ),
     )
     .await?;
 
