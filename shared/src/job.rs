@@ -251,6 +251,9 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
     /// Execution time limit once running, in seconds.
+    /// The client asked for outputs inline (base64) when it reads the job.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inline_outputs: bool,
     pub timeout_s: u64,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -343,7 +346,7 @@ impl JobRecord {
             timeout_s: spec.timeout_s,
             cancel_requested: false,
             waiting_reason: None,
-            inline_outputs: false,
+            inline_outputs: spec.inline_outputs,
         }
     }
 

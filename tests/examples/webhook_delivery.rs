@@ -50,6 +50,7 @@ async fn main() {
             }),
             metadata: None,
             timeout_s: 60,
+            inline_outputs: false,
             created_at: time::OffsetDateTime::now_utc(),
         };
         let mut record = JobRecord::accepted(&spec);

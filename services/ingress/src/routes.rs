@@ -275,10 +275,11 @@ async fn submit(
             webhook: valid.webhook,
             metadata: valid.metadata,
             timeout_s: valid.timeout_s,
+            // In the spec, so a record the scheduler creates keeps it too.
+            inline_outputs: valid.inline_outputs,
             created_at: OffsetDateTime::now_utc(),
         };
         let mut record = JobRecord::accepted(&spec);
-        record.inline_outputs = valid.inline_outputs;
 
         // Queue first: once the submission is in the stream the job cannot be
         // lost. The record is created after; the scheduler creates it itself

@@ -206,6 +206,7 @@ mod tests {
             webhook: None,
             metadata: None,
             timeout_s: 60,
+            inline_outputs: false,
             created_at: OffsetDateTime::UNIX_EPOCH,
         })
     }
