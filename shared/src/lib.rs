@@ -10,6 +10,7 @@
 //! - [`provision`]: idempotent creation of streams, buckets and consumers.
 //! - [`connection`]: connecting to NATS.
 //! - [`consume`]: running a durable pull consumer with one ack per message.
+//! - [`dead_letter`]: jobs whose attempts ran out, kept for an operator's requeue.
 //! - [`job_store`]: job records in KV with compare-and-set.
 //! - [`kv_view`]: an in-memory view of a KV bucket kept by one watch.
 //! - [`media`]: inputs and outputs in the JetStream object store.
@@ -23,6 +24,7 @@
 pub mod config;
 pub mod connection;
 pub mod consume;
+pub mod dead_letter;
 pub mod event;
 pub mod guard;
 pub mod ids;

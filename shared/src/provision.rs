@@ -33,6 +33,7 @@ pub struct Provisioned {
     pub runners: kv::Store,
     pub idempotency: kv::Store,
     pub webhooks: kv::Store,
+    pub dead_letters: kv::Store,
     pub media: object_store::ObjectStore,
 }
 
@@ -188,6 +189,15 @@ pub async fn provision(
         ),
     )
     .await?;
+    let dead_letters = ensure_kv(
+        js,
+        bucket(
+            names.dead_letters_bucket(),
+            "comfyq: jobs whose attempts ran out, with their specs, for requeueing",
+            Some(config.jobs_max_age),
+        ),
+    )
+    .await?;
 
     let media =
         ensure_object_store(js, &names.media_bucket(), config.media_max_age, replicas).await?;
@@ -197,6 +207,7 @@ pub async fn provision(
         runners,
         idempotency,
         webhooks,
+        dead_letters,
         media,
     })
 }

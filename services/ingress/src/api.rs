@@ -458,6 +458,14 @@ pub struct JobView {
     pub outputs: Vec<OutputView>,
     pub error: Option<JobError>,
     pub cancel_requested: bool,
+    /// Why a queued job is not dispatched yet when it is not only waiting
+    /// for a free slot: `waiting_for_capability` (no live runner of its pool
+    /// has every node type the workflow uses). Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_reason: Option<String>,
+    /// Times an operator requeued the failed job (`POST /v1/jobs/{id}/retry`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub requeues: u32,
     pub webhook: Option<WebhookSpec>,
     /// Where each webhook delivery of this job stands (details and every
     /// attempt: `GET /v1/jobs/{id}/webhooks`).
@@ -466,6 +474,10 @@ pub struct JobView {
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
     pub timeout_s: u64,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -544,6 +556,8 @@ impl JobView {
             outputs,
             error: record.error,
             cancel_requested: record.cancel_requested,
+            waiting_reason: record.waiting_reason,
+            requeues: record.requeues,
             webhook: record.webhook,
             webhook_deliveries: Vec::new(),
             metadata: record.metadata,

@@ -34,6 +34,7 @@ pub mod state;
 pub mod streams;
 pub mod upload;
 pub mod webhooks;
+pub mod dead_letters;
 
 use std::sync::Arc;
 
@@ -78,6 +79,7 @@ pub async fn serve(
         idempotency: shared.idempotency,
         runners: shared.runners,
         webhooks: shared.webhooks,
+        dead_letters: shared.dead_letters,
         limiter: Arc::new(limits::RateLimiter::new(
             config.rate_limit_per_s,
             config.rate_limit_burst,

@@ -51,6 +51,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/jobs/{id}/outputs/{name}", get(get_output))
         .route("/v1/jobs/{id}/inputs/{name}", get(get_input))
         .merge(crate::webhooks::routes())
+        .merge(crate::dead_letters::routes())
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/ws", get(job_socket))
         .route("/v1/events", get(tenant_events))

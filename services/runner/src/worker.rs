@@ -59,12 +59,18 @@ pub enum Disposition {
     Retry(AttemptOutcome, Duration),
     /// Report (if any), then terminate the message.
     Drop(Option<AttemptOutcome>),
+    /// The last delivery failed retryably: report the failure, then hand
+    /// the message back so the server's max-deliveries advisory makes it a
+    /// dead letter (the scheduler keeps its spec for a requeue).
+    Exhausted(AttemptOutcome),
 }
 
 /// Maps an attempt's end to exactly one acknowledgement (exhaustively).
+/// `delivery` counts this message's deliveries (the attempt budget is per
+/// message, so an operator's requeue gets a fresh one).
 pub fn disposition(
     end: AttemptEnd,
-    attempt: u32,
+    delivery: u32,
     max_attempts: u32,
     backoff: Duration,
     handing_back: bool,
@@ -82,8 +88,8 @@ pub fn disposition(
             Duration::ZERO,
         ),
         AttemptEnd::Cancelled => Disposition::Drop(Some(AttemptOutcome::Cancelled)),
-        AttemptEnd::Failed(error) if error.kind.is_retryable() && attempt < max_attempts => {
-            let exponent = attempt.saturating_sub(1).min(10);
+        AttemptEnd::Failed(error) if error.kind.is_retryable() && delivery < max_attempts => {
+            let exponent = delivery.saturating_sub(1).min(10);
             let delay = backoff.saturating_mul(1 << exponent);
             // Jitter spreads retries of a burst of failures.
             let jitter = rand::random_range(0.5..1.5);
@@ -94,6 +100,12 @@ pub fn disposition(
                 },
                 delay.mul_f64(jitter),
             )
+        }
+        AttemptEnd::Failed(error) if error.kind.is_retryable() => {
+            Disposition::Exhausted(AttemptOutcome::Failed {
+                error,
+                retrying: false,
+            })
         }
         AttemptEnd::Failed(error) => Disposition::Drop(Some(AttemptOutcome::Failed {
             error,
@@ -219,13 +231,14 @@ impl Worker {
                 return;
             }
         };
-        let attempt = message
+        let delivery = message
             .info()
             .map(|info| info.delivered as u32)
-            .unwrap_or(dispatch.attempt)
+            .unwrap_or(1)
             .max(1);
+        let attempt = dispatch.attempt_of_delivery(delivery);
         let span = tracing::info_span!("job", job_id = %dispatch.spec.id, attempt, tenant = %dispatch.spec.tenant);
-        self.handle_dispatch(message, dispatch, attempt, hand_back)
+        self.handle_dispatch(message, dispatch, delivery, attempt, hand_back)
             .instrument(span)
             .await;
     }
@@ -234,6 +247,7 @@ impl Worker {
         &self,
         message: Message,
         dispatch: DispatchJob,
+        delivery: u32,
         attempt: u32,
         hand_back: CancellationToken,
     ) {
@@ -303,15 +317,16 @@ impl Worker {
         let max_attempts = self.config.nats.dispatch_max_deliver.max(1) as u32;
         let disposition = disposition(
             end,
-            attempt,
+            delivery,
             max_attempts,
             self.config.retry_backoff,
             handing_back,
         );
         let outcome_label = match &disposition {
-            Disposition::Done(o) | Disposition::Retry(o, _) | Disposition::Drop(Some(o)) => {
-                o.token()
-            }
+            Disposition::Done(o)
+            | Disposition::Retry(o, _)
+            | Disposition::Drop(Some(o))
+            | Disposition::Exhausted(o) => o.token(),
             Disposition::Drop(None) => "dropped",
         };
         metrics::counter!("comfyq_runner_attempts_total", "outcome" => outcome_label).increment(1);
@@ -339,6 +354,10 @@ impl Worker {
                     self.report(spec, attempt, outcome).await;
                 }
                 AckKind::Term
+            }
+            Disposition::Exhausted(outcome) => {
+                self.report(spec, attempt, outcome).await;
+                AckKind::Nak(None)
             }
         };
         heartbeat.abort();
@@ -462,13 +481,13 @@ mod tests {
             disposition(infra(), 1, 3, backoff, false),
             Disposition::Retry(..)
         ));
-        // The last attempt is not retried.
+        // The last attempt is not retried: it becomes a dead letter.
         assert!(matches!(
             disposition(infra(), 3, 3, backoff, false),
-            Disposition::Drop(Some(AttemptOutcome::Failed {
+            Disposition::Exhausted(AttemptOutcome::Failed {
                 retrying: false,
                 ..
-            }))
+            })
         ));
         let user = AttemptEnd::Failed(JobError::new(ErrorKind::Execution, "x"));
         assert!(matches!(

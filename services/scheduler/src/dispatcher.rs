@@ -502,23 +502,29 @@ async fn dispatch_one(
         delete_pending(pending, entry.seq).await?;
         return Ok(false);
     };
-    let waiting = match s
+    // Attempts keep counting after an operator's requeue.
+    let next_attempt = match s
         .jobs
         .get(&entry.tenant, &entry.job)
         .await
         .map_err(HandleError::from)?
     {
-        Some(current) => matches!(
-            current.record.status,
-            JobStatus::Accepted | JobStatus::Queued
-        ),
-        None => false,
+        Some(current)
+            if matches!(
+                current.record.status,
+                JobStatus::Accepted | JobStatus::Queued
+            ) =>
+        {
+            Some(current.record.attempt + 1)
+        }
+        _ => None,
     };
-    if waiting {
+    let waiting = next_attempt.is_some();
+    if let Some(attempt) = next_attempt {
         let waited = (now - entry.enqueued_at).as_seconds_f64().max(0.0);
         metrics::histogram!("comfyq_scheduler_queue_wait_seconds", "priority" => entry.priority.as_str())
             .record(waited);
-        s.dispatch(submit.spec).await?;
+        s.dispatch(submit.spec, attempt).await?;
     }
     delete_pending(pending, entry.seq).await?;
     Ok(waiting)

@@ -327,3 +327,85 @@ async fn a_restarted_scheduler_loses_no_pending_job_and_keeps_order() {
     drop(second);
     stack.stop().await;
 }
+
+async fn dead_letters(stack: &TestStack) -> Value {
+    let response = stack
+        .http
+        .get(format!("{}/v1/dead-letters", stack.api))
+        .send()
+        .await
+        .expect("GET /v1/dead-letters");
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    response.json().await.expect("page JSON")
+}
+
+async fn retry(stack: &TestStack, id: &str) -> (reqwest::StatusCode, Value) {
+    let response = stack
+        .http
+        .post(format!("{}/v1/jobs/{id}/retry", stack.api))
+        .send()
+        .await
+        .expect("POST retry");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_attempts_make_a_dead_letter_that_an_operator_requeues() {
+    let stack = TestStack::start().await; // one runner; 5 deliveries per dispatch
+    let max = stack.nats_config().dispatch_max_deliver as usize;
+    stack.sim.inject(comfy_sim::Failure::oom(), max);
+    let id = id_of(&stack.submit(json!({"workflow": invert_workflow(8)})).await);
+    let failed = stack.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(failed["status"], "failed", "{failed:#}");
+    assert_eq!(failed["error"]["kind"], "out_of_memory", "{failed:#}");
+    assert_eq!(failed["attempt"], max, "{failed:#}");
+
+    let page = eventually(Duration::from_secs(10), "a dead letter", async || {
+        let page = dead_letters(&stack).await;
+        (page["dead_letters"].as_array()?.len() == 1).then_some(page)
+    })
+    .await;
+    let letter = &page["dead_letters"][0];
+    assert_eq!(letter["job_id"], id.as_str(), "{page:#}");
+    assert_eq!(letter["attempts"], max, "{page:#}");
+    assert_eq!(letter["retry_url"], format!("/v1/jobs/{id}/retry"));
+    // Tenant-scoped: the other tenant sees none of it.
+    let theirs: Value = TestStack::client_for(OTHER_API_KEY)
+        .get(format!("{}/v1/dead-letters", stack.api))
+        .send()
+        .await
+        .expect("GET as the other tenant")
+        .json()
+        .await
+        .expect("page JSON");
+    assert_eq!(theirs["dead_letters"], json!([]), "{theirs:#}");
+
+    // Only failed jobs are retried; unknown ones are 404.
+    let done = id_of(&stack.submit(json!({"workflow": invert_workflow(8)})).await);
+    stack.wait_finished(&done, Duration::from_secs(10)).await;
+    let (status, problem) = retry(&stack, &done).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{problem:#}");
+    let (status, _) = retry(&stack, &JobId::new().to_string()).await;
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
+
+    let (status, job) = retry(&stack, &id).await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{job:#}");
+    let job = eventually(Duration::from_secs(20), "the requeued job completes", async || {
+        let job = stack.job(&id).await;
+        (job["status"] == "completed").then_some(job)
+    })
+    .await;
+    assert_eq!(job["attempt"], max + 1, "attempts keep counting: {job:#}");
+    assert_eq!(job["requeues"], 1, "{job:#}");
+    assert_eq!(dead_letters(&stack).await["dead_letters"], json!([]));
+    // Now completed: a second retry is refused.
+    let (status, _) = retry(&stack, &id).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT);
+    let runs = stack
+        .sim
+        .prompts_received()
+        .len();
+    assert_eq!(runs, max + 2, "five failed attempts, the retry, the other job");
+    stack.stop().await;
+}
