@@ -215,10 +215,28 @@ async fn a_job_no_runner_can_run_waits_then_times_out() {
         },
     )
     .await;
+    // The API shows why it waits, and the OpenAPI schema documents it.
+    let view = stack.job(&stuck).await;
+    assert_eq!(view["status"], "queued", "{view:#}");
+    assert_eq!(view["waiting_reason"], WAITING_FOR_CAPABILITY, "{view:#}");
+    let openapi: Value = stack
+        .http
+        .get(format!("{}/openapi.json", stack.api))
+        .send()
+        .await
+        .expect("GET /openapi.json")
+        .json()
+        .await
+        .expect("OpenAPI JSON");
+    assert!(
+        openapi["components"]["schemas"]["JobView"]["properties"]["waiting_reason"].is_object(),
+        "waiting_reason in the JobView schema"
+    );
     // It does not hold back work the pool can run.
     let fine = id_of(&stack.submit(json!({"workflow": invert_workflow(8)})).await);
     let fine = stack.wait_finished(&fine, Duration::from_secs(10)).await;
     assert_eq!(fine["status"], "completed", "{fine:#}");
+    assert!(fine.get("waiting_reason").is_none(), "{fine:#}");
 
     let failed = stack.wait_finished(&stuck, Duration::from_secs(10)).await;
     assert_eq!(failed["status"], "failed", "{failed:#}");
