@@ -555,6 +555,46 @@ impl Drop for IsolatedScheduler {
     }
 }
 
+/// A runner on its own Tokio runtime, so a test can kill it mid-job the way
+/// a crash would: heartbeats and its NATS connection stop at once.
+#[derive(Debug)]
+pub struct IsolatedRunner {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl IsolatedRunner {
+    pub fn start(config: RunnerConfig) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runner runtime");
+        runtime.spawn(async move {
+            if let Err(error) = comfyq_runner::run(config, CancellationToken::new()).await {
+                eprintln!("isolated runner failed: {error}");
+            }
+        });
+        Self {
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Stops it abruptly.
+    pub fn kill(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for IsolatedRunner {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 fn spawn<E: std::fmt::Display>(
     name: &'static str,
     service: impl Future<Output = Result<(), E>> + Send + 'static,

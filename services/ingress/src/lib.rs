@@ -22,6 +22,7 @@ pub mod api;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod dead_letters;
 pub mod fetch;
 pub mod idempotency;
 pub mod limits;
@@ -34,7 +35,6 @@ pub mod state;
 pub mod streams;
 pub mod upload;
 pub mod webhooks;
-pub mod dead_letters;
 
 use std::sync::Arc;
 

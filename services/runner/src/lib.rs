@@ -179,7 +179,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
     .await;
     let registration_stop = CancellationToken::new();
     let registration_task = tokio::spawn(registration::maintain(
-        shared.runners,
+        shared.runners.clone(),
         comfy.clone(),
         registration,
         held.clone(),
@@ -196,6 +196,8 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         runner: runner.clone(),
         consumers,
         held,
+        runners: shared.runners,
+        pause_until: Default::default(),
         config: config.clone(),
     };
     tracing::info!(%runner, pool = %worker.pool, slots = config.slots, "runner pulling work");

@@ -125,6 +125,12 @@ pub struct Worker {
     /// Dispatch consumers, highest priority first.
     pub consumers: Vec<(Priority, PullConsumer)>,
     pub held: HeldJobs,
+    /// Registrations of the fleet (to see whether another runner is free).
+    pub runners: async_nats::jetstream::kv::Store,
+    /// No pulling before this instant: set after a retryable failure here
+    /// while another runner of the pool has a free slot, so the retry goes
+    /// to that runner.
+    pub pause_until: Arc<Mutex<Option<tokio::time::Instant>>>,
     pub config: Arc<RunnerConfig>,
 }
 
@@ -197,6 +203,15 @@ impl Worker {
     }
 
     async fn poll_once(&self) -> Option<Message> {
+        let paused = self
+            .pause_until
+            .lock()
+            .ok()
+            .and_then(|until| *until)
+            .is_some_and(|until| until > tokio::time::Instant::now());
+        if paused {
+            return None;
+        }
         for (priority, consumer) in &self.consumers {
             let batch = match consumer.fetch().max_messages(1).messages().await {
                 Ok(batch) => batch,
@@ -347,6 +362,9 @@ impl Worker {
             }
             Disposition::Retry(outcome, delay) => {
                 self.report(spec, attempt, outcome).await;
+                if !handing_back {
+                    self.step_aside(delay).await;
+                }
                 AckKind::Nak(Some(delay))
             }
             Disposition::Drop(outcome) => {
@@ -368,6 +386,54 @@ impl Worker {
         if let Err(error) = acked {
             tracing::warn!(%error, "acknowledgement failed; the job may be redelivered");
         }
+    }
+
+    /// After a retryable failure here, leaves the retry (due in `delay`) to
+    /// another runner of the pool if one has a free slot: this runner stops
+    /// pulling until that runner has had time to take it (it polls every
+    /// `idle_poll`). Otherwise it may well take the retry itself.
+    async fn step_aside(&self, delay: Duration) {
+        if !self.another_runner_is_free().await {
+            return;
+        }
+        let until = tokio::time::Instant::now() + delay + self.config.idle_poll * 2;
+        tracing::info!(
+            pause_ms = (delay + self.config.idle_poll * 2).as_millis() as u64,
+            "another runner is free: leaving the retry to it"
+        );
+        if let Ok(mut pause) = self.pause_until.lock() {
+            *pause = Some(until);
+        }
+    }
+
+    async fn another_runner_is_free(&self) -> bool {
+        let Ok(keys) = self.runners.keys().await else {
+            return false;
+        };
+        let keys: Vec<String> = keys.filter_map(|k| async { k.ok() }).collect().await;
+        let ttl =
+            time::Duration::try_from(self.config.nats.runner_ttl).unwrap_or(time::Duration::ZERO);
+        let now = OffsetDateTime::now_utc();
+        for key in keys {
+            if key == self.runner.as_str() {
+                continue;
+            }
+            let Ok(Some(value)) = self.runners.get(&key).await else {
+                continue;
+            };
+            let Ok(other) = serde_json::from_slice::<crate::registration::Registration>(&value)
+            else {
+                continue;
+            };
+            if other.pool == self.pool
+                && other.ready
+                && other.busy < other.slots
+                && now - other.updated_at < ttl
+            {
+                return true;
+            }
+        }
+        false
     }
 
     /// Sends a report to the scheduler, retrying while NATS is unreachable

@@ -401,23 +401,42 @@ mod tests {
         assert_eq!(record.status, JobStatus::Failed);
         assert_eq!(record.failed_runners.len(), 1, "the silent runner is noted");
         assert!(matches!(
-            next(&record, &Input::Requeue { from: 1 }, OffsetDateTime::UNIX_EPOCH),
+            next(
+                &record,
+                &Input::Requeue { from: 1 },
+                OffsetDateTime::UNIX_EPOCH
+            ),
             Transition::Ignore(_)
         ));
         let queued = apply(&record, Input::Requeue { from: 0 });
-        assert_eq!((queued.status, queued.requeues, queued.attempt), (JobStatus::Queued, 1, 1));
+        assert_eq!(
+            (queued.status, queued.requeues, queued.attempt),
+            (JobStatus::Queued, 1, 1)
+        );
         assert_eq!(queued.error, None);
         // The same request again is a no-op; so is news of attempt 1.
         assert_eq!(
-            next(&queued, &Input::Requeue { from: 0 }, OffsetDateTime::UNIX_EPOCH),
+            next(
+                &queued,
+                &Input::Requeue { from: 0 },
+                OffsetDateTime::UNIX_EPOCH
+            ),
             Transition::AlreadyApplied
         );
         assert!(matches!(
-            next(&queued, &Input::Report(&started), OffsetDateTime::UNIX_EPOCH),
+            next(
+                &queued,
+                &Input::Report(&started),
+                OffsetDateTime::UNIX_EPOCH
+            ),
             Transition::Ignore(_)
         ));
         assert!(matches!(
-            next(&queued, &Input::Exhausted { attempt: 1 }, OffsetDateTime::UNIX_EPOCH),
+            next(
+                &queued,
+                &Input::Exhausted { attempt: 1 },
+                OffsetDateTime::UNIX_EPOCH
+            ),
             Transition::Ignore(_)
         ));
         let dispatched = apply(&queued, Input::Dispatch { attempt: 2 });
@@ -427,7 +446,11 @@ mod tests {
         assert!(running.position() > record.position());
         // A requeue applies to failed jobs only.
         assert!(matches!(
-            next(&running, &Input::Requeue { from: 1 }, OffsetDateTime::UNIX_EPOCH),
+            next(
+                &running,
+                &Input::Requeue { from: 1 },
+                OffsetDateTime::UNIX_EPOCH
+            ),
             Transition::Ignore(_)
         ));
     }

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, Message};
 use comfyq_shared::consume::{Outcome, acknowledge};
+use comfyq_shared::dead_letter::DeadLetter;
 use comfyq_shared::event::Event;
 use comfyq_shared::job::{ErrorKind, JobRecord, JobSpec, JobStatus, SCHEMA_VERSION};
 use comfyq_shared::job_store::{JobStore, JobStoreError};
-use comfyq_shared::dead_letter::DeadLetter;
 use comfyq_shared::messages::{
     AttemptOutcome, CancelJob, DispatchJob, RetryJob, RunnerReport, SubmitJob,
 };
@@ -389,9 +389,10 @@ impl Scheduler {
         // (retryable) attempt: keep the spec for an operator's requeue.
         if let Some(record) = record
             && record.status == JobStatus::Failed
-            && record.error.as_ref().is_none_or(|e| {
-                e.kind.is_retryable() || e.kind == ErrorKind::AttemptsExhausted
-            })
+            && record
+                .error
+                .as_ref()
+                .is_none_or(|e| e.kind.is_retryable() || e.kind == ErrorKind::AttemptsExhausted)
         {
             let letter = DeadLetter {
                 v: SCHEMA_VERSION,
@@ -404,7 +405,10 @@ impl Scheduler {
             };
             let payload = serde_json::to_vec(&letter).map_err(|e| HandleError::Nats(e.into()))?;
             self.dead_letters
-                .put(self.names.job_key(&record.tenant, &record.id), payload.into())
+                .put(
+                    self.names.job_key(&record.tenant, &record.id),
+                    payload.into(),
+                )
                 .await
                 .map_err(|e| HandleError::Nats(e.into()))?;
             metrics::counter!("comfyq_scheduler_dead_letters_total").increment(1);

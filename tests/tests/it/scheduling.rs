@@ -409,10 +409,14 @@ async fn exhausted_attempts_make_a_dead_letter_that_an_operator_requeues() {
 
     let (status, job) = retry(&stack, &id).await;
     assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{job:#}");
-    let job = eventually(Duration::from_secs(20), "the requeued job completes", async || {
-        let job = stack.job(&id).await;
-        (job["status"] == "completed").then_some(job)
-    })
+    let job = eventually(
+        Duration::from_secs(20),
+        "the requeued job completes",
+        async || {
+            let job = stack.job(&id).await;
+            (job["status"] == "completed").then_some(job)
+        },
+    )
     .await;
     assert_eq!(job["attempt"], max + 1, "attempts keep counting: {job:#}");
     assert_eq!(job["requeues"], 1, "{job:#}");
@@ -420,10 +424,126 @@ async fn exhausted_attempts_make_a_dead_letter_that_an_operator_requeues() {
     // Now completed: a second retry is refused.
     let (status, _) = retry(&stack, &id).await;
     assert_eq!(status, reqwest::StatusCode::CONFLICT);
-    let runs = stack
-        .sim
-        .prompts_received()
-        .len();
-    assert_eq!(runs, max + 2, "five failed attempts, the retry, the other job");
+    let runs = stack.sim.prompts_received().len();
+    assert_eq!(
+        runs,
+        max + 2,
+        "five failed attempts, the retry, the other job"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_job_is_not_starved_by_a_steady_high_load() {
+    let mut options = StackOptions {
+        configure_ingress: Some(|ingress| ingress.rate_limit_per_s = 0),
+        ..StackOptions::default()
+    }; // one runner, one slot
+    options.scheduler.ageing = Duration::from_secs(1);
+    let stack = TestStack::start_with(options).await;
+    let high = || json!({"workflow": slow_workflow(2, 60, "high"), "priority": "high"});
+    let mut highs = Vec::new();
+    for _ in 0..3 {
+        highs.push(id_of(&stack.submit(high()).await));
+    }
+    let low = id_of(
+        &stack
+            .submit(json!({"workflow": invert_workflow(8), "priority": "low"}))
+            .await,
+    );
+    // High jobs keep arriving faster than the one slot runs them, until the
+    // low job is done: without ageing it would never start.
+    let mut submitted = Vec::new();
+    let keep_arriving = async {
+        loop {
+            submitted.push(id_of(&stack.submit(high()).await));
+            tokio::time::sleep(Duration::from_millis(80)).await;
+        }
+    };
+    tokio::select! {
+        _ = keep_arriving => unreachable!("the load never ends"),
+        done = stack.wait_finished(&low, Duration::from_secs(20)) => {
+            assert_eq!(done["status"], "completed", "{done:#}");
+        }
+    }
+    highs.extend(submitted);
+    let low = record(&stack, TENANT, &low).await;
+    let low_start = low.started_at.expect("low started");
+    let mut overtaken = 0;
+    for id in &highs {
+        let high = record(&stack, TENANT, id).await;
+        if high.created_at < low_start && high.started_at.is_none_or(|s| s > low_start) {
+            overtaken += 1;
+        }
+    }
+    assert!(
+        overtaken >= 2,
+        "the low job started while high jobs still waited (overtook {overtaken} of {})",
+        highs.len()
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_runner_is_killed_completes_once_on_another_runner() {
+    let mut stack = TestStack::start_with(StackOptions {
+        runners: 0,
+        ..StackOptions::default()
+    })
+    .await;
+    let doomed = comfyq_tests::IsolatedRunner::start(comfyq_tests::stack::runner_config(
+        &stack.nats_config(),
+        &stack.sim.base_url(),
+        "runner-doomed",
+        1,
+    ));
+    let id = id_of(
+        &stack
+            .submit(json!({"workflow": slow_workflow(10, 100, "doomed")}))
+            .await,
+    );
+    wait_running(&stack, &id).await;
+    assert_eq!(stack.job(&id).await["runner"], "runner-doomed");
+    stack.add_runner("runner-survivor", 1).await;
+    doomed.kill();
+
+    // The dead runner's heartbeats stop; after the ack deadline the
+    // dispatch message is redelivered, to the runner still alive.
+    let done = stack.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(done["status"], "completed", "{done:#}");
+    assert_eq!(done["runner"], "runner-survivor", "{done:#}");
+    assert_eq!(done["attempt"], 2, "{done:#}");
+    let r = record(&stack, TENANT, &id).await;
+    let failed: Vec<&str> = r.failed_runners.iter().map(|r| r.as_str()).collect();
+    assert_eq!(failed, ["runner-doomed"], "{r:?}");
+    let completed = stack
+        .state_events(&id)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "job.completed")
+        .count();
+    assert_eq!(completed, 1, "completed exactly once");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_prefers_another_free_runner() {
+    let stack = TestStack::start_with(StackOptions {
+        runners: 2,
+        ..StackOptions::default()
+    })
+    .await;
+    stack.sim.inject(comfy_sim::Failure::oom(), 1);
+    let id = id_of(&stack.submit(json!({"workflow": invert_workflow(8)})).await);
+    let done = stack.wait_finished(&id, Duration::from_secs(15)).await;
+    assert_eq!(done["status"], "completed", "{done:#}");
+    assert_eq!(done["attempt"], 2, "{done:#}");
+    let r = record(&stack, TENANT, &id).await;
+    assert_eq!(r.failed_runners.len(), 1, "{r:?}");
+    assert_ne!(
+        r.runner.as_ref(),
+        Some(&r.failed_runners[0]),
+        "the retry ran on the runner that had not failed: {r:?}"
+    );
     stack.stop().await;
 }
