@@ -255,6 +255,9 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inline_outputs: bool,
     pub timeout_s: u64,
+    /// Labels the runner must carry (e.g. `gpu = a100`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub runner_labels: std::collections::BTreeMap<String, String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }

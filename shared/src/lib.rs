@@ -4,6 +4,7 @@
 //! - [`priority`]: `high`, `normal`, `low`.
 //! - [`job`]: the job record, its specification, outputs and errors.
 //! - [`event`]: job events and their subject kinds.
+//! - [`capability`]: what a job needs of a runner and whether a runner offers it.
 //! - [`guard`]: SSRF guard: outbound URLs must resolve to public addresses.
 //! - [`messages`]: what services send each other on the JOBS and DISPATCH streams.
 //! - [`names`]: every subject, stream, consumer and bucket name, from one prefix.
@@ -21,6 +22,7 @@
 //! - [`shutdown`]: the process-wide cancellation token.
 //! - [`service`]: the common `main` of every service binary.
 
+pub mod capability;
 pub mod config;
 pub mod connection;
 pub mod consume;

@@ -278,6 +278,7 @@ async fn submit(
             timeout_s: valid.timeout_s,
             // In the spec, so a record the scheduler creates keeps it too.
             inline_outputs: valid.inline_outputs,
+            runner_labels: valid.runner_labels,
             created_at: OffsetDateTime::now_utc(),
         };
         let mut record = JobRecord::accepted(&spec);

@@ -177,6 +177,11 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         config.slots,
     )
     .await;
+    let offer = comfyq_shared::capability::Offer::new(
+        &registration.node_types,
+        &registration.models,
+        &registration.labels,
+    );
     let registration_stop = CancellationToken::new();
     let registration_task = tokio::spawn(registration::maintain(
         shared.runners.clone(),
@@ -198,6 +203,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         held,
         runners: shared.runners,
         pause_until: Default::default(),
+        offer: Arc::new(offer),
         config: config.clone(),
     };
     tracing::info!(%runner, pool = %worker.pool, slots = config.slots, "runner pulling work");

@@ -105,12 +105,16 @@ pub async fn maintain(
     let key = registration.runner.to_string();
     let mut interval = tokio::time::interval(every);
     loop {
-        tokio::select! {
+        // A change of held jobs only updates `busy` (no ComfyUI round trip).
+        let periodic = tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = interval.tick() => {}
-        }
+            _ = interval.tick() => true,
+            _ = held.changed() => false,
+        };
         registration.busy = held.len();
-        registration.refresh_stats(&comfy).await;
+        if periodic {
+            registration.refresh_stats(&comfy).await;
+        }
         registration.updated_at = OffsetDateTime::now_utc();
         metrics::gauge!("comfyq_runner_busy_slots").set(registration.busy as f64);
         if let Ok(value) = serde_json::to_vec(&registration)

@@ -24,18 +24,29 @@ use crate::execute::{AttemptEnd, Executor};
 
 /// Jobs this runner holds, by id, with the token that cancels each.
 #[derive(Clone, Debug, Default)]
-pub struct HeldJobs(Arc<Mutex<HashMap<JobId, CancellationToken>>>);
+pub struct HeldJobs(
+    Arc<Mutex<HashMap<JobId, CancellationToken>>>,
+    /// Signalled on every change, so the registration's `busy` follows
+    /// promptly (the dispatcher routes restricted jobs by it).
+    Arc<tokio::sync::Notify>,
+);
 
 impl HeldJobs {
     fn insert(&self, job: JobId, token: CancellationToken) {
         if let Ok(mut held) = self.0.lock() {
             held.insert(job, token);
         }
+        self.1.notify_one();
     }
     fn remove(&self, job: &JobId) {
         if let Ok(mut held) = self.0.lock() {
             held.remove(job);
         }
+        self.1.notify_one();
+    }
+    /// Resolves after the next change (or at once if one happened unseen).
+    pub async fn changed(&self) {
+        self.1.notified().await;
     }
     /// Cancels `job` if held here; returns whether it was.
     pub fn cancel(&self, job: &JobId) -> bool {
@@ -131,6 +142,8 @@ pub struct Worker {
     /// while another runner of the pool has a free slot, so the retry goes
     /// to that runner.
     pub pause_until: Arc<Mutex<Option<tokio::time::Instant>>>,
+    /// What this runner can run (node types, models, labels).
+    pub offer: Arc<comfyq_shared::capability::Offer>,
     pub config: Arc<RunnerConfig>,
 }
 
@@ -267,6 +280,23 @@ impl Worker {
         hand_back: CancellationToken,
     ) {
         let spec = &dispatch.spec;
+        // The pool's consumer is shared by all its runners; the scheduler
+        // only checked that *some* runner can run this. Hand it back for a
+        // capable one (this costs one delivery of its budget).
+        if let Some(missing) = self
+            .offer
+            .missing(&comfyq_shared::capability::Needs::of(spec))
+        {
+            tracing::info!(%missing, "this runner cannot run the job; handing it back");
+            metrics::counter!("comfyq_runner_declined_total").increment(1);
+            let delay = Duration::from_millis(200);
+            // Stand aside so a capable runner pulls it next, not this one again.
+            if let Ok(mut pause) = self.pause_until.lock() {
+                *pause = Some(tokio::time::Instant::now() + delay + self.config.idle_poll * 2);
+            }
+            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            return;
+        }
         // Held before the record is read: a cancellation applied after the
         // read is then announced to a job already held here and stops it,
         // instead of falling between the read and the insert and being

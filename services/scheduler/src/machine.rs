@@ -260,6 +260,7 @@ mod tests {
             metadata: None,
             timeout_s: 60,
             inline_outputs: false,
+            runner_labels: Default::default(),
             created_at: OffsetDateTime::UNIX_EPOCH,
         })
     }

@@ -547,3 +547,90 @@ async fn a_retry_prefers_another_free_runner() {
     );
     stack.stop().await;
 }
+
+/// A checkpoint loader and a save, loading `ckpt`.
+fn checkpoint_workflow(ckpt: &str) -> Value {
+    json!({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "ckpt"}}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_loading_a_model_no_runner_has_is_rejected_when_so_configured() {
+    let mut options = StackOptions::default();
+    options.scheduler.unroutable = comfyq_scheduler::config::Unroutable::Reject;
+    let stack = TestStack::start_with(options).await;
+    // The simulator lists checkpoints/sim.safetensors.
+    let present = id_of(
+        &stack
+            .submit(json!({"workflow": checkpoint_workflow("sim.safetensors")}))
+            .await,
+    );
+    let missing = id_of(
+        &stack
+            .submit(json!({"workflow": checkpoint_workflow("absent.safetensors")}))
+            .await,
+    );
+    let done = stack.wait_finished(&present, Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "completed", "{done:#}");
+    let refused = stack.wait_finished(&missing, Duration::from_secs(10)).await;
+    assert_eq!(refused["status"], "failed", "{refused:#}");
+    assert_eq!(refused["error"]["kind"], "rejected", "{refused:#}");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("checkpoints/absent.safetensors"),
+        "{message}"
+    );
+    assert_eq!(stack.sim.prompts_received().len(), 1);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_requiring_a_label_run_only_on_runners_carrying_it() {
+    let stack = TestStack::start_with(StackOptions {
+        runners: 2,
+        runner_tweak: Some(comfyq_tests::RunnerTweak::new(|config| {
+            if config.runner_id.as_deref() == Some("runner-1") {
+                config.labels.insert("gpu".to_owned(), "a100".to_owned());
+            }
+        })),
+        ..StackOptions::default()
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(id_of(
+            &stack
+                .submit(json!({"workflow": invert_workflow(8), "runner_labels": {"gpu": "a100"}}))
+                .await,
+        ));
+    }
+    let h100 = id_of(
+        &stack
+            .submit(json!({"workflow": invert_workflow(8), "runner_labels": {"gpu": "h100"}}))
+            .await,
+    );
+    for id in &ids {
+        let done = stack.wait_finished(id, Duration::from_secs(20)).await;
+        assert_eq!(done["status"], "completed", "{done:#}");
+        assert_eq!(done["runner"], "runner-1", "{done:#}");
+    }
+    let waiting = eventually(Duration::from_secs(5), "the h100 job waits", async || {
+        let job = stack.job(&h100).await;
+        (job["waiting_reason"] == WAITING_FOR_CAPABILITY).then_some(job)
+    })
+    .await;
+    assert_eq!(waiting["status"], "queued", "{waiting:#}");
+    // Bad labels are a 422 problem.
+    let bad = stack
+        .http
+        .post(format!("{}/v1/jobs", stack.api))
+        .json(&json!({"workflow": invert_workflow(8), "runner_labels": {"gpu": ""}}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(bad.status(), reqwest::StatusCode::UNPROCESSABLE_ENTITY);
+    stack.stop().await;
+}
