@@ -49,7 +49,11 @@ impl Needs {
             labels: spec.runner_labels.clone(),
             ..Needs::default()
         };
-        let nodes = spec.workflow.as_object().into_iter().flat_map(|n| n.values());
+        let nodes = spec
+            .workflow
+            .as_object()
+            .into_iter()
+            .flat_map(|n| n.values());
         for node in nodes {
             let class_type = node.get("class_type").and_then(|c| c.as_str());
             if let Some(class_type) = class_type {
@@ -205,7 +209,10 @@ mod tests {
         assert_eq!(needs.node_types.len(), 3);
 
         let models = BTreeMap::from([
-            ("checkpoints".to_owned(), vec!["sdxl.safetensors".to_owned()]),
+            (
+                "checkpoints".to_owned(),
+                vec!["sdxl.safetensors".to_owned()],
+            ),
             ("upscale_models".to_owned(), vec!["x2.pth".to_owned()]),
         ]);
         let a100 = BTreeMap::from([("gpu".to_owned(), "a100".to_owned())]);

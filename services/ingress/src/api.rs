@@ -268,8 +268,7 @@ impl SubmitRequest {
             if !fits(key) || !fits(value) {
                 fail(
                     &format!("/runner_labels/{key}"),
-                    "keys and values must be 1 to 64 characters, no control characters"
-                        .to_owned(),
+                    "keys and values must be 1 to 64 characters, no control characters".to_owned(),
                 );
             }
         }
