@@ -251,6 +251,10 @@ impl Names {
     pub fn dispatch_consumer(&self, pool: &PoolName, priority: Priority) -> String {
         format!("dispatch-{pool}-{priority}")
     }
+    /// The one priority group of the dispatch consumers (when a policy is set).
+    pub fn dispatch_priority_group(&self) -> String {
+        "runners".to_owned()
+    }
     pub fn scheduler_advisories_consumer(&self) -> String {
         "scheduler-advisories".to_owned()
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 
-use crate::config::NatsConfig;
+use crate::config::{DispatchPriorityPolicy, NatsConfig};
 use crate::ids::PoolName;
 use crate::names::Names;
 use crate::priority::Priority;
@@ -294,6 +294,14 @@ pub async fn ensure_dispatch_consumer(
             max_deliver: config.dispatch_max_deliver,
             max_ack_pending: 10_000,
             num_replicas: config.replicas,
+            priority_policy: match config.dispatch_priority_policy {
+                DispatchPriorityPolicy::None => consumer::PriorityPolicy::None,
+                DispatchPriorityPolicy::Overflow => consumer::PriorityPolicy::Overflow,
+            },
+            priority_groups: match config.dispatch_priority_policy {
+                DispatchPriorityPolicy::None => Vec::new(),
+                DispatchPriorityPolicy::Overflow => vec![names.dispatch_priority_group()],
+            },
             ..Default::default()
         },
     )

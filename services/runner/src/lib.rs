@@ -177,6 +177,10 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         config.slots,
     )
     .await;
+    let registration = registration::Registration {
+        burst_min_pending: config.burst_min_pending,
+        ..registration
+    };
     let offer = comfyq_shared::capability::Offer::new(
         &registration.node_types,
         &registration.models,

@@ -33,6 +33,9 @@ pub struct Registration {
     pub labels: BTreeMap<String, String>,
     pub slots: usize,
     pub busy: usize,
+    /// Set on a burst runner: it pulls only while this many wait unpulled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_min_pending: Option<usize>,
     pub comfyui_version: Option<String>,
     pub node_types: Vec<String>,
     pub models: BTreeMap<String, Vec<String>>,
@@ -70,6 +73,7 @@ impl Registration {
             labels,
             slots,
             busy: 0,
+            burst_min_pending: None,
             comfyui_version: None,
             node_types,
             models,

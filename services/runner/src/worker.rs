@@ -226,7 +226,16 @@ impl Worker {
             return None;
         }
         for (priority, consumer) in &self.consumers {
-            let batch = match consumer.fetch().max_messages(1).messages().await {
+            let mut fetch = consumer.fetch().max_messages(1);
+            if self.config.nats.dispatch_priority_policy
+                == comfyq_shared::config::DispatchPriorityPolicy::Overflow
+            {
+                fetch = fetch.group(self.names.dispatch_priority_group());
+                if let Some(min_pending) = self.config.burst_min_pending {
+                    fetch = fetch.min_pending(min_pending);
+                }
+            }
+            let batch = match fetch.messages().await {
                 Ok(batch) => batch,
                 Err(error) => {
                     tracing::debug!(%error, %priority, "fetch failed");

@@ -66,6 +66,9 @@ struct RunnerView {
     /// Jobs it holds (kept current by the runner on every change).
     #[serde(default)]
     busy: usize,
+    /// A burst runner: pulls only while this many dispatch messages wait.
+    #[serde(default)]
+    burst_min_pending: Option<usize>,
 }
 
 fn ready_default() -> bool {
@@ -311,9 +314,31 @@ impl Dispatcher {
             let Some(queue) = view.pools.get_mut(&pool) else {
                 continue;
             };
-            let slots: usize = runners.iter().map(|r| r.view.slots).sum();
-            let mut capacity =
-                (slots + s.config.dispatch_window).saturating_sub(running.values().sum::<usize>());
+            // Burst runners' slots count only while the pool's backlog could
+            // keep DISPATCH at their `min_pending` (NATS overflow group):
+            // then DISPATCH also holds that many unpulled jobs for them to see.
+            let slots: usize = runners
+                .iter()
+                .filter(|r| r.view.burst_min_pending.is_none())
+                .map(|r| r.view.slots)
+                .sum();
+            let burst_slots: usize = runners
+                .iter()
+                .filter(|r| r.view.burst_min_pending.is_some())
+                .map(|r| r.view.slots)
+                .sum();
+            let threshold = runners
+                .iter()
+                .filter_map(|r| r.view.burst_min_pending)
+                .max()
+                .unwrap_or(0);
+            let burst = if burst_slots > 0 && queue.len() >= threshold {
+                burst_slots + threshold
+            } else {
+                0
+            };
+            let mut capacity = (slots + burst + s.config.dispatch_window)
+                .saturating_sub(running.values().sum::<usize>());
             let last_served = view.served.remove(&pool).unwrap_or_default();
             let mut tenants = Tenants::new(running, last_served);
             // A job only some runners can run goes out only while one of

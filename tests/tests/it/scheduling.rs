@@ -634,3 +634,53 @@ async fn jobs_requiring_a_label_run_only_on_runners_carrying_it() {
     assert_eq!(bad.status(), reqwest::StatusCode::UNPROCESSABLE_ENTITY);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_runner_works_only_while_a_backlog_builds() {
+    let stack = TestStack::start_with(StackOptions {
+        runners: 2,
+        configure_ingress: Some(|ingress| ingress.rate_limit_per_s = 0),
+        runner_tweak: Some(comfyq_tests::RunnerTweak::new(|config| {
+            config.nats.dispatch_priority_policy =
+                comfyq_shared::config::DispatchPriorityPolicy::Overflow;
+            if config.runner_id.as_deref() == Some("runner-1") {
+                config.burst_min_pending = Some(2);
+            }
+        })),
+        ..StackOptions::default()
+    })
+    .await;
+    // A short queue: one job at a time, all on the regular runner.
+    for _ in 0..4 {
+        let id = id_of(&stack.submit(json!({"workflow": invert_workflow(8)})).await);
+        let done = stack.wait_finished(&id, Duration::from_secs(10)).await;
+        assert_eq!(done["status"], "completed", "{done:#}");
+        assert_eq!(
+            done["runner"], "runner-0",
+            "the burst runner stays idle: {done:#}"
+        );
+    }
+    // A backlog: the burst runner joins in.
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        ids.push(id_of(
+            &stack
+                .submit(json!({"workflow": slow_workflow(3, 40, &format!("burst-{n}"))}))
+                .await,
+        ));
+    }
+    let records = finished(&stack, TENANT, &ids).await;
+    let on_burst = records
+        .iter()
+        .filter(|r| r.runner.as_ref().is_some_and(|r| r.as_str() == "runner-1"))
+        .count();
+    assert!(
+        records
+            .iter()
+            .all(|r| r.status == comfyq_shared::job::JobStatus::Completed),
+        "{records:#?}"
+    );
+    assert!(on_burst >= 1, "the burst runner took none of the backlog");
+    assert!(on_burst < records.len(), "the regular runner took none");
+    stack.stop().await;
+}
