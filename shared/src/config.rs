@@ -85,6 +85,19 @@ pub struct NatsConfig {
     pub dispatch_ack_wait: Duration,
     /// Deliveries of one dispatch message before the job is dead-lettered.
     pub dispatch_max_deliver: i64,
+    /// NATS priority-group policy of the dispatch consumers (server 2.11+):
+    /// `none`, or `overflow` so burst runners (`burst_min_pending`) pull
+    /// only while a backlog waits. Every service of a deployment must agree.
+    pub dispatch_priority_policy: DispatchPriorityPolicy,
+}
+
+/// See [`NatsConfig::dispatch_priority_policy`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DispatchPriorityPolicy {
+    #[default]
+    None,
+    Overflow,
 }
 
 impl Default for NatsConfig {
@@ -101,6 +114,7 @@ impl Default for NatsConfig {
             runner_ttl: Duration::from_secs(30),
             dispatch_ack_wait: Duration::from_secs(30),
             dispatch_max_deliver: 5,
+            dispatch_priority_policy: DispatchPriorityPolicy::None,
         }
     }
 }

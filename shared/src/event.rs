@@ -72,7 +72,12 @@ impl Event {
     /// (job, attempt, status), so re-publishing after a crash is deduplicated
     /// by the stream and a webhook for it keeps one `webhook-id`.
     pub fn for_state(record: &JobRecord) -> Self {
-        let name = format!("{}:{}:{}", record.id, record.attempt, record.status);
+        // A requeued job passes through `queued` (and perhaps more) again at
+        // the same attempt: its states get ids of their own.
+        let name = match record.requeues {
+            0 => format!("{}:{}:{}", record.id, record.attempt, record.status),
+            n => format!("{}:r{n}:{}:{}", record.id, record.attempt, record.status),
+        };
         Self {
             v: SCHEMA_VERSION,
             id: Uuid::new_v5(&STATE_EVENT_NAMESPACE, name.as_bytes()),

@@ -255,6 +255,9 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inline_outputs: bool,
     pub timeout_s: u64,
+    /// Labels the runner must carry (e.g. `gpu = a100`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub runner_labels: std::collections::BTreeMap<String, String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }
@@ -316,6 +319,18 @@ pub struct JobRecord {
     /// The client asked for outputs inline (base64) in the job it reads.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inline_outputs: bool,
+    /// Times an operator put the failed job back in the queue
+    /// (`POST /v1/jobs/{id}/retry`). Attempts keep counting across requeues.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub requeues: u32,
+    /// Runners on which an attempt of this job failed or died, oldest first,
+    /// so a retry can prefer another runner.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_runners: Vec<RunnerId>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// [`JobRecord::waiting_reason`] of a job no registered runner of its pool can run.
@@ -347,11 +362,15 @@ impl JobRecord {
             cancel_requested: false,
             waiting_reason: None,
             inline_outputs: spec.inline_outputs,
+            requeues: 0,
+            failed_runners: Vec::new(),
         }
     }
 
-    /// Where the job stands, as an ordered pair: attempt, then state rank.
-    pub fn position(&self) -> (u32, u8) {
-        (self.attempt, self.status.rank())
+    /// Where the job stands, in order: operator requeues, attempt, state
+    /// rank. A requeue is the one move out of a terminal state, and it moves
+    /// the job forward too.
+    pub fn position(&self) -> (u32, u32, u8) {
+        (self.requeues, self.attempt, self.status.rank())
     }
 }

@@ -4,12 +4,14 @@
 //! - [`priority`]: `high`, `normal`, `low`.
 //! - [`job`]: the job record, its specification, outputs and errors.
 //! - [`event`]: job events and their subject kinds.
+//! - [`capability`]: what a job needs of a runner and whether a runner offers it.
 //! - [`guard`]: SSRF guard: outbound URLs must resolve to public addresses.
 //! - [`messages`]: what services send each other on the JOBS and DISPATCH streams.
 //! - [`names`]: every subject, stream, consumer and bucket name, from one prefix.
 //! - [`provision`]: idempotent creation of streams, buckets and consumers.
 //! - [`connection`]: connecting to NATS.
 //! - [`consume`]: running a durable pull consumer with one ack per message.
+//! - [`dead_letter`]: jobs whose attempts ran out, kept for an operator's requeue.
 //! - [`job_store`]: job records in KV with compare-and-set.
 //! - [`kv_view`]: an in-memory view of a KV bucket kept by one watch.
 //! - [`media`]: inputs and outputs in the JetStream object store.
@@ -20,9 +22,11 @@
 //! - [`shutdown`]: the process-wide cancellation token.
 //! - [`service`]: the common `main` of every service binary.
 
+pub mod capability;
 pub mod config;
 pub mod connection;
 pub mod consume;
+pub mod dead_letter;
 pub mod event;
 pub mod guard;
 pub mod ids;

@@ -24,10 +24,33 @@ pub struct CancelJob {
     pub requested_at: OffsetDateTime,
 }
 
-/// scheduler → runner: one attempt of a job (`Nats-Msg-Id` = `<job>:<attempt>`).
+/// ingress → scheduler: put a dead-lettered job back in the queue with a
+/// fresh delivery budget (`Nats-Msg-Id` = `<job>:retry:<requeues>`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetryJob {
+    pub v: u32,
+    pub tenant: TenantId,
+    pub job_id: JobId,
+    /// The record's `requeues` when the operator asked: a second request
+    /// for the same failure is a no-op.
+    pub requeues: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub requested_at: OffsetDateTime,
+}
+
+impl RetryJob {
+    pub fn message_id(&self) -> String {
+        format!("{}:retry:{}", self.job_id, self.requeues)
+    }
+}
+
+/// scheduler → runner: attempts of a job (`Nats-Msg-Id` = `<job>:<attempt>`).
+/// Delivery `n` of the message is attempt `attempt + n - 1`: attempts keep
+/// counting after an operator requeued the job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DispatchJob {
     pub v: u32,
+    /// The attempt number of the message's first delivery.
     pub attempt: u32,
     pub spec: JobSpec,
 }
@@ -35,6 +58,11 @@ pub struct DispatchJob {
 impl DispatchJob {
     pub fn message_id(&self) -> String {
         format!("{}:{}", self.spec.id, self.attempt)
+    }
+
+    /// The attempt number of delivery `delivered` (1-based) of this message.
+    pub fn attempt_of_delivery(&self, delivered: u32) -> u32 {
+        self.attempt.max(1) + delivered.max(1) - 1
     }
 }
 

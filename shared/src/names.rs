@@ -121,6 +121,10 @@ impl Names {
     pub fn cancel_subject(&self) -> String {
         format!("{}.jobs.cancel", self.prefix)
     }
+    /// An operator's request to requeue a dead-lettered job.
+    pub fn retry_subject(&self) -> String {
+        format!("{}.jobs.retry", self.prefix)
+    }
     pub fn report_subject(&self) -> String {
         format!("{}.jobs.report", self.prefix)
     }
@@ -238,11 +242,18 @@ impl Names {
     pub fn scheduler_cancel_consumer(&self) -> String {
         "scheduler-cancel".to_owned()
     }
+    pub fn scheduler_retry_consumer(&self) -> String {
+        "scheduler-retry".to_owned()
+    }
     pub fn scheduler_report_consumer(&self) -> String {
         "scheduler-report".to_owned()
     }
     pub fn dispatch_consumer(&self, pool: &PoolName, priority: Priority) -> String {
         format!("dispatch-{pool}-{priority}")
+    }
+    /// The one priority group of the dispatch consumers (when a policy is set).
+    pub fn dispatch_priority_group(&self) -> String {
+        "runners".to_owned()
     }
     pub fn scheduler_advisories_consumer(&self) -> String {
         "scheduler-advisories".to_owned()
@@ -276,6 +287,22 @@ impl Names {
     /// Webhook delivery records (every attempt), one entry per job.
     pub fn webhooks_bucket(&self) -> String {
         format!("{}_webhooks", self.prefix)
+    }
+    /// Dead letters (jobs whose attempts ran out), keyed like job records.
+    pub fn dead_letters_bucket(&self) -> String {
+        format!("{}_dead_letters", self.prefix)
+    }
+    /// The stream behind the dead-letters bucket.
+    pub fn dead_letters_kv_stream(&self) -> String {
+        format!("KV_{}", self.dead_letters_bucket())
+    }
+    /// One tenant's dead letters in that stream.
+    pub fn tenant_dead_letters_kv_subjects(&self, tenant: &TenantId) -> String {
+        format!(
+            "$KV.{}.{}",
+            self.dead_letters_bucket(),
+            self.tenant_jobs_key_filter(tenant)
+        )
     }
     pub fn media_bucket(&self) -> String {
         format!("{}_media", self.prefix)
@@ -353,6 +380,7 @@ mod tests {
             prop_assert!(in_stream(&names.submit_subject(), names.jobs_stream_subjects()));
             prop_assert!(in_stream(&names.cancel_subject(), names.jobs_stream_subjects()));
             prop_assert!(in_stream(&names.report_subject(), names.jobs_stream_subjects()));
+            prop_assert!(in_stream(&names.retry_subject(), names.jobs_stream_subjects()));
             for priority in Priority::ALL {
                 let subject = names.dispatch_subject(&pool, priority, &tenant);
                 prop_assert!(in_stream(&subject, names.dispatch_stream_subjects()));

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 
-use crate::config::NatsConfig;
+use crate::config::{DispatchPriorityPolicy, NatsConfig};
 use crate::ids::PoolName;
 use crate::names::Names;
 use crate::priority::Priority;
@@ -33,6 +33,7 @@ pub struct Provisioned {
     pub runners: kv::Store,
     pub idempotency: kv::Store,
     pub webhooks: kv::Store,
+    pub dead_letters: kv::Store,
     pub media: object_store::ObjectStore,
 }
 
@@ -188,6 +189,15 @@ pub async fn provision(
         ),
     )
     .await?;
+    let dead_letters = ensure_kv(
+        js,
+        bucket(
+            names.dead_letters_bucket(),
+            "comfyq: jobs whose attempts ran out, with their specs, for requeueing",
+            Some(config.jobs_max_age),
+        ),
+    )
+    .await?;
 
     let media =
         ensure_object_store(js, &names.media_bucket(), config.media_max_age, replicas).await?;
@@ -197,6 +207,7 @@ pub async fn provision(
         runners,
         idempotency,
         webhooks,
+        dead_letters,
         media,
     })
 }
@@ -283,6 +294,14 @@ pub async fn ensure_dispatch_consumer(
             max_deliver: config.dispatch_max_deliver,
             max_ack_pending: 10_000,
             num_replicas: config.replicas,
+            priority_policy: match config.dispatch_priority_policy {
+                DispatchPriorityPolicy::None => consumer::PriorityPolicy::None,
+                DispatchPriorityPolicy::Overflow => consumer::PriorityPolicy::Overflow,
+            },
+            priority_groups: match config.dispatch_priority_policy {
+                DispatchPriorityPolicy::None => Vec::new(),
+                DispatchPriorityPolicy::Overflow => vec![names.dispatch_priority_group()],
+            },
             ..Default::default()
         },
     )

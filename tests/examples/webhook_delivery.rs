@@ -51,6 +51,7 @@ async fn main() {
             metadata: None,
             timeout_s: 60,
             inline_outputs: false,
+            runner_labels: Default::default(),
             created_at: time::OffsetDateTime::now_utc(),
         };
         let mut record = JobRecord::accepted(&spec);

@@ -21,5 +21,5 @@ pub mod webhook_sink;
 
 pub use eventually::{eventually, eventually_true};
 pub use nats_server::NatsServer;
-pub use stack::{IsolatedScheduler, RunnerTweak, StackOptions, TestStack};
+pub use stack::{IsolatedRunner, IsolatedScheduler, RunnerTweak, StackOptions, TestStack};
 pub use webhook_sink::{MockResponse, ReceivedWebhook, WebhookSink};

@@ -247,7 +247,13 @@ impl TestStack {
             shutdown,
             services,
         };
-        stack.wait_ready(options.runners > 0).await;
+        stack
+            .wait_ready(
+                options.runners > 0,
+                options.schedulers > 0,
+                options.notifiers > 0,
+            )
+            .await;
         stack
     }
 
@@ -275,7 +281,7 @@ impl TestStack {
     }
 
     /// Waits until the API answers and (if any are expected) a runner has registered.
-    async fn wait_ready(&self, runners: bool) {
+    async fn wait_ready(&self, runners: bool, schedulers: bool, notifiers: bool) {
         let url = format!("{}/readyz", self.api);
         eventually(Duration::from_secs(30), "ingress ready", async || {
             self.assert_services_alive();
@@ -283,6 +289,41 @@ impl TestStack {
             ok.then_some(())
         })
         .await;
+        // The last consumer each service creates: once it exists the service
+        // is past provisioning, so a test that restarts NATS right away does
+        // not catch a service still starting (which would then exit).
+        let names = self.nats_config().names().expect("valid prefix");
+        let mut last_consumers = Vec::new();
+        if schedulers {
+            last_consumers.push((
+                names.advisories_stream(),
+                names.scheduler_advisories_consumer(),
+            ));
+        }
+        if notifiers {
+            last_consumers.push((names.webhooks_stream(), names.notifier_redeliver_consumer()));
+        }
+        if !last_consumers.is_empty() {
+            let js = async_nats::jetstream::new(self.nats.client().await);
+            for (stream, consumer) in last_consumers {
+                eventually(
+                    Duration::from_secs(30),
+                    "services provisioned",
+                    async || {
+                        self.assert_services_alive();
+                        let stream = js.get_stream(&stream).await.ok()?;
+                        stream
+                            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
+                                &consumer,
+                            )
+                            .await
+                            .ok()
+                            .map(|_| ())
+                    },
+                )
+                .await;
+            }
+        }
         if !runners {
             return;
         }
@@ -548,6 +589,46 @@ impl IsolatedScheduler {
 }
 
 impl Drop for IsolatedScheduler {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A runner on its own Tokio runtime, so a test can kill it mid-job the way
+/// a crash would: heartbeats and its NATS connection stop at once.
+#[derive(Debug)]
+pub struct IsolatedRunner {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl IsolatedRunner {
+    pub fn start(config: RunnerConfig) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runner runtime");
+        runtime.spawn(async move {
+            if let Err(error) = comfyq_runner::run(config, CancellationToken::new()).await {
+                eprintln!("isolated runner failed: {error}");
+            }
+        });
+        Self {
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Stops it abruptly.
+    pub fn kill(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for IsolatedRunner {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();

@@ -44,6 +44,12 @@ pub struct SubmitRequest {
     pub metadata: Option<Value>,
     #[serde(default)]
     pub outputs: Option<OutputsRequest>,
+    /// Labels the runner must carry, e.g. `{"gpu": "a100"}` (at most 16;
+    /// keys and values 1 to 64 characters). A job no live runner of its pool
+    /// matches waits (`waiting_reason = waiting_for_capability`) or is
+    /// rejected, as the scheduler is configured.
+    #[serde(default)]
+    pub runner_labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// One input file: exactly one of `data` (base64 or a `data:` URL) and `url`
@@ -98,6 +104,7 @@ pub struct ValidSubmission {
     pub timeout_s: u64,
     pub metadata: Option<Value>,
     pub inline_outputs: bool,
+    pub runner_labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Limits validation checks against (from configuration).
@@ -110,6 +117,7 @@ pub struct Limits {
 }
 
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+pub const MAX_RUNNER_LABELS: usize = 16;
 
 impl SubmitRequest {
     /// Checks everything that can be checked without I/O. `uploaded` are
@@ -248,6 +256,23 @@ impl SubmitRequest {
             }
         }
 
+        let runner_labels = self.runner_labels.unwrap_or_default();
+        if runner_labels.len() > MAX_RUNNER_LABELS {
+            fail(
+                "/runner_labels",
+                format!("at most {MAX_RUNNER_LABELS} labels"),
+            );
+        }
+        for (key, value) in &runner_labels {
+            let fits = |s: &str| (1..=64).contains(&s.len()) && !s.chars().any(char::is_control);
+            if !fits(key) || !fits(value) {
+                fail(
+                    &format!("/runner_labels/{key}"),
+                    "keys and values must be 1 to 64 characters, no control characters".to_owned(),
+                );
+            }
+        }
+
         if errors.is_empty() {
             Ok(ValidSubmission {
                 workflow: self.workflow,
@@ -258,6 +283,7 @@ impl SubmitRequest {
                 timeout_s,
                 metadata: self.metadata,
                 inline_outputs: self.outputs.unwrap_or_default().inline,
+                runner_labels,
             })
         } else {
             Err(errors)
@@ -458,6 +484,14 @@ pub struct JobView {
     pub outputs: Vec<OutputView>,
     pub error: Option<JobError>,
     pub cancel_requested: bool,
+    /// Why a queued job is not dispatched yet when it is not only waiting
+    /// for a free slot: `waiting_for_capability` (no live runner of its pool
+    /// has every node type the workflow uses). Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_reason: Option<String>,
+    /// Times an operator requeued the failed job (`POST /v1/jobs/{id}/retry`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub requeues: u32,
     pub webhook: Option<WebhookSpec>,
     /// Where each webhook delivery of this job stands (details and every
     /// attempt: `GET /v1/jobs/{id}/webhooks`).
@@ -466,6 +500,10 @@ pub struct JobView {
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
     pub timeout_s: u64,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -544,6 +582,8 @@ impl JobView {
             outputs,
             error: record.error,
             cancel_requested: record.cancel_requested,
+            waiting_reason: record.waiting_reason,
+            requeues: record.requeues,
             webhook: record.webhook,
             webhook_deliveries: Vec::new(),
             metadata: record.metadata,

@@ -22,6 +22,7 @@ pub mod api;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod dead_letters;
 pub mod fetch;
 pub mod idempotency;
 pub mod limits;
@@ -78,6 +79,7 @@ pub async fn serve(
         idempotency: shared.idempotency,
         runners: shared.runners,
         webhooks: shared.webhooks,
+        dead_letters: shared.dead_letters,
         limiter: Arc::new(limits::RateLimiter::new(
             config.rate_limit_per_s,
             config.rate_limit_burst,

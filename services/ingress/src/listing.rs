@@ -102,12 +102,22 @@ fn created_at(id: &JobId) -> Option<OffsetDateTime> {
 
 /// The ids of every record the tenant has, unordered.
 async fn tenant_job_ids(state: &AppState, tenant: &TenantId) -> Result<Vec<JobId>, Problem> {
+    let filter = state.names.tenant_jobs_kv_subjects(tenant);
+    job_ids_in(state, &state.names.jobs_kv_stream(), filter).await
+}
+
+/// The job ids among the live keys of a bucket's stream under `filter`
+/// (`$KV.<bucket>.<tenant>.*`), unordered, read from headers only.
+pub(crate) async fn job_ids_in(
+    state: &AppState,
+    kv_stream: &str,
+    filter: String,
+) -> Result<Vec<JobId>, Problem> {
     let stream = state
         .js
-        .get_stream(state.names.jobs_kv_stream())
+        .get_stream(kv_stream)
         .await
         .map_err(|e| Problem::unavailable(&e))?;
-    let filter = state.names.tenant_jobs_kv_subjects(tenant);
     let key_prefix = filter.trim_end_matches('*').to_owned();
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
@@ -133,7 +143,7 @@ async fn tenant_job_ids(state: &AppState, tenant: &TenantId) -> Result<Vec<JobId
             Ok(Some(Err(e))) => return Err(Problem::unavailable(&e)),
             Ok(None) | Err(_) => {
                 return Err(Problem::unavailable(&std::io::Error::other(
-                    "listing the jobs bucket stalled",
+                    "listing a bucket's keys stalled",
                 )));
             }
         };

@@ -27,6 +27,8 @@ use crate::state::AppState;
         crate::catalog::queue,
         crate::webhooks::list_deliveries,
         crate::webhooks::redeliver,
+        crate::dead_letters::list_dead_letters,
+        crate::dead_letters::retry_job,
     ),
     components(schemas(crate::problem::ProblemBody, crate::problem::InvalidParam)),
     modifiers(&BearerAuth),
@@ -36,6 +38,7 @@ use crate::state::AppState;
         (name = "events", description = "Live and replayed job events"),
         (name = "runners", description = "Runners and queues"),
         (name = "webhooks", description = "Webhook deliveries and redelivery"),
+        (name = "dead-letters", description = "Jobs whose attempts ran out, and their requeue"),
     )
 )]
 #[derive(Debug)]

@@ -51,6 +51,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/v1/jobs/{id}/outputs/{name}", get(get_output))
         .route("/v1/jobs/{id}/inputs/{name}", get(get_input))
         .merge(crate::webhooks::routes())
+        .merge(crate::dead_letters::routes())
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/ws", get(job_socket))
         .route("/v1/events", get(tenant_events))
@@ -277,6 +278,7 @@ async fn submit(
             timeout_s: valid.timeout_s,
             // In the spec, so a record the scheduler creates keeps it too.
             inline_outputs: valid.inline_outputs,
+            runner_labels: valid.runner_labels,
             created_at: OffsetDateTime::now_utc(),
         };
         let mut record = JobRecord::accepted(&spec);

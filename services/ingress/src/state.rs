@@ -24,6 +24,8 @@ pub struct AppState {
     pub runners: kv::Store,
     /// Webhook delivery records (written by the notifier).
     pub webhooks: kv::Store,
+    /// Dead letters (written by the scheduler).
+    pub dead_letters: kv::Store,
     pub limiter: std::sync::Arc<RateLimiter>,
     pub active: std::sync::Arc<crate::active::ActiveJobs>,
     pub runner_directory: std::sync::Arc<crate::catalog::RunnerDirectory>,

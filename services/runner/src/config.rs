@@ -38,6 +38,11 @@ pub struct RunnerConfig {
     pub labels: BTreeMap<String, String>,
     /// Jobs held at once: one executes in ComfyUI, the rest wait in its queue.
     pub slots: usize,
+    /// Makes this a burst runner: it takes work only while at least this
+    /// many dispatch messages of a priority wait unpulled (NATS `overflow`
+    /// priority group; needs `nats.dispatch_priority_policy = "overflow"`).
+    /// The scheduler counts its slots only while such a backlog builds.
+    pub burst_min_pending: Option<usize>,
     /// No ComfyUI event for this long while a prompt runs → check history,
     /// and treat the prompt as stalled if ComfyUI cannot account for it.
     #[serde(with = "humantime_serde")]
@@ -74,6 +79,7 @@ impl Default for RunnerConfig {
             pool: "default".to_owned(),
             labels: BTreeMap::new(),
             slots: 1,
+            burst_min_pending: None,
             stall_timeout: Duration::from_secs(120),
             reconcile_interval: Duration::from_secs(2),
             idle_poll: Duration::from_secs(2),
@@ -127,6 +133,19 @@ impl Validate for RunnerConfig {
         self.pool()?;
         self.runner_id()?;
         self.comfyui_url()?;
+        if self.burst_min_pending.is_some()
+            && self.nats.dispatch_priority_policy
+                != comfyq_shared::config::DispatchPriorityPolicy::Overflow
+        {
+            return Err(ConfigError::Invalid(
+                "burst_min_pending needs nats.dispatch_priority_policy = \"overflow\"".to_owned(),
+            ));
+        }
+        if self.burst_min_pending == Some(0) {
+            return Err(ConfigError::Invalid(
+                "burst_min_pending must be at least 1".to_owned(),
+            ));
+        }
         if !(1..=64).contains(&self.slots) {
             return Err(ConfigError::Invalid(format!(
                 "slots must be 1 to 64 (got {})",

@@ -177,9 +177,18 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         config.slots,
     )
     .await;
+    let registration = registration::Registration {
+        burst_min_pending: config.burst_min_pending,
+        ..registration
+    };
+    let offer = comfyq_shared::capability::Offer::new(
+        &registration.node_types,
+        &registration.models,
+        &registration.labels,
+    );
     let registration_stop = CancellationToken::new();
     let registration_task = tokio::spawn(registration::maintain(
-        shared.runners,
+        shared.runners.clone(),
         comfy.clone(),
         registration,
         held.clone(),
@@ -196,6 +205,9 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         runner: runner.clone(),
         consumers,
         held,
+        runners: shared.runners,
+        pause_until: Default::default(),
+        offer: Arc::new(offer),
         config: config.clone(),
     };
     tracing::info!(%runner, pool = %worker.pool, slots = config.slots, "runner pulling work");

@@ -33,6 +33,9 @@ pub struct Registration {
     pub labels: BTreeMap<String, String>,
     pub slots: usize,
     pub busy: usize,
+    /// Set on a burst runner: it pulls only while this many wait unpulled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_min_pending: Option<usize>,
     pub comfyui_version: Option<String>,
     pub node_types: Vec<String>,
     pub models: BTreeMap<String, Vec<String>>,
@@ -70,6 +73,7 @@ impl Registration {
             labels,
             slots,
             busy: 0,
+            burst_min_pending: None,
             comfyui_version: None,
             node_types,
             models,
@@ -105,12 +109,16 @@ pub async fn maintain(
     let key = registration.runner.to_string();
     let mut interval = tokio::time::interval(every);
     loop {
-        tokio::select! {
+        // A change of held jobs only updates `busy` (no ComfyUI round trip).
+        let periodic = tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = interval.tick() => {}
-        }
+            _ = interval.tick() => true,
+            _ = held.changed() => false,
+        };
         registration.busy = held.len();
-        registration.refresh_stats(&comfy).await;
+        if periodic {
+            registration.refresh_stats(&comfy).await;
+        }
         registration.updated_at = OffsetDateTime::now_utc();
         metrics::gauge!("comfyq_runner_busy_slots").set(registration.busy as f64);
         if let Ok(value) = serde_json::to_vec(&registration)

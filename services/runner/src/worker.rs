@@ -24,18 +24,29 @@ use crate::execute::{AttemptEnd, Executor};
 
 /// Jobs this runner holds, by id, with the token that cancels each.
 #[derive(Clone, Debug, Default)]
-pub struct HeldJobs(Arc<Mutex<HashMap<JobId, CancellationToken>>>);
+pub struct HeldJobs(
+    Arc<Mutex<HashMap<JobId, CancellationToken>>>,
+    /// Signalled on every change, so the registration's `busy` follows
+    /// promptly (the dispatcher routes restricted jobs by it).
+    Arc<tokio::sync::Notify>,
+);
 
 impl HeldJobs {
     fn insert(&self, job: JobId, token: CancellationToken) {
         if let Ok(mut held) = self.0.lock() {
             held.insert(job, token);
         }
+        self.1.notify_one();
     }
     fn remove(&self, job: &JobId) {
         if let Ok(mut held) = self.0.lock() {
             held.remove(job);
         }
+        self.1.notify_one();
+    }
+    /// Resolves after the next change (or at once if one happened unseen).
+    pub async fn changed(&self) {
+        self.1.notified().await;
     }
     /// Cancels `job` if held here; returns whether it was.
     pub fn cancel(&self, job: &JobId) -> bool {
@@ -59,12 +70,18 @@ pub enum Disposition {
     Retry(AttemptOutcome, Duration),
     /// Report (if any), then terminate the message.
     Drop(Option<AttemptOutcome>),
+    /// The last delivery failed retryably: report the failure, then hand
+    /// the message back so the server's max-deliveries advisory makes it a
+    /// dead letter (the scheduler keeps its spec for a requeue).
+    Exhausted(AttemptOutcome),
 }
 
 /// Maps an attempt's end to exactly one acknowledgement (exhaustively).
+/// `delivery` counts this message's deliveries (the attempt budget is per
+/// message, so an operator's requeue gets a fresh one).
 pub fn disposition(
     end: AttemptEnd,
-    attempt: u32,
+    delivery: u32,
     max_attempts: u32,
     backoff: Duration,
     handing_back: bool,
@@ -82,8 +99,8 @@ pub fn disposition(
             Duration::ZERO,
         ),
         AttemptEnd::Cancelled => Disposition::Drop(Some(AttemptOutcome::Cancelled)),
-        AttemptEnd::Failed(error) if error.kind.is_retryable() && attempt < max_attempts => {
-            let exponent = attempt.saturating_sub(1).min(10);
+        AttemptEnd::Failed(error) if error.kind.is_retryable() && delivery < max_attempts => {
+            let exponent = delivery.saturating_sub(1).min(10);
             let delay = backoff.saturating_mul(1 << exponent);
             // Jitter spreads retries of a burst of failures.
             let jitter = rand::random_range(0.5..1.5);
@@ -94,6 +111,12 @@ pub fn disposition(
                 },
                 delay.mul_f64(jitter),
             )
+        }
+        AttemptEnd::Failed(error) if error.kind.is_retryable() => {
+            Disposition::Exhausted(AttemptOutcome::Failed {
+                error,
+                retrying: false,
+            })
         }
         AttemptEnd::Failed(error) => Disposition::Drop(Some(AttemptOutcome::Failed {
             error,
@@ -113,6 +136,14 @@ pub struct Worker {
     /// Dispatch consumers, highest priority first.
     pub consumers: Vec<(Priority, PullConsumer)>,
     pub held: HeldJobs,
+    /// Registrations of the fleet (to see whether another runner is free).
+    pub runners: async_nats::jetstream::kv::Store,
+    /// No pulling before this instant: set after a retryable failure here
+    /// while another runner of the pool has a free slot, so the retry goes
+    /// to that runner.
+    pub pause_until: Arc<Mutex<Option<tokio::time::Instant>>>,
+    /// What this runner can run (node types, models, labels).
+    pub offer: Arc<comfyq_shared::capability::Offer>,
     pub config: Arc<RunnerConfig>,
 }
 
@@ -185,8 +216,26 @@ impl Worker {
     }
 
     async fn poll_once(&self) -> Option<Message> {
+        let paused = self
+            .pause_until
+            .lock()
+            .ok()
+            .and_then(|until| *until)
+            .is_some_and(|until| until > tokio::time::Instant::now());
+        if paused {
+            return None;
+        }
         for (priority, consumer) in &self.consumers {
-            let batch = match consumer.fetch().max_messages(1).messages().await {
+            let mut fetch = consumer.fetch().max_messages(1);
+            if self.config.nats.dispatch_priority_policy
+                == comfyq_shared::config::DispatchPriorityPolicy::Overflow
+            {
+                fetch = fetch.group(self.names.dispatch_priority_group());
+                if let Some(min_pending) = self.config.burst_min_pending {
+                    fetch = fetch.min_pending(min_pending);
+                }
+            }
+            let batch = match fetch.messages().await {
                 Ok(batch) => batch,
                 Err(error) => {
                     tracing::debug!(%error, %priority, "fetch failed");
@@ -219,13 +268,14 @@ impl Worker {
                 return;
             }
         };
-        let attempt = message
+        let delivery = message
             .info()
             .map(|info| info.delivered as u32)
-            .unwrap_or(dispatch.attempt)
+            .unwrap_or(1)
             .max(1);
+        let attempt = dispatch.attempt_of_delivery(delivery);
         let span = tracing::info_span!("job", job_id = %dispatch.spec.id, attempt, tenant = %dispatch.spec.tenant);
-        self.handle_dispatch(message, dispatch, attempt, hand_back)
+        self.handle_dispatch(message, dispatch, delivery, attempt, hand_back)
             .instrument(span)
             .await;
     }
@@ -234,10 +284,28 @@ impl Worker {
         &self,
         message: Message,
         dispatch: DispatchJob,
+        delivery: u32,
         attempt: u32,
         hand_back: CancellationToken,
     ) {
         let spec = &dispatch.spec;
+        // The pool's consumer is shared by all its runners; the scheduler
+        // only checked that *some* runner can run this. Hand it back for a
+        // capable one (this costs one delivery of its budget).
+        if let Some(missing) = self
+            .offer
+            .missing(&comfyq_shared::capability::Needs::of(spec))
+        {
+            tracing::info!(%missing, "this runner cannot run the job; handing it back");
+            metrics::counter!("comfyq_runner_declined_total").increment(1);
+            let delay = Duration::from_millis(200);
+            // Stand aside so a capable runner pulls it next, not this one again.
+            if let Ok(mut pause) = self.pause_until.lock() {
+                *pause = Some(tokio::time::Instant::now() + delay + self.config.idle_poll * 2);
+            }
+            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            return;
+        }
         // Held before the record is read: a cancellation applied after the
         // read is then announced to a job already held here and stops it,
         // instead of falling between the read and the insert and being
@@ -303,15 +371,16 @@ impl Worker {
         let max_attempts = self.config.nats.dispatch_max_deliver.max(1) as u32;
         let disposition = disposition(
             end,
-            attempt,
+            delivery,
             max_attempts,
             self.config.retry_backoff,
             handing_back,
         );
         let outcome_label = match &disposition {
-            Disposition::Done(o) | Disposition::Retry(o, _) | Disposition::Drop(Some(o)) => {
-                o.token()
-            }
+            Disposition::Done(o)
+            | Disposition::Retry(o, _)
+            | Disposition::Drop(Some(o))
+            | Disposition::Exhausted(o) => o.token(),
             Disposition::Drop(None) => "dropped",
         };
         metrics::counter!("comfyq_runner_attempts_total", "outcome" => outcome_label).increment(1);
@@ -332,6 +401,9 @@ impl Worker {
             }
             Disposition::Retry(outcome, delay) => {
                 self.report(spec, attempt, outcome).await;
+                if !handing_back {
+                    self.step_aside(delay).await;
+                }
                 AckKind::Nak(Some(delay))
             }
             Disposition::Drop(outcome) => {
@@ -339,6 +411,10 @@ impl Worker {
                     self.report(spec, attempt, outcome).await;
                 }
                 AckKind::Term
+            }
+            Disposition::Exhausted(outcome) => {
+                self.report(spec, attempt, outcome).await;
+                AckKind::Nak(None)
             }
         };
         heartbeat.abort();
@@ -349,6 +425,54 @@ impl Worker {
         if let Err(error) = acked {
             tracing::warn!(%error, "acknowledgement failed; the job may be redelivered");
         }
+    }
+
+    /// After a retryable failure here, leaves the retry (due in `delay`) to
+    /// another runner of the pool if one has a free slot: this runner stops
+    /// pulling until that runner has had time to take it (it polls every
+    /// `idle_poll`). Otherwise it may well take the retry itself.
+    async fn step_aside(&self, delay: Duration) {
+        if !self.another_runner_is_free().await {
+            return;
+        }
+        let until = tokio::time::Instant::now() + delay + self.config.idle_poll * 2;
+        tracing::info!(
+            pause_ms = (delay + self.config.idle_poll * 2).as_millis() as u64,
+            "another runner is free: leaving the retry to it"
+        );
+        if let Ok(mut pause) = self.pause_until.lock() {
+            *pause = Some(until);
+        }
+    }
+
+    async fn another_runner_is_free(&self) -> bool {
+        let Ok(keys) = self.runners.keys().await else {
+            return false;
+        };
+        let keys: Vec<String> = keys.filter_map(|k| async { k.ok() }).collect().await;
+        let ttl =
+            time::Duration::try_from(self.config.nats.runner_ttl).unwrap_or(time::Duration::ZERO);
+        let now = OffsetDateTime::now_utc();
+        for key in keys {
+            if key == self.runner.as_str() {
+                continue;
+            }
+            let Ok(Some(value)) = self.runners.get(&key).await else {
+                continue;
+            };
+            let Ok(other) = serde_json::from_slice::<crate::registration::Registration>(&value)
+            else {
+                continue;
+            };
+            if other.pool == self.pool
+                && other.ready
+                && other.busy < other.slots
+                && now - other.updated_at < ttl
+            {
+                return true;
+            }
+        }
+        false
     }
 
     /// Sends a report to the scheduler, retrying while NATS is unreachable
@@ -462,13 +586,13 @@ mod tests {
             disposition(infra(), 1, 3, backoff, false),
             Disposition::Retry(..)
         ));
-        // The last attempt is not retried.
+        // The last attempt is not retried: it becomes a dead letter.
         assert!(matches!(
             disposition(infra(), 3, 3, backoff, false),
-            Disposition::Drop(Some(AttemptOutcome::Failed {
+            Disposition::Exhausted(AttemptOutcome::Failed {
                 retrying: false,
                 ..
-            }))
+            })
         ));
         let user = AttemptEnd::Failed(JobError::new(ErrorKind::Execution, "x"));
         assert!(matches!(

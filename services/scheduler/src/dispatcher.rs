@@ -18,6 +18,7 @@ use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::consumer::{self, DeliverPolicy};
 use async_nats::jetstream::kv::{self, Operation};
 use async_nats::jetstream::stream::{DeleteMessageErrorKind, Stream as JsStream};
+use comfyq_shared::capability::{Needs, Offer};
 use comfyq_shared::ids::{PoolName, TenantId};
 use comfyq_shared::job::{ErrorKind, JobStatus, WAITING_FOR_CAPABILITY};
 use comfyq_shared::messages::SubmitJob;
@@ -56,8 +57,18 @@ struct RunnerView {
     slots: usize,
     #[serde(default)]
     node_types: Vec<String>,
+    #[serde(default)]
+    models: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
     #[serde(default = "ready_default")]
     ready: bool,
+    /// Jobs it holds (kept current by the runner on every change).
+    #[serde(default)]
+    busy: usize,
+    /// A burst runner: pulls only while this many dispatch messages wait.
+    #[serde(default)]
+    burst_min_pending: Option<usize>,
 }
 
 fn ready_default() -> bool {
@@ -66,16 +77,17 @@ fn ready_default() -> bool {
 
 #[derive(Clone, Debug)]
 struct LiveRunner {
+    key: String,
     view: RunnerView,
-    node_types: HashSet<String>,
+    offer: Offer,
     seen_at: OffsetDateTime,
 }
 
 impl LiveRunner {
-    /// Whether this runner can run a workflow made of `node_types`. A runner
-    /// that could not list its node types is assumed able to.
-    fn can_run(&self, node_types: &[String]) -> bool {
-        self.node_types.is_empty() || node_types.iter().all(|t| self.node_types.contains(t))
+    /// Whether this runner has every node type, model file and label the
+    /// job needs (what it could not list is assumed present).
+    fn can_run(&self, needs: &Needs) -> bool {
+        self.offer.can_run(needs)
     }
 }
 
@@ -288,9 +300,8 @@ impl Dispatcher {
                 .filter(|r| r.view.pool == pool && r.view.ready)
                 .cloned()
                 .collect();
-            let capable = |e: &Pending| {
-                runners.is_empty() || runners.iter().any(|r| r.can_run(&e.node_types))
-            };
+            let capable =
+                |e: &Pending| runners.is_empty() || runners.iter().any(|r| r.can_run(&e.needs));
             if sweep {
                 self.sweep(view, &pool, &capable, pending, now).await?;
             }
@@ -303,20 +314,65 @@ impl Dispatcher {
             let Some(queue) = view.pools.get_mut(&pool) else {
                 continue;
             };
-            let slots: usize = runners.iter().map(|r| r.view.slots).sum();
-            let mut capacity =
-                (slots + s.config.dispatch_window).saturating_sub(running.values().sum::<usize>());
+            // Burst runners' slots count only while the pool's backlog could
+            // keep DISPATCH at their `min_pending` (NATS overflow group):
+            // then DISPATCH also holds that many unpulled jobs for them to see.
+            let slots: usize = runners
+                .iter()
+                .filter(|r| r.view.burst_min_pending.is_none())
+                .map(|r| r.view.slots)
+                .sum();
+            let burst_slots: usize = runners
+                .iter()
+                .filter(|r| r.view.burst_min_pending.is_some())
+                .map(|r| r.view.slots)
+                .sum();
+            let threshold = runners
+                .iter()
+                .filter_map(|r| r.view.burst_min_pending)
+                .max()
+                .unwrap_or(0);
+            let burst = if burst_slots > 0 && queue.len() >= threshold {
+                burst_slots + threshold
+            } else {
+                0
+            };
+            let mut capacity = (slots + burst + s.config.dispatch_window)
+                .saturating_sub(running.values().sum::<usize>());
             let last_served = view.served.remove(&pool).unwrap_or_default();
             let mut tenants = Tenants::new(running, last_served);
+            // A job only some runners can run goes out only while one of
+            // those has a free slot: the pool's runners share one consumer,
+            // and any of them may pull it (one that cannot hands it back).
+            let mut taken: HashMap<&str, usize> = HashMap::new();
+            let free_capable = |e: &Pending, taken: &HashMap<&str, usize>| {
+                runners.iter().all(|r| r.can_run(&e.needs))
+                    || runners.iter().any(|r| {
+                        r.can_run(&e.needs)
+                            && r.view.busy + taken.get(r.key.as_str()).copied().unwrap_or(0)
+                                < r.view.slots
+                    })
+            };
             while capacity > 0 {
-                let Some(next) = policy::pick(queue, now, &policy, &tenants, capable).cloned()
-                else {
+                let Some(next) = policy::pick(queue, now, &policy, &tenants, |e| {
+                    capable(e) && free_capable(e, &taken)
+                })
+                .cloned() else {
                     break;
                 };
                 queue.remove(next.priority, &next.tenant, next.seq);
                 if dispatch_one(s, pending, &next, now).await? {
                     capacity -= 1;
                     tenants.served(&next.tenant);
+                    if !runners.iter().all(|r| r.can_run(&next.needs))
+                        && let Some(r) = runners.iter().find(|r| {
+                            r.can_run(&next.needs)
+                                && r.view.busy + taken.get(r.key.as_str()).copied().unwrap_or(0)
+                                    < r.view.slots
+                        })
+                    {
+                        *taken.entry(r.key.as_str()).or_insert(0) += 1;
+                    }
                 }
                 view.marked.remove(&next.job);
             }
@@ -349,9 +405,15 @@ impl Dispatcher {
                     format!("queued longer than {:?}", s.config.max_queue_time),
                 ))
             } else if !capable(&entry) && s.config.unroutable == Unroutable::Reject {
+                let lacking = self
+                    .first_missing(view, pool, &entry.needs)
+                    .map(|m| format!(" (the first lacks {m})"))
+                    .unwrap_or_default();
                 Some((
                     ErrorKind::Rejected,
-                    format!("no runner of pool {pool} has every node type the workflow uses"),
+                    format!(
+                        "no live runner of pool {pool} has every node type, model and label the job needs{lacking}"
+                    ),
                 ))
             } else {
                 None
@@ -383,6 +445,19 @@ impl Dispatcher {
             }
         }
         Ok(())
+    }
+
+    /// What the first live runner of `pool` lacks, to explain a rejection.
+    fn first_missing(
+        &self,
+        view: &View,
+        pool: &PoolName,
+        needs: &Needs,
+    ) -> Option<comfyq_shared::capability::Missing> {
+        view.runners
+            .values()
+            .find(|r| &r.view.pool == pool && r.view.ready)
+            .and_then(|r| r.offer.missing(needs))
     }
 
     fn policy(&self) -> Policy {
@@ -422,7 +497,7 @@ impl View {
             tenant,
             priority,
             enqueued_at: submit.spec.created_at,
-            node_types: node_types(&submit.spec.workflow),
+            needs: std::sync::Arc::new(Needs::of(&submit.spec)),
         };
         self.pools.entry(pool).or_default().push(entry);
     }
@@ -434,12 +509,13 @@ impl View {
         }
         match serde_json::from_slice::<RunnerView>(&entry.value) {
             Ok(view) => {
-                let node_types = view.node_types.iter().cloned().collect();
+                let offer = Offer::new(&view.node_types, &view.models, &view.labels);
                 self.runners.insert(
-                    entry.key,
+                    entry.key.clone(),
                     LiveRunner {
+                        key: entry.key,
                         view,
-                        node_types,
+                        offer,
                         seen_at: entry.created,
                     },
                 );
@@ -449,19 +525,6 @@ impl View {
             }
         }
     }
-}
-
-/// The `class_type`s a ComfyUI API-format workflow uses.
-fn node_types(workflow: &serde_json::Value) -> Vec<String> {
-    let mut types: Vec<String> = workflow
-        .as_object()
-        .into_iter()
-        .flat_map(|nodes| nodes.values())
-        .filter_map(|node| node.get("class_type")?.as_str().map(str::to_owned))
-        .collect();
-    types.sort();
-    types.dedup();
-    types
 }
 
 /// Jobs in flight per tenant: dispatch messages of the pool not yet acked.
@@ -502,23 +565,29 @@ async fn dispatch_one(
         delete_pending(pending, entry.seq).await?;
         return Ok(false);
     };
-    let waiting = match s
+    // Attempts keep counting after an operator's requeue.
+    let next_attempt = match s
         .jobs
         .get(&entry.tenant, &entry.job)
         .await
         .map_err(HandleError::from)?
     {
-        Some(current) => matches!(
-            current.record.status,
-            JobStatus::Accepted | JobStatus::Queued
-        ),
-        None => false,
+        Some(current)
+            if matches!(
+                current.record.status,
+                JobStatus::Accepted | JobStatus::Queued
+            ) =>
+        {
+            Some(current.record.attempt + 1)
+        }
+        _ => None,
     };
-    if waiting {
+    let waiting = next_attempt.is_some();
+    if let Some(attempt) = next_attempt {
         let waited = (now - entry.enqueued_at).as_seconds_f64().max(0.0);
         metrics::histogram!("comfyq_scheduler_queue_wait_seconds", "priority" => entry.priority.as_str())
             .record(waited);
-        s.dispatch(submit.spec).await?;
+        s.dispatch(submit.spec, attempt).await?;
     }
     delete_pending(pending, entry.seq).await?;
     Ok(waiting)
@@ -550,21 +619,5 @@ fn report_depth(pool: &PoolName, queue: &PoolQueue, now: OffsetDateTime) {
         metrics::gauge!("comfyq_scheduler_queue_depth", &labels).set(count as f64);
         let oldest = oldest.map_or(0.0, |o| (now - o).as_seconds_f64().max(0.0));
         metrics::gauge!("comfyq_scheduler_oldest_wait_seconds", &labels).set(oldest);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn node_types_of_a_workflow() {
-        let workflow = serde_json::json!({
-            "1": {"class_type": "KSampler", "inputs": {}},
-            "2": {"class_type": "SaveImage", "inputs": {}},
-            "3": {"class_type": "KSampler", "inputs": {}},
-            "4": {"inputs": {}}
-        });
-        assert_eq!(node_types(&workflow), vec!["KSampler", "SaveImage"]);
     }
 }

@@ -3,7 +3,8 @@
 //! - [`config`]: typed configuration.
 //! - [`machine`]: the job state machine as a pure function.
 //! - [`policy`]: which held job goes next (priority, ageing, fairness, limits), pure.
-//! - [`service`]: message handlers (submit, report, cancel, exhausted deliveries).
+//! - [`service`]: message handlers (submit, report, cancel, exhausted deliveries
+//!   and dead letters, operators' requeues).
 //! - [`dispatcher`]: decide-late dispatch from the PENDING stream, by the lease holder.
 //! - [`lease`]: the KV lease that elects one dispatching scheduler.
 //!
@@ -87,6 +88,12 @@ pub async fn run(
         consumer_for(names.scheduler_cancel_consumer(), names.cancel_subject()),
     )
     .await?;
+    let retry = ensure_pull_consumer(
+        &js,
+        &jobs_stream,
+        consumer_for(names.scheduler_retry_consumer(), names.retry_subject()),
+    )
+    .await?;
     let advisories = ensure_pull_consumer(
         &js,
         &names.advisories_stream(),
@@ -107,6 +114,7 @@ pub async fn run(
         client: client.clone(),
         jobs: JobStore::new(shared.jobs, names.clone()),
         events: EventPublisher::new(js.clone(), names.clone()),
+        dead_letters: shared.dead_letters,
         config: config.clone(),
         names: names.clone(),
     };
@@ -160,6 +168,19 @@ pub async fn run(
             move |m| {
                 let s = s.clone();
                 async move { s.on_cancel(m).await }
+            },
+        ));
+    }
+    {
+        let s = scheduler.clone();
+        tasks.spawn(run_consumer(
+            "scheduler-retry",
+            retry,
+            concurrency,
+            shutdown.clone(),
+            move |m| {
+                let s = s.clone();
+                async move { s.on_retry(m).await }
             },
         ));
     }

@@ -26,6 +26,9 @@ pub enum Input<'a> {
     /// The job ends before it ever ran: a quota, no capable runner, or too
     /// long in the queue.
     FailQueued { kind: ErrorKind, message: String },
+    /// An operator put the failed job back in the queue; `from` is the
+    /// record's `requeues` they saw.
+    Requeue { from: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +48,30 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
     new.updated_at = now;
     let position = record.position();
 
+    if let Input::Requeue { from } = input {
+        return if record.requeues > *from {
+            Transition::AlreadyApplied
+        } else if record.status == Failed && record.requeues == *from {
+            new.status = Queued;
+            new.requeues += 1;
+            new.queued_at = Some(now);
+            new.started_at = None;
+            new.finished_at = None;
+            new.error = None;
+            new.outputs.clear();
+            new.cancel_requested = false;
+            new.waiting_reason = None;
+            Transition::Apply(Box::new(new))
+        } else {
+            Transition::Ignore("only a failed job can be requeued")
+        };
+    }
+    // After a requeue the record is queued at its last attempt: whatever is
+    // still said about that attempt or earlier ones is stale.
+    let stale = |attempt: u32| {
+        attempt < record.attempt
+            || (attempt == record.attempt && matches!(record.status, Accepted | Queued))
+    };
     if record.status.is_terminal() {
         return match input {
             Input::Report(report) if terminal_matches(record.status, &report.outcome) => {
@@ -63,8 +90,9 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
             }
             _ => Transition::AlreadyApplied,
         },
+        Input::Requeue { .. } => Transition::Ignore("handled above"),
         Input::Dispatch { attempt } => {
-            let target = (*attempt, Dispatched.rank());
+            let target = (record.requeues, *attempt, Dispatched.rank());
             if position >= target {
                 return Transition::AlreadyApplied;
             }
@@ -116,9 +144,13 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
             }
         },
         Input::Exhausted { attempt } => {
-            if *attempt < record.attempt {
+            if stale(*attempt) {
                 return Transition::Ignore("a later attempt exists");
             }
+            if record.status == Running {
+                note_failed_runner(&mut new, record.runner.as_ref());
+            }
+            new.attempt = (*attempt).max(record.attempt);
             new.status = Failed;
             new.finished_at = Some(now);
             new.error = Some(JobError::new(
@@ -130,15 +162,20 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
             Transition::Apply(Box::new(new))
         }
         Input::Report(report) => {
-            if report.attempt < record.attempt {
+            if stale(report.attempt) {
                 return Transition::Ignore("report of an earlier attempt");
             }
             new.attempt = report.attempt;
             new.runner = Some(report.runner.clone());
             match &report.outcome {
                 AttemptOutcome::Started => {
-                    if position >= (report.attempt, Running.rank()) {
+                    if position >= (record.requeues, report.attempt, Running.rank()) {
                         return Transition::AlreadyApplied;
+                    }
+                    // The previous attempt's runner went silent (died): a
+                    // redelivery started elsewhere without a failure report.
+                    if report.attempt > record.attempt && record.status == Running {
+                        note_failed_runner(&mut new, record.runner.as_ref());
                     }
                     new.status = Running;
                     new.started_at.get_or_insert(report.at);
@@ -152,8 +189,11 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
                 }
                 AttemptOutcome::Failed { error, retrying } => {
                     new.error = Some(error.clone());
+                    if error.kind.is_retryable() {
+                        note_failed_runner(&mut new, Some(&report.runner));
+                    }
                     if *retrying && !record.cancel_requested {
-                        if position >= (report.attempt, Retrying.rank()) {
+                        if position >= (record.requeues, report.attempt, Retrying.rank()) {
                             return Transition::AlreadyApplied;
                         }
                         new.status = Retrying;
@@ -168,6 +208,19 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
                 }
             }
             Transition::Apply(Box::new(new))
+        }
+    }
+}
+
+/// Remembers a runner an attempt failed on (infrastructure trouble), so a
+/// retry can prefer another one. Bounded: the oldest are forgotten.
+fn note_failed_runner(record: &mut JobRecord, runner: Option<&comfyq_shared::ids::RunnerId>) {
+    const KEEP: usize = 8;
+    let Some(runner) = runner else { return };
+    if !record.failed_runners.contains(runner) {
+        record.failed_runners.push(runner.clone());
+        if record.failed_runners.len() > KEEP {
+            record.failed_runners.remove(0);
         }
     }
 }
@@ -207,6 +260,7 @@ mod tests {
             metadata: None,
             timeout_s: 60,
             inline_outputs: false,
+            runner_labels: Default::default(),
             created_at: OffsetDateTime::UNIX_EPOCH,
         })
     }
@@ -336,9 +390,75 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_failed_job_requeued_runs_again_and_ignores_stale_reports() {
+        let record = apply(
+            &apply(&accepted(), Input::Queue),
+            Input::Dispatch { attempt: 1 },
+        );
+        let started = report(&record, 1, AttemptOutcome::Started);
+        let record = apply(&record, Input::Report(&started));
+        let record = apply(&record, Input::Exhausted { attempt: 1 });
+        assert_eq!(record.status, JobStatus::Failed);
+        assert_eq!(record.failed_runners.len(), 1, "the silent runner is noted");
+        assert!(matches!(
+            next(
+                &record,
+                &Input::Requeue { from: 1 },
+                OffsetDateTime::UNIX_EPOCH
+            ),
+            Transition::Ignore(_)
+        ));
+        let queued = apply(&record, Input::Requeue { from: 0 });
+        assert_eq!(
+            (queued.status, queued.requeues, queued.attempt),
+            (JobStatus::Queued, 1, 1)
+        );
+        assert_eq!(queued.error, None);
+        // The same request again is a no-op; so is news of attempt 1.
+        assert_eq!(
+            next(
+                &queued,
+                &Input::Requeue { from: 0 },
+                OffsetDateTime::UNIX_EPOCH
+            ),
+            Transition::AlreadyApplied
+        );
+        assert!(matches!(
+            next(
+                &queued,
+                &Input::Report(&started),
+                OffsetDateTime::UNIX_EPOCH
+            ),
+            Transition::Ignore(_)
+        ));
+        assert!(matches!(
+            next(
+                &queued,
+                &Input::Exhausted { attempt: 1 },
+                OffsetDateTime::UNIX_EPOCH
+            ),
+            Transition::Ignore(_)
+        ));
+        let dispatched = apply(&queued, Input::Dispatch { attempt: 2 });
+        let again = report(&dispatched, 2, AttemptOutcome::Started);
+        let running = apply(&dispatched, Input::Report(&again));
+        assert_eq!((running.status, running.attempt), (JobStatus::Running, 2));
+        assert!(running.position() > record.position());
+        // A requeue applies to failed jobs only.
+        assert!(matches!(
+            next(
+                &running,
+                &Input::Requeue { from: 1 },
+                OffsetDateTime::UNIX_EPOCH
+            ),
+            Transition::Ignore(_)
+        ));
+    }
+
     fn any_input(record: &JobRecord) -> impl Strategy<Value = (u8, u32)> + use<> {
         let _ = record;
-        (0u8..10, 1u32..4)
+        (0u8..11, 1u32..4)
     }
 
     proptest! {
@@ -364,11 +484,13 @@ mod tests {
                     (6, None) => Input::Cancel,
                     (8, None) => Input::Wait { reason: (attempt % 2 == 0).then_some("waiting_for_capability") },
                     (9, None) => Input::FailQueued { kind: ErrorKind::Timeout, message: "x".to_owned() },
+                    (10, None) => Input::Requeue { from: record.requeues },
                     _ => Input::Queue,
                 };
                 if let Transition::Apply(new) = next(&record, &input, OffsetDateTime::UNIX_EPOCH) {
                     let new = *new;
-                    prop_assert!(!record.status.is_terminal(), "terminal state changed");
+                    let requeue = matches!(input, Input::Requeue { .. });
+                    prop_assert!(!record.status.is_terminal() || (requeue && record.status == JobStatus::Failed), "terminal state changed");
                     let same_position_note = new.position() == record.position()
                         && ((new.cancel_requested && !record.cancel_requested)
                             || new.waiting_reason != record.waiting_reason);

@@ -34,8 +34,8 @@ pub struct Pending {
     pub priority: Priority,
     /// When the job was accepted: its place in the FIFO and its age.
     pub enqueued_at: OffsetDateTime,
-    /// ComfyUI node types the workflow uses (for capability routing).
-    pub node_types: Vec<String>,
+    /// What the job needs of a runner (node types, models, labels).
+    pub needs: std::sync::Arc<comfyq_shared::capability::Needs>,
 }
 
 /// The pending jobs of one pool, one FIFO lane per priority and tenant.
@@ -229,7 +229,7 @@ mod tests {
             tenant: tenant(t),
             priority: priority(p),
             enqueued_at: now - time::Duration::seconds(age_s),
-            node_types: Vec::new(),
+            needs: Default::default(),
         }
     }
 

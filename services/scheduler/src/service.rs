@@ -1,15 +1,19 @@
 //! The scheduler's message handlers: submissions, runner reports,
-//! cancellations and exhausted deliveries, each turned into a state
-//! transition written with compare-and-set and announced as an event.
+//! cancellations, exhausted deliveries (dead letters) and operators'
+//! requeues, each turned into a state transition written with
+//! compare-and-set and announced as an event.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, Message};
 use comfyq_shared::consume::{Outcome, acknowledge};
+use comfyq_shared::dead_letter::DeadLetter;
 use comfyq_shared::event::Event;
 use comfyq_shared::job::{ErrorKind, JobRecord, JobSpec, JobStatus, SCHEMA_VERSION};
 use comfyq_shared::job_store::{JobStore, JobStoreError};
-use comfyq_shared::messages::{AttemptOutcome, CancelJob, DispatchJob, RunnerReport, SubmitJob};
+use comfyq_shared::messages::{
+    AttemptOutcome, CancelJob, DispatchJob, RetryJob, RunnerReport, SubmitJob,
+};
 use comfyq_shared::names::Names;
 use comfyq_shared::publisher::EventPublisher;
 use comfyq_shared::{JobId, TenantId};
@@ -39,6 +43,8 @@ pub struct Scheduler {
     pub(crate) names: Names,
     pub(crate) jobs: JobStore,
     pub(crate) events: EventPublisher,
+    /// Jobs whose attempts ran out, with their specs (`comfyq_dead_letters`).
+    pub(crate) dead_letters: jetstream::kv::Store,
     pub(crate) config: std::sync::Arc<crate::SchedulerConfig>,
 }
 
@@ -173,15 +179,19 @@ impl Scheduler {
         // Held back until the dispatcher gives it a slot. A redelivered
         // submission republishes it; the job id deduplicates that, and the
         // dispatcher skips a pending job whose record has moved on.
+        self.hold(&submit, spec.id.to_string()).await
+    }
+
+    /// Puts a queued job in PENDING for the dispatcher (`message_id`
+    /// deduplicates a republish).
+    async fn hold(&self, submit: &SubmitJob, message_id: String) -> Result<(), HandleError> {
+        let spec = &submit.spec;
         let subject = self
             .names
             .pending_subject(&spec.pool, spec.priority, &spec.tenant);
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            spec.id.to_string().as_str(),
-        );
-        let payload = serde_json::to_vec(&submit).map_err(|e| HandleError::Nats(e.into()))?;
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
+        let payload = serde_json::to_vec(submit).map_err(|e| HandleError::Nats(e.into()))?;
         self.js
             .publish_with_headers(subject, headers, payload.into())
             .await
@@ -210,20 +220,21 @@ impl Scheduler {
         Ok(total)
     }
 
-    /// Hands attempt 1 of a held job to its pool's runners: publish (the
-    /// message id makes a second publish by another scheduler a no-op),
-    /// then record `dispatched`.
-    pub(crate) async fn dispatch(&self, spec: JobSpec) -> Result<(), HandleError> {
+    /// Hands a held job to its pool's runners, its next delivery being
+    /// attempt `attempt` (1, or more after a requeue): publish (the message
+    /// id makes a second publish by another scheduler a no-op), then record
+    /// `dispatched`.
+    pub(crate) async fn dispatch(&self, spec: JobSpec, attempt: u32) -> Result<(), HandleError> {
         let dispatch = DispatchJob {
             v: SCHEMA_VERSION,
-            attempt: 1,
+            attempt,
             spec,
         };
         self.publish_dispatch(&dispatch).await?;
         self.transition(
             &dispatch.spec.tenant,
             &dispatch.spec.id,
-            Input::Dispatch { attempt: 1 },
+            Input::Dispatch { attempt },
         )
         .await?;
         let wait = (OffsetDateTime::now_utc() - dispatch.spec.created_at)
@@ -364,21 +375,121 @@ impl Scheduler {
             let _ = stream.delete_message(advisory.stream_seq).await;
             return Ok(());
         };
-        let span = tracing::info_span!("exhausted", job_id = %dispatch.spec.id, deliveries = advisory.deliveries);
-        self.transition(
-            &dispatch.spec.tenant,
-            &dispatch.spec.id,
-            Input::Exhausted {
-                attempt: advisory.deliveries,
-            },
-        )
-        .instrument(span)
-        .await?;
-        metrics::counter!("comfyq_scheduler_dead_letters_total").increment(1);
+        let attempt = dispatch.attempt_of_delivery(advisory.deliveries);
+        let span = tracing::info_span!("exhausted", job_id = %dispatch.spec.id, attempt);
+        let record = self
+            .transition(
+                &dispatch.spec.tenant,
+                &dispatch.spec.id,
+                Input::Exhausted { attempt },
+            )
+            .instrument(span)
+            .await?;
+        // Failed now, or already by the runner's report of its last
+        // (retryable) attempt: keep the spec for an operator's requeue.
+        if let Some(record) = record
+            && record.status == JobStatus::Failed
+            && record
+                .error
+                .as_ref()
+                .is_none_or(|e| e.kind.is_retryable() || e.kind == ErrorKind::AttemptsExhausted)
+        {
+            let letter = DeadLetter {
+                v: SCHEMA_VERSION,
+                attempts: record.attempt,
+                error: record.error.clone(),
+                runner: record.runner.clone(),
+                requeues: record.requeues,
+                failed_at: record.finished_at.unwrap_or(record.updated_at),
+                spec: dispatch.spec,
+            };
+            let payload = serde_json::to_vec(&letter).map_err(|e| HandleError::Nats(e.into()))?;
+            self.dead_letters
+                .put(
+                    self.names.job_key(&record.tenant, &record.id),
+                    payload.into(),
+                )
+                .await
+                .map_err(|e| HandleError::Nats(e.into()))?;
+            metrics::counter!("comfyq_scheduler_dead_letters_total").increment(1);
+        }
         stream
             .delete_message(advisory.stream_seq)
             .await
             .map_err(|e| HandleError::Nats(e.into()))?;
+        Ok(())
+    }
+}
+
+impl Scheduler {
+    /// An operator asked to requeue a dead-lettered job: back to `queued`
+    /// with a fresh delivery budget, its spec from the dead letter.
+    pub async fn on_retry(&self, message: Message) {
+        let outcome = match parse::<RetryJob>(&message) {
+            Some(retry) => {
+                let span = tracing::info_span!("retry", job_id = %retry.job_id);
+                match self.requeue(&retry).instrument(span).await {
+                    Ok(()) => Outcome::Ack,
+                    Err(error) => {
+                        tracing::warn!(%error, "requeue not applied yet; will retry");
+                        Outcome::Retry(Some(TRANSIENT_RETRY))
+                    }
+                }
+            }
+            None => Outcome::Reject,
+        };
+        acknowledge(&message, outcome).await;
+    }
+
+    async fn requeue(&self, retry: &RetryJob) -> Result<(), HandleError> {
+        let key = self.names.job_key(&retry.tenant, &retry.job_id);
+        let letter = match self
+            .dead_letters
+            .get(&key)
+            .await
+            .map_err(|e| HandleError::Nats(e.into()))?
+        {
+            Some(bytes) => match serde_json::from_slice::<DeadLetter>(&bytes) {
+                Ok(letter) if letter.requeues == retry.requeues => letter,
+                Ok(_) => {
+                    tracing::info!("the dead letter is of another failure; nothing to requeue");
+                    return Ok(());
+                }
+                Err(error) => {
+                    tracing::error!(%error, "unreadable dead letter");
+                    return Ok(());
+                }
+            },
+            // Requeued already (a redelivered request), or never dead-lettered.
+            None => return Ok(()),
+        };
+        let Some(record) = self
+            .transition(
+                &retry.tenant,
+                &retry.job_id,
+                Input::Requeue {
+                    from: retry.requeues,
+                },
+            )
+            .await?
+        else {
+            return Ok(());
+        };
+        if record.status == JobStatus::Queued && record.requeues == retry.requeues + 1 {
+            let submit = SubmitJob {
+                v: SCHEMA_VERSION,
+                spec: letter.spec,
+            };
+            self.hold(&submit, format!("{}:r{}", retry.job_id, record.requeues))
+                .await?;
+            metrics::counter!("comfyq_scheduler_requeues_total").increment(1);
+        }
+        if record.requeues > retry.requeues {
+            self.dead_letters
+                .delete(&key)
+                .await
+                .map_err(|e| HandleError::Nats(e.into()))?;
+        }
         Ok(())
     }
 }

@@ -40,7 +40,12 @@ async fn a_job_goes_all_the_way_through() {
             "metadata": {"order": 42}
         }))
         .await;
-    assert_eq!(job["status"], "accepted");
+    // The scheduler may handle the submission before ingress creates the
+    // record (it then creates it itself): ingress answers with that record.
+    assert!(
+        matches!(job["status"].as_str(), Some("accepted" | "queued")),
+        "{job:#}"
+    );
     let id = job["id"].as_str().expect("job id").to_owned();
 
     let finished = stack.wait_finished(&id, Duration::from_secs(30)).await;
