@@ -182,12 +182,7 @@ impl Bench {
             .prompts_received()
             .pop()
             .expect("prompt received");
-        let success = self
-            .stack
-            .sim
-            .successes_sent()
-            .pop()
-            .expect("success sent");
+        let success = self.stack.sim.successes_sent().pop().expect("success sent");
         assert_eq!(prompt.prompt_id, success.prompt_id, "one job at a time");
         samples
             .pulled_to_prompt
@@ -227,11 +222,9 @@ impl Bench {
 #[tokio::main]
 async fn main() {
     tracing_subscriber::registry()
-        .with(
-            PulledLayer.with_filter(
-                Targets::new().with_target("comfyq_runner::worker", tracing::Level::DEBUG),
-            ),
-        )
+        .with(PulledLayer.with_filter(
+            Targets::new().with_target("comfyq_runner::worker", tracing::Level::DEBUG),
+        ))
         .with(fmt::layer().with_filter(EnvFilter::new("warn")))
         .init();
     let mut args = std::env::args().skip(1);
@@ -302,9 +295,7 @@ async fn main() {
         jobs: 0,
     };
 
-    bench
-        .case("tiny PNG", &invert_workflow(8), tiny_jobs)
-        .await;
+    bench.case("tiny PNG", &invert_workflow(8), tiny_jobs).await;
 
     bench.stack.sim.update(|c| c.output_bytes = 64 << 20);
     let before = reset_peak();
