@@ -14,6 +14,7 @@ use crate::config::{Failure, PreviewFormat};
 use crate::frames;
 use crate::media::{self, Frame};
 use crate::queue::QueueItem;
+use crate::server::SentSuccess;
 use crate::state::{Cached, Instance, Out};
 use crate::storage::{DirKind, save_path};
 use crate::validation::id_order;
@@ -418,6 +419,10 @@ impl<'a> Prompt<'a> {
                 let mut m = Map::new();
                 m.insert("prompt_id".into(), json!(self.pid()));
                 self.add_message("execution_success", m);
+                self.inst.core.record_success(SentSuccess {
+                    prompt_id: self.pid().to_owned(),
+                    sent_at: std::time::Instant::now(),
+                });
                 "success"
             }
             Err((_, Stop::Crashed)) => return false,

@@ -32,5 +32,5 @@ mod validation;
 mod ws;
 
 pub use config::{Failure, PreviewFormat, SimConfig};
-pub use server::{ReceivedPrompt, SimHandle, Simulator};
+pub use server::{ReceivedPrompt, SentSuccess, SimHandle, Simulator};
 pub use storage::DirKind;

@@ -27,6 +27,14 @@ pub struct ReceivedPrompt {
     pub received_at: Instant,
 }
 
+/// An `execution_success` message the simulator sent.
+#[derive(Debug, Clone)]
+pub struct SentSuccess {
+    pub prompt_id: String,
+    /// When it was handed to the client's socket.
+    pub sent_at: Instant,
+}
+
 #[derive(Debug)]
 enum Command {
     Crash { restart: bool },
@@ -40,6 +48,7 @@ pub(crate) struct Core {
     pub(crate) storage: Storage,
     failures: Mutex<VecDeque<Failure>>,
     received: Mutex<Vec<ReceivedPrompt>>,
+    successes: Mutex<Vec<SentSuccess>>,
     cmd: mpsc::UnboundedSender<Command>,
     up: watch::Sender<bool>,
 }
@@ -62,6 +71,10 @@ impl Core {
 
     pub(crate) fn record(&self, p: ReceivedPrompt) {
         lock(&self.received).push(p);
+    }
+
+    pub(crate) fn record_success(&self, s: SentSuccess) {
+        lock(&self.successes).push(s);
     }
 
     /// The process dies now: sockets and connections drop, the listener closes.
@@ -111,6 +124,7 @@ fn build_core(config: SimConfig) -> anyhow::Result<(Arc<Core>, mpsc::UnboundedRe
         config: RwLock::new(config),
         storage,
         received: Mutex::new(Vec::new()),
+        successes: Mutex::new(Vec::new()),
         cmd: tx,
         up: watch::channel(false).0,
     });
@@ -271,6 +285,11 @@ impl SimHandle {
     /// Prompts accepted so far (across restarts), in arrival order.
     pub fn prompts_received(&self) -> Vec<ReceivedPrompt> {
         lock(&self.core.received).clone()
+    }
+
+    /// `execution_success` messages sent so far (across restarts), in order.
+    pub fn successes_sent(&self) -> Vec<SentSuccess> {
+        lock(&self.core.successes).clone()
     }
 
     /// Files currently in a directory, as `subfolder/name`.

@@ -76,24 +76,24 @@ impl Executor {
     /// Runs `spec` on ComfyUI until it ends, `cancel` fires, or its time is up.
     pub async fn execute(&self, spec: &JobSpec, cancel: &CancellationToken) -> AttemptEnd {
         let end = self.attempt(spec, cancel).await;
-        self.clean_up(spec, end.1.as_ref()).await;
-        end.0
+        self.clean_up(spec).await;
+        end
     }
 
-    /// The attempt, and the prompt's history entry when ComfyUI has one
-    /// (it lists the files to clean up).
-    async fn attempt(
-        &self,
-        spec: &JobSpec,
-        cancel: &CancellationToken,
-    ) -> (AttemptEnd, Option<HistoryEntry>) {
+    async fn attempt(&self, spec: &JobSpec, cancel: &CancellationToken) -> AttemptEnd {
         let generation = self.health.state().generation;
-        let workflow = match self.upload_inputs(spec).await {
+        let mut workflow = match self.upload_inputs(spec).await {
             Ok(workflow) => workflow,
-            Err(error) => return (AttemptEnd::Failed(error), None),
+            Err(error) => return AttemptEnd::Failed(error),
         };
+        if self.config.comfyui_dir().is_some() {
+            // The job's outputs are deleted after it, so no later prompt may
+            // find them in ComfyUI's cache: an identical prompt would get the
+            // deleted files' names back from its cached save nodes.
+            isolate_outputs(&mut workflow, &job_folder(spec));
+        }
         if cancel.is_cancelled() {
-            return (AttemptEnd::Cancelled, None);
+            return AttemptEnd::Cancelled;
         }
 
         let prompt_id = Uuid::new_v4();
@@ -108,18 +108,18 @@ impl Executor {
             Err(SubmitError::Rejected(rejection)) => {
                 let mut error = JobError::new(ErrorKind::Validation, rejection.to_string());
                 error.details = serde_json::to_value(&rejection.node_errors).ok();
-                return (AttemptEnd::Failed(error), None);
+                return AttemptEnd::Failed(error);
             }
             Err(SubmitError::BadRequest { status, body }) => {
                 let error = JobError::new(
                     ErrorKind::Validation,
                     format!("ComfyUI refused the prompt ({status}): {body}"),
                 );
-                return (AttemptEnd::Failed(error), None);
+                return AttemptEnd::Failed(error);
             }
             Err(SubmitError::Comfy(error)) => {
                 let error = comfy_failure("submitting the prompt", &error);
-                return (AttemptEnd::Failed(error), None);
+                return AttemptEnd::Failed(error);
             }
         };
         // Older ComfyUI versions choose their own prompt id.
@@ -138,7 +138,7 @@ impl Executor {
             Err(error) => {
                 if matches!(end, PromptEnd::Done) {
                     let error = comfy_failure("reading history", &error);
-                    return (AttemptEnd::Failed(error), None);
+                    return AttemptEnd::Failed(error);
                 }
                 None
             }
@@ -160,34 +160,26 @@ impl Executor {
         if let Err(error) = self.comfy.delete_history(&[prompt_id.as_str()]).await {
             tracing::debug!(%error, "could not delete the prompt's history");
         }
-        (result, history)
+        result
     }
 
-    /// Deletes the job's uploads and the prompt's output files from
-    /// ComfyUI's disk (ComfyUI has no API for it), when `comfyui_dir` is
-    /// known. Best effort: a file left behind costs disk, not correctness.
-    async fn clean_up(&self, spec: &JobSpec, history: Option<&HistoryEntry>) {
+    /// Deletes the job's uploads and outputs (its folders in `input/` and
+    /// `output/`) from ComfyUI's disk (ComfyUI has no API for it), when
+    /// `comfyui_dir` is known. Files a node wrote elsewhere (no
+    /// `filename_prefix`; `temp/`, which ComfyUI empties when it starts)
+    /// stay: ComfyUI's cache may hand them to a later identical prompt.
+    /// Best effort: a file left behind costs disk, not correctness.
+    async fn clean_up(&self, spec: &JobSpec) {
         let Some(root) = self.config.comfyui_dir() else {
             return;
         };
-        let uploads = root.join("input").join(upload_subfolder(spec));
-        match tokio::fs::remove_dir_all(&uploads).await {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => {
-                tracing::warn!(%error, path = %uploads.display(), "cannot delete the job's uploads")
-            }
-        }
-        let Some(entry) = history else { return };
-        for (_, file) in entry.output_files() {
-            let Some(path) = output_path(&root, file) else {
-                continue;
-            };
-            match tokio::fs::remove_file(&path).await {
+        for kind in ["input", "output"] {
+            let folder = root.join(kind).join(job_folder(spec));
+            match tokio::fs::remove_dir_all(&folder).await {
                 Ok(()) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
                 Err(error) => {
-                    tracing::warn!(%error, path = %path.display(), "cannot delete an output")
+                    tracing::warn!(%error, path = %folder.display(), "cannot delete the job's files")
                 }
             }
         }
@@ -212,7 +204,7 @@ impl Executor {
             })?;
             let upload = UploadImage {
                 name: input.name.clone(),
-                subfolder: upload_subfolder(spec),
+                subfolder: job_folder(spec),
                 overwrite: true,
                 content_type: info.content_type.clone(),
                 content_length: Some(info.size),
@@ -514,26 +506,27 @@ impl Executor {
     }
 }
 
-/// The per-job subfolder of ComfyUI's input directory holding its uploads.
-fn upload_subfolder(spec: &JobSpec) -> String {
+/// The job's own folder in ComfyUI's `input/` (its uploads) and, with
+/// clean-up, `output/` (what its save nodes write).
+fn job_folder(spec: &JobSpec) -> String {
     format!("comfyq-{}", spec.id)
 }
 
-/// Where ComfyUI wrote an output or temp file, if its name stays inside
-/// `root` (inputs are never deleted this way: they may be shared).
-fn output_path(
-    root: &std::path::Path,
-    file: &crate::comfy::OutputFile,
-) -> Option<std::path::PathBuf> {
-    use std::path::Component;
-    if !matches!(file.folder_type.as_str(), "output" | "temp") {
-        return None;
+/// Points every node's `filename_prefix` (the save nodes', built-in and
+/// custom) into `folder`, keeping the prefix's own subfolders and name.
+fn isolate_outputs(workflow: &mut Value, folder: &str) {
+    let Some(nodes) = workflow.as_object_mut() else {
+        return;
+    };
+    for node in nodes.values_mut() {
+        if let Some(prefix) = node
+            .get_mut("inputs")
+            .and_then(|inputs| inputs.get_mut("filename_prefix"))
+            && let Some(original) = prefix.as_str()
+        {
+            *prefix = Value::String(format!("{folder}/{original}"));
+        }
     }
-    let relative = std::path::Path::new(&file.subfolder).join(&file.filename);
-    let plain = relative
-        .components()
-        .all(|component| matches!(component, Component::Normal(_)));
-    (plain && !file.filename.is_empty()).then(|| root.join(&file.folder_type).join(relative))
 }
 
 /// How a finished prompt ended, according to its history entry.
@@ -644,6 +637,24 @@ mod tests {
         assert_eq!(workflow["1"]["inputs"]["image"], "comfyq-x/photo.png");
         assert_eq!(workflow["2"]["inputs"]["image"], json!(["1", 0]));
         assert_eq!(workflow["3"]["inputs"]["text"], "photo.png of a cat");
+    }
+
+    #[test]
+    fn save_nodes_write_into_the_job_folder() {
+        let mut workflow = json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "comfyq/x"}},
+            "3": {"class_type": "VHS_VideoCombine", "inputs": {"filename_prefix": "clip"}},
+            "4": {"class_type": "Odd", "inputs": {"filename_prefix": ["1", 0]}}
+        });
+        isolate_outputs(&mut workflow, "comfyq-j");
+        assert_eq!(
+            workflow["2"]["inputs"]["filename_prefix"],
+            "comfyq-j/comfyq/x"
+        );
+        assert_eq!(workflow["3"]["inputs"]["filename_prefix"], "comfyq-j/clip");
+        assert_eq!(workflow["4"]["inputs"]["filename_prefix"], json!(["1", 0]));
+        assert_eq!(workflow["1"]["inputs"], json!({"width": 8}));
     }
 
     #[test]

@@ -146,7 +146,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         names: names.clone(),
         client_id: runner.to_string(),
         config: config.clone(),
-        health,
+        health: health.clone(),
     };
 
     // Cancellations for jobs held here.
@@ -192,6 +192,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         comfy.clone(),
         registration,
         held.clone(),
+        health.clone(),
         (config.nats.runner_ttl / 3).max(Duration::from_millis(100)),
         registration_stop.clone(),
     ));

@@ -100,6 +100,13 @@ impl ComfyHealth {
         let _ = receiver.wait_for(|state| state.ready).await;
     }
 
+    /// Resolves at the next change of state (never, attached).
+    pub async fn changed(&mut self) {
+        if self.receiver.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Resolves once the ComfyUI of `generation` is gone (never, attached).
     pub async fn lost(&self, generation: u64) {
         let mut receiver = self.receiver.clone();

@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::comfy::ComfyClient;
+use crate::managed::ComfyHealth;
 use crate::worker::HeldJobs;
 
 /// Model folders listed in the registration (the ones workflows name files from).
@@ -54,19 +55,6 @@ impl Registration {
         labels: BTreeMap<String, String>,
         slots: usize,
     ) -> Self {
-        let node_types = match comfy.object_info().await {
-            Ok(info) => info.class_names().map(str::to_owned).collect(),
-            Err(error) => {
-                tracing::warn!(%error, "cannot list ComfyUI's node types");
-                Vec::new()
-            }
-        };
-        let mut models = BTreeMap::new();
-        for folder in MODEL_FOLDERS {
-            if let Ok(files) = comfy.models(folder).await {
-                models.insert(folder.to_owned(), files);
-            }
-        }
         let mut registration = Self {
             runner,
             pool,
@@ -75,17 +63,38 @@ impl Registration {
             busy: 0,
             burst_min_pending: None,
             comfyui_version: None,
-            node_types,
-            models,
+            node_types: Vec::new(),
+            models: BTreeMap::new(),
             vram_free: None,
             ready: true,
             updated_at: OffsetDateTime::now_utc(),
         };
-        registration.refresh_stats(comfy).await;
+        registration.discover_capabilities(comfy).await;
+        registration.refresh_stats(comfy, true).await;
         registration
     }
 
-    async fn refresh_stats(&mut self, comfy: &ComfyClient) {
+    /// Node types and models; a list ComfyUI cannot give now keeps its
+    /// last known value.
+    async fn discover_capabilities(&mut self, comfy: &ComfyClient) {
+        match comfy.object_info().await {
+            Ok(info) => self.node_types = info.class_names().map(str::to_owned).collect(),
+            Err(error) => tracing::warn!(%error, "cannot list ComfyUI's node types"),
+        }
+        for folder in MODEL_FOLDERS {
+            if let Ok(files) = comfy.models(folder).await {
+                self.models.insert(folder.to_owned(), files);
+            }
+        }
+    }
+
+    /// `up` is the supervisor's view (always true when attached): a managed
+    /// ComfyUI that died is not ready, whatever its port answers meanwhile.
+    async fn refresh_stats(&mut self, comfy: &ComfyClient, up: bool) {
+        if !up {
+            self.ready = false;
+            return;
+        }
         match comfy.system_stats().await {
             Ok(stats) => {
                 self.ready = true;
@@ -97,30 +106,42 @@ impl Registration {
     }
 }
 
-/// Keeps the registration fresh until `shutdown`, then removes it.
+/// Keeps the registration fresh until `shutdown`, then removes it. A change
+/// of `health` is written at once, so the scheduler stops counting a dead
+/// ComfyUI's slots within milliseconds, not at the next refresh.
 pub async fn maintain(
     kv: kv::Store,
     comfy: ComfyClient,
     mut registration: Registration,
     held: HeldJobs,
+    mut health: ComfyHealth,
     every: Duration,
     shutdown: CancellationToken,
 ) {
     let key = registration.runner.to_string();
     let mut interval = tokio::time::interval(every);
+    let mut generation = health.state().generation;
     loop {
         // A change of held jobs only updates `busy` (no ComfyUI round trip).
-        let periodic = tokio::select! {
+        let ask_comfyui = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = interval.tick() => true,
+            _ = health.changed() => true,
             _ = held.changed() => false,
         };
         registration.busy = held.len();
-        if periodic {
-            registration.refresh_stats(&comfy).await;
+        if ask_comfyui {
+            let state = health.state();
+            if state.ready && state.generation != generation {
+                // A relaunched ComfyUI may have other custom nodes or models.
+                registration.discover_capabilities(&comfy).await;
+                generation = state.generation;
+            }
+            registration.refresh_stats(&comfy, state.ready).await;
         }
         registration.updated_at = OffsetDateTime::now_utc();
         metrics::gauge!("comfyq_runner_busy_slots").set(registration.busy as f64);
+        metrics::gauge!("comfyq_runner_ready").set(f64::from(u8::from(registration.ready)));
         if let Ok(value) = serde_json::to_vec(&registration)
             && let Err(error) = kv.put(&key, value.into()).await
         {

@@ -268,6 +268,8 @@ impl Worker {
                 return;
             }
         };
+        // Where "pulled" is observed (the runner overhead benchmark reads it).
+        tracing::debug!(job_id = %dispatch.spec.id, "job pulled");
         let delivery = message
             .info()
             .map(|info| info.delivered as u32)

@@ -108,6 +108,15 @@ async fn uploads_and_outputs_are_deleted_from_comfyui_once_stored() {
         "{:?}",
         stack.sim.files(DirKind::Output)
     );
+    // The same prompt again: ComfyUI answers upstream nodes from its cache,
+    // but its save node must not hand back the deleted file.
+    let again = stack.submit(json!({"workflow": invert_workflow(16)})).await;
+    let again = stack
+        .wait_finished(&id_of(&again), Duration::from_secs(20))
+        .await;
+    assert_eq!(again["status"], "completed", "{again:#}");
+    assert_eq!(again["outputs"][0]["name"], seed["outputs"][0]["name"]);
+    assert!(stack.sim.files(DirKind::Output).is_empty());
     let name = seed["outputs"][0]["name"].as_str().expect("output name");
     let png = stack
         .http
@@ -141,7 +150,7 @@ async fn uploads_and_outputs_are_deleted_from_comfyui_once_stored() {
     assert_eq!(finished["outputs"].as_array().map(Vec::len), Some(1));
     // ComfyUI did receive the upload, and it is gone now with the output.
     let uploaded = stack.sim.prompts_received().len();
-    assert_eq!(uploaded, 2);
+    assert_eq!(uploaded, 3);
     let inputs = stack.sim.files(DirKind::Input);
     assert!(
         !inputs.iter().any(|f| f.contains(&format!("comfyq-{id}"))),
@@ -382,11 +391,42 @@ async fn a_managed_comfyui_starts_slowly_is_restarted_after_a_crash_and_stopped_
         (comfy_queue(&url).await.map(|q| q.0) == Some(1)).then_some(())
     })
     .await;
+    // The runner's registration, entry by entry from now on.
+    let js = async_nats::jetstream::new(stack.nats.client().await);
+    let runners = js.get_key_value("comfyq_runners").await.expect("runners");
+    let mut registrations = runners.watch("runner-0").await.expect("watch");
+    let killed_at = Instant::now();
     let killed = std::process::Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status()
         .expect("kill");
     assert!(killed.success());
+    // Not ready at once (the periodic refresh is every 10 s here), so the
+    // scheduler stops counting its slots; ready again once relaunched.
+    let mut ready_after_kill = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while ready_after_kill.last() != Some(&true) {
+        let entry = tokio::time::timeout_at(deadline, registrations.next())
+            .await
+            .unwrap_or_else(|_| panic!("registrations after the kill: {ready_after_kill:?}"))
+            .expect("watch open")
+            .expect("entry");
+        let registration: Value = serde_json::from_slice(&entry.value).expect("registration");
+        let ready = registration["ready"].as_bool().expect("ready");
+        if ready_after_kill.is_empty() && ready {
+            continue; // written before the kill was seen
+        }
+        if ready_after_kill.is_empty() {
+            let delay = killed_at.elapsed();
+            assert!(delay < Duration::from_secs(1), "not ready after {delay:?}");
+        }
+        ready_after_kill.push(ready);
+    }
+    assert_eq!(
+        ready_after_kill.first(),
+        Some(&false),
+        "{ready_after_kill:?}"
+    );
     let finished = stack.wait_finished(&id, Duration::from_secs(30)).await;
     assert_eq!(finished["status"], "completed", "{finished:#}");
     assert_eq!(finished["attempt"], 2, "{finished:#}");
