@@ -27,6 +27,7 @@ pub mod event;
 pub mod guard;
 pub mod ids;
 pub mod job;
+pub mod jetstream_store;
 pub mod job_store;
 pub mod kv_view;
 pub mod media;
