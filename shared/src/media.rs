@@ -266,18 +266,23 @@ impl MediaStore {
 
     /// Streams `reader` into `key`. `job_bytes` is what the job already
     /// stores (other objects): the object may use what the job limit leaves.
-    /// On any failure nothing of this write stays stored.
+    /// `max_bytes` is the caller's own, lower cap for this object, if any.
+    /// On any failure (including a limit) nothing of this write stays stored.
     pub async fn put(
         &self,
         key: &str,
         reader: &mut (impl AsyncRead + Unpin + Send),
         job_bytes: u64,
+        max_bytes: Option<u64>,
     ) -> Result<StoredObject, MediaError> {
         let (path, meta_path, name) = split_key(key)?;
         let job_left = self.limits.max_job_bytes.saturating_sub(job_bytes);
-        let limit = self.limits.max_object_bytes.min(job_left);
+        let object_limit = max_bytes.map_or(self.limits.max_object_bytes, |m| {
+            m.min(self.limits.max_object_bytes)
+        });
+        let limit = object_limit.min(job_left);
         let too_large = || {
-            if job_left < self.limits.max_object_bytes {
+            if job_left < object_limit {
                 MediaError::JobTooLarge {
                     key: key.to_owned(),
                     limit: self.limits.max_job_bytes,
@@ -285,7 +290,7 @@ impl MediaStore {
             } else {
                 MediaError::ObjectTooLarge {
                     key: key.to_owned(),
-                    limit: self.limits.max_object_bytes,
+                    limit: object_limit,
                 }
             }
         };
