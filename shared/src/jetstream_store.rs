@@ -178,10 +178,27 @@ impl JetStreamObjectStore {
         nuid: &str,
         data: impl futures::Stream<Item = Result<Bytes>> + Send,
     ) -> Result<(usize, usize, [u8; 32])> {
+        let mut acks = VecDeque::with_capacity(ACK_WINDOW);
+        let written = self.publish_chunks(nuid, data, &mut acks).await;
+        if written.is_err() {
+            // Let the chunks in flight land before the caller purges, or a
+            // late one would outlive the purge.
+            for ack in acks {
+                let _ = ack.await;
+            }
+        }
+        written
+    }
+
+    async fn publish_chunks(
+        &self,
+        nuid: &str,
+        data: impl futures::Stream<Item = Result<Bytes>> + Send,
+        acks: &mut VecDeque<jetstream::context::PublishAckFuture>,
+    ) -> Result<(usize, usize, [u8; 32])> {
         let subject = self.chunk_subject(nuid);
         let mut data = std::pin::pin!(data);
         let mut buffer = BytesMut::with_capacity(CHUNK_SIZE);
-        let mut acks = VecDeque::with_capacity(ACK_WINDOW);
         let mut sha = Sha256::new();
         let (mut size, mut chunks) = (0usize, 0usize);
         let mut done = false;
@@ -210,7 +227,7 @@ impl JetStreamObjectStore {
                 acks.push_back(ack);
             }
         }
-        for ack in acks {
+        while let Some(ack) = acks.pop_front() {
             await_ack(ack).await?;
         }
         Ok((size, chunks, sha.finalize().into()))
@@ -284,6 +301,74 @@ impl JetStreamObjectStore {
                 Err(e) => return Err(generic(e)),
             }
         }
+    }
+
+    /// One attempt of `get_opts`; `None` if the object was replaced while
+    /// a small read was buffering it.
+    async fn get_once(&self, location: &Path, options: &GetOptions) -> Result<Option<GetResult>> {
+        // A head reads only the meta message; a get opens the chunks of the
+        // version whose info it returns.
+        let (info, object) = if options.head {
+            (self.info(location).await?, None)
+        } else {
+            match self.inner.store.get(location.as_ref()).await {
+                Ok(object) => (object.info().clone(), Some(object)),
+                Err(e) if e.kind() == GetErrorKind::NotFound => return Err(not_found(location)),
+                Err(e) => return Err(generic(e)),
+            }
+        };
+        let meta = object_meta(&info)?;
+        options.check_preconditions(&meta)?;
+        let range = match &options.range {
+            Some(range) => range.as_range(meta.size).map_err(|e| Error::Generic {
+                store: STORE,
+                source: Box::new(e),
+            })?,
+            None => 0..meta.size,
+        };
+        let attributes = metadata_to_attributes(&info);
+        let reader = object.map(|object| WatchedRead {
+            store: self.clone(),
+            location: location.clone(),
+            nuid: info.nuid.clone(),
+            object,
+            skip: range.start,
+            left: range.end - range.start,
+            to_end: range.end == meta.size,
+        });
+        let payload: BoxStream<'static, Result<Bytes>> = match reader {
+            None => futures::stream::empty().boxed(),
+            Some(mut reader) if range.end - range.start <= EAGER_BYTES => {
+                let mut bytes = BytesMut::new();
+                loop {
+                    match reader.next_bytes().await {
+                        Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+                        Ok(None) => break,
+                        Err(ReadError::Replaced) => return Ok(None),
+                        Err(ReadError::Failed(e)) => return Err(e),
+                    }
+                }
+                futures::stream::once(futures::future::ready(Ok(bytes.freeze()))).boxed()
+            }
+            Some(reader) => futures::stream::try_unfold(reader, |mut reader| async move {
+                match reader.next_bytes().await {
+                    Ok(chunk) => Ok(chunk.map(|c| (c, reader))),
+                    Err(ReadError::Replaced) => Err(Error::Generic {
+                        store: STORE,
+                        source: "object replaced or deleted while being read".into(),
+                    }),
+                    Err(ReadError::Failed(e)) => Err(e),
+                }
+            })
+            .boxed(),
+        };
+        Ok(Some(GetResult {
+            payload: GetResultPayload::Stream(payload),
+            meta,
+            range,
+            attributes,
+            extensions: Default::default(),
+        }))
     }
 
     async fn info(&self, location: &Path) -> Result<ObjectInfo> {
@@ -364,37 +449,16 @@ impl object_store::ObjectStore for JetStreamObjectStore {
                 source: "JetStream object store keeps no versions".into(),
             });
         }
-        // A head reads only the meta message; a get opens the chunks of the
-        // version whose info it returns.
-        let (info, object) = if options.head {
-            (self.info(location).await?, None)
-        } else {
-            match self.inner.store.get(location.as_ref()).await {
-                Ok(object) => (object.info().clone(), Some(object)),
-                Err(e) if e.kind() == GetErrorKind::NotFound => return Err(not_found(location)),
-                Err(e) => return Err(generic(e)),
+        // A small read that lost a race with an overwrite starts again on
+        // the new version (nothing was handed out yet).
+        for _ in 0..8 {
+            if let Some(result) = self.get_once(location, &options).await? {
+                return Ok(result);
             }
-        };
-        let meta = object_meta(&info)?;
-        options.check_preconditions(&meta)?;
-        let range = match &options.range {
-            Some(range) => range.as_range(meta.size).map_err(|e| Error::Generic {
-                store: STORE,
-                source: Box::new(e),
-            })?,
-            None => 0..meta.size,
-        };
-        let attributes = metadata_to_attributes(&info);
-        let payload: BoxStream<'static, Result<Bytes>> = match object {
-            Some(object) => read_range(object, range.clone()),
-            None => futures::stream::empty().boxed(),
-        };
-        Ok(GetResult {
-            payload: GetResultPayload::Stream(payload),
-            meta,
-            range,
-            attributes,
-            extensions: Default::default(),
+        }
+        Err(Error::Generic {
+            store: STORE,
+            source: "object kept changing while being read".into(),
         })
     }
 
@@ -497,26 +561,91 @@ impl object_store::ObjectStore for JetStreamObjectStore {
     }
 }
 
-/// Streams `range` of the object. The store reads chunks in order from the
-/// start, so a range skips its first `range.start` bytes as they arrive;
-/// a read to the end is checked against the recorded SHA-256 by async-nats.
-fn read_range(
+/// Reads at most this much at once into memory (and retries it whole if
+/// the object is replaced meanwhile); larger reads stream.
+const EAGER_BYTES: u64 = 4 * CHUNK_SIZE as u64;
+/// Silence on a read after which the object's meta is checked.
+const STALL_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+enum ReadError {
+    /// The version being read was overwritten or deleted: its chunks are
+    /// purged, and async-nats' reader would wait for them forever.
+    Replaced,
+    Failed(Error),
+}
+
+/// Streams a range of one object version. The store reads chunks in order
+/// from the start, so a range skips its first bytes as they arrive; a read
+/// to the end is checked against the recorded SHA-256 by async-nats.
+struct WatchedRead {
+    store: JetStreamObjectStore,
+    location: Path,
+    nuid: String,
     object: async_nats::jetstream::object_store::Object,
-    range: std::ops::Range<u64>,
-) -> BoxStream<'static, Result<Bytes>> {
-    let opened = async move {
-        let mut object = object;
-        if range.start > 0 {
-            tokio::io::copy(&mut (&mut object).take(range.start), &mut tokio::io::sink())
+    skip: u64,
+    left: u64,
+    /// The range ends at the object's end: read on to EOF, where async-nats
+    /// checks the digest.
+    to_end: bool,
+}
+
+impl WatchedRead {
+    async fn next_bytes(&mut self) -> std::result::Result<Option<Bytes>, ReadError> {
+        let mut buffer = vec![0u8; CHUNK_SIZE];
+        loop {
+            if self.left == 0 {
+                if std::mem::take(&mut self.to_end) {
+                    let n = self
+                        .object
+                        .read(&mut buffer[..1])
+                        .await
+                        .map_err(|e| ReadError::Failed(generic(e)))?;
+                    if n > 0 {
+                        return Err(ReadError::Failed(Error::Generic {
+                            store: STORE,
+                            source: "object longer than its recorded size".into(),
+                        }));
+                    }
+                }
+                return Ok(None);
+            }
+            let want = if self.skip > 0 {
+                self.skip.min(CHUNK_SIZE as u64)
+            } else {
+                self.left.min(CHUNK_SIZE as u64)
+            } as usize;
+            let n = match tokio::time::timeout(STALL_CHECK, self.object.read(&mut buffer[..want]))
                 .await
-                .map_err(generic)?;
+            {
+                Ok(read) => read.map_err(|e| ReadError::Failed(generic(e)))?,
+                Err(_) => {
+                    let current = self
+                        .store
+                        .last_meta(&self.location)
+                        .await
+                        .map_err(ReadError::Failed)?;
+                    let same = matches!(&current, Some((_, i)) if i.nuid == self.nuid && !i.deleted);
+                    if !same {
+                        return Err(ReadError::Replaced);
+                    }
+                    continue;
+                }
+            };
+            if n == 0 {
+                return Err(ReadError::Failed(Error::Generic {
+                    store: STORE,
+                    source: "object ended before its recorded size".into(),
+                }));
+            }
+            if self.skip > 0 {
+                self.skip -= n as u64;
+                continue;
+            }
+            self.left -= n as u64;
+            buffer.truncate(n);
+            return Ok(Some(Bytes::from(buffer)));
         }
-        let body = object.take(range.end - range.start);
-        Ok::<_, Error>(
-            tokio_util::io::ReaderStream::with_capacity(body, CHUNK_SIZE).map_err(generic),
-        )
-    };
-    futures::stream::once(opened).try_flatten().boxed()
+    }
 }
 
 /// Parts in call order, then `Finish`; a channel closed without `Finish`

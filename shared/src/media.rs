@@ -192,6 +192,7 @@ impl MediaStore {
                 Ok(Self::new(Arc::new(store), names, limits, &config.url))
             }
             MediaUrl::S3 { bucket, prefix } => {
+                ensure_tls_provider();
                 let s3 = AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .build()?;
@@ -552,6 +553,14 @@ pub fn check_segment(segment: &str) -> Result<(), MediaError> {
     } else {
         Ok(())
     }
+}
+
+/// object_store's HTTP client uses rustls without a bundled provider (so
+/// aws-lc-rs, a C build, stays out of the tree); this installs ring, which
+/// the rest of the workspace already uses. Call before building an S3 client.
+pub fn ensure_tls_provider() {
+    // Already installed (by this or anything else) is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn io_store(error: std::io::Error) -> MediaError {
