@@ -112,8 +112,7 @@ impl JetStreamObjectStore {
             .await
         {
             Ok(message) => {
-                let info: ObjectInfo =
-                    serde_json::from_slice(&message.payload).map_err(generic)?;
+                let info: ObjectInfo = serde_json::from_slice(&message.payload).map_err(generic)?;
                 Ok(Some((message.sequence, info)))
             }
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
@@ -248,9 +247,8 @@ impl JetStreamObjectStore {
                     });
                 }
                 (PutMode::Update(version), current) => {
-                    let matches = current.is_some_and(|(_, i)| {
-                        version.e_tag.as_deref() == Some(i.nuid.as_str())
-                    });
+                    let matches = current
+                        .is_some_and(|(_, i)| version.e_tag.as_deref() == Some(i.nuid.as_str()));
                     if !matches {
                         return Err(precondition(location, "ETag does not match"));
                     }
@@ -624,7 +622,8 @@ impl WatchedRead {
                         .last_meta(&self.location)
                         .await
                         .map_err(ReadError::Failed)?;
-                    let same = matches!(&current, Some((_, i)) if i.nuid == self.nuid && !i.deleted);
+                    let same =
+                        matches!(&current, Some((_, i)) if i.nuid == self.nuid && !i.deleted);
                     if !same {
                         return Err(ReadError::Replaced);
                     }
@@ -737,9 +736,7 @@ fn object_meta(info: &ObjectInfo) -> Result<ObjectMeta> {
     let location = Path::parse(&info.name).map_err(|e| Error::InvalidPath { source: e })?;
     let last_modified = info
         .modified
-        .and_then(|m| {
-            chrono::DateTime::from_timestamp(m.unix_timestamp(), m.nanosecond())
-        })
+        .and_then(|m| chrono::DateTime::from_timestamp(m.unix_timestamp(), m.nanosecond()))
         .unwrap_or_default();
     Ok(ObjectMeta {
         location,

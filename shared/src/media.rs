@@ -53,7 +53,9 @@ pub enum MediaError {
     NotFound(String),
     /// A name that is empty, `.`/`..`, has a slash, backslash or control
     /// character, or starts with a dot: it could escape its folder.
-    #[error("invalid object name {0:?}: names are one path segment, without `/`, `\\`, control characters or a leading dot")]
+    #[error(
+        "invalid object name {0:?}: names are one path segment, without `/`, `\\`, control characters or a leading dot"
+    )]
     InvalidName(String),
     #[error("object {key} exceeds the {limit}-byte limit per object")]
     ObjectTooLarge { key: String, limit: u64 },
@@ -100,9 +102,16 @@ pub struct StoredObject {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MediaUrl {
     /// `None`: the prefix's `<prefix>_media` bucket.
-    Nats { bucket: Option<String> },
-    S3 { bucket: String, prefix: String },
-    File { path: std::path::PathBuf },
+    Nats {
+        bucket: Option<String>,
+    },
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
+    File {
+        path: std::path::PathBuf,
+    },
     Memory,
 }
 
@@ -308,10 +317,7 @@ impl MediaStore {
         if self.attributes {
             writer = writer.with_attributes(Attributes::from_iter([
                 (Attribute::ContentType, content_type.clone()),
-                (
-                    Attribute::Metadata("original-name".into()),
-                    name.clone(),
-                ),
+                (Attribute::Metadata("original-name".into()), name.clone()),
             ]));
         }
 
@@ -433,10 +439,7 @@ impl MediaStore {
         if whole && result.meta.size != info.size {
             return Err(MediaError::Corrupt {
                 key: key.to_owned(),
-                reason: format!(
-                    "{} bytes stored, {} recorded",
-                    result.meta.size, info.size
-                ),
+                reason: format!("{} bytes stored, {} recorded", result.meta.size, info.size),
             });
         }
         let checked = Checked {

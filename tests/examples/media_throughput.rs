@@ -59,7 +59,9 @@ impl Peak {
 
 /// `size` bytes of a repeating non-trivial pattern, produced as read.
 fn source(size: u64) -> impl tokio::io::AsyncRead + Unpin + Send {
-    let block: Vec<u8> = (0..1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let block: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let block = bytes::Bytes::from(block);
     let blocks = size.div_ceil(block.len() as u64);
     let stream = futures::stream::iter((0..blocks).map(move |i| {
@@ -91,7 +93,11 @@ async fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    let sizes = if sizes.is_empty() { vec![1, 64, 1024] } else { sizes };
+    let sizes = if sizes.is_empty() {
+        vec![1, 64, 1024]
+    } else {
+        sizes
+    };
     let server = NatsServer::start().await;
     let js = async_nats::jetstream::new(server.client().await);
     let config = MediaConfig {
@@ -117,9 +123,15 @@ async fn main() {
         let peak = Peak::start();
         let name = format!("raw-{mib}");
         let started = Instant::now();
-        raw.put(ObjectMetadata { name: name.clone(), ..Default::default() }, &mut source(size))
-            .await
-            .expect("raw put");
+        raw.put(
+            ObjectMetadata {
+                name: name.clone(),
+                ..Default::default()
+            },
+            &mut source(size),
+        )
+        .await
+        .expect("raw put");
         let put = started.elapsed();
         let started = Instant::now();
         let got = drain(raw.get(&name).await.expect("raw get")).await;
@@ -138,7 +150,10 @@ async fn main() {
         let peak = Peak::start();
         let key = media.output_key(&tenant, &JobId::new(), "bench.bin");
         let started = Instant::now();
-        media.put(&key, &mut source(size), 0, None).await.expect("put");
+        media
+            .put(&key, &mut source(size), 0, None)
+            .await
+            .expect("put");
         let put = started.elapsed();
         let started = Instant::now();
         let (_, reader) = media.get(&key).await.expect("get");

@@ -1,6 +1,6 @@
 //! Ingress configuration.
 
-use comfyq_shared::config::{MediaConfig, ConfigError, NatsConfig, Secret, Validate};
+use comfyq_shared::config::{ConfigError, MediaConfig, NatsConfig, Secret, Validate};
 use comfyq_shared::ids::TenantId;
 use serde::{Deserialize, Serialize};
 

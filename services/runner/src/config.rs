@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use comfyq_shared::config::{MediaConfig, ConfigError, NatsConfig, Validate};
+use comfyq_shared::config::{ConfigError, MediaConfig, NatsConfig, Validate};
 use comfyq_shared::ids::{PoolName, RunnerId};
 use serde::{Deserialize, Serialize};
 

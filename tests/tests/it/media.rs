@@ -67,8 +67,11 @@ async fn conformance_put_get_delete_list() {
 async fn count_meta_messages(store: &JetStreamObjectStore) -> u64 {
     let mut count = 0;
     let mut list = store.nats().watch_with_history().await.expect("watch");
-    while let Ok(Some(Ok(_))) =
-        tokio::time::timeout(Duration::from_millis(300), futures::StreamExt::next(&mut list)).await
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures::StreamExt::next(&mut list),
+    )
+    .await
     {
         count += 1;
     }
@@ -313,13 +316,19 @@ async fn layer_suite(media: &MediaStore) {
         .put(&over, &mut &big[..1000], 0, Some(999))
         .await
         .expect_err("caller cap");
-    assert!(matches!(err, MediaError::ObjectTooLarge { limit: 999, .. }), "{err}");
+    assert!(
+        matches!(err, MediaError::ObjectTooLarge { limit: 999, .. }),
+        "{err}"
+    );
     let err = media
         .put(&over, &mut Broken { left: 300_000 }, 0, None)
         .await
         .expect_err("broken");
     assert!(matches!(err, MediaError::Source(_)), "{err}");
-    assert!(matches!(media.head(&over).await, Err(MediaError::NotFound(_))));
+    assert!(matches!(
+        media.head(&over).await,
+        Err(MediaError::NotFound(_))
+    ));
     assert_eq!(stored_under(media, &tenant, &job).await.len(), 2);
 
     // Corrupt bytes (same size, other content) fail the read at the end;
@@ -337,7 +346,9 @@ async fn layer_suite(media: &MediaStore) {
     let err = read_all(media, &key).await.expect_err("truncated read");
     assert!(err.to_string().contains("corrupt"), "{err}");
     let orphan = Path::from_iter([tenant.as_str(), &job.to_string(), "outputs", "orphan.png"]);
-    raw.put(&orphan, vec![1u8; 10].into()).await.expect("orphan");
+    raw.put(&orphan, vec![1u8; 10].into())
+        .await
+        .expect("orphan");
     let orphan_key = media.output_key(&tenant, &job, "orphan.png");
     assert!(matches!(
         media.head(&orphan_key).await,
@@ -348,7 +359,10 @@ async fn layer_suite(media: &MediaStore) {
     let removed = media.delete_job(&tenant, &job).await.expect("delete job");
     assert_eq!(removed, 3);
     assert!(stored_under(media, &tenant, &job).await.is_empty());
-    assert!(matches!(media.head(&key).await, Err(MediaError::NotFound(_))));
+    assert!(matches!(
+        media.head(&key).await,
+        Err(MediaError::NotFound(_))
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,7 +422,10 @@ async fn layer_on_s3() {
         .await
         .expect("sign")
         .expect("a URL");
-    assert!(url.query().unwrap_or_default().contains("X-Amz-Expires=60"), "{url}");
+    assert!(
+        url.query().unwrap_or_default().contains("X-Amz-Expires=60"),
+        "{url}"
+    );
     let body = reqwest::get(url.as_str())
         .await
         .expect("GET presigned")
