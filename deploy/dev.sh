@@ -8,6 +8,7 @@ set -euo pipefail
 
 NATS_VERSION="2.15.1"
 SCHEMATHESIS_VERSION="4.32.5"
+MOTO_VERSION="5.2.5"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NATS_DIR="${REPO_ROOT}/.tools/nats"
 NATS_BIN="${NATS_DIR}/bin/nats-server"
@@ -16,6 +17,8 @@ NATS_BIN="${NATS_DIR}/bin/nats-server"
 PYTHON_DIR="${REPO_ROOT}/.tools/python"
 PYTHON_PACKAGES=("standardwebhooks==1.1.0" "nats-py==2.16.0")
 ST_DIR="${REPO_ROOT}/.tools/schemathesis"
+# moto_server: the S3-compatible server the media tests run against.
+MOTO_DIR="${REPO_ROOT}/.tools/moto"
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -25,8 +28,9 @@ usage() {
 usage: bash deploy/dev.sh <command> [args]
 
 commands:
-  setup        install nats-server ${NATS_VERSION} into .tools/nats and schemathesis
-               ${SCHEMATHESIS_VERSION} into .tools/schemathesis (each skipped if present)
+  setup        install nats-server ${NATS_VERSION} into .tools/nats, schemathesis
+               ${SCHEMATHESIS_VERSION} into .tools/schemathesis and moto[server]
+               ${MOTO_VERSION} into .tools/moto (each skipped if present)
   up [args]    setup, then: cargo run --release -p comfyq -- up --sim --nats-server <nats> [args]
   test         setup, then: cargo fmt --check, cargo clippy -D warnings, cargo nextest/test
 USAGE
@@ -55,6 +59,20 @@ setup() {
     setup_nats
     setup_python
     setup_schemathesis
+    setup_moto
+}
+
+setup_moto() {
+    if [[ -x "${MOTO_DIR}/bin/moto_server" && "$(cat "${MOTO_DIR}/.installed" 2>/dev/null)" == "${MOTO_VERSION}" ]]; then
+        step "moto ${MOTO_VERSION} already installed at ${MOTO_DIR}"
+        return 0
+    fi
+    step "installing moto[server] ${MOTO_VERSION} into ${MOTO_DIR}"
+    rm -rf "${MOTO_DIR}"
+    python3 -m venv "${MOTO_DIR}"
+    PIP_ROOT_USER_ACTION=ignore "${MOTO_DIR}/bin/pip" install --disable-pip-version-check -q \
+        "moto[server]==${MOTO_VERSION}"
+    printf '%s' "${MOTO_VERSION}" > "${MOTO_DIR}/.installed"
 }
 
 # schemathesis fuzzes the API from its OpenAPI document in the test suite

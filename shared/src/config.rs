@@ -54,6 +54,55 @@ where
     Ok(config)
 }
 
+/// Where job media (inputs and outputs) live, and how much of it a job may have.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// Backend by URL: `nats://` (the prefix's `<prefix>_media` bucket) or
+    /// `nats://<bucket>`, `s3://<bucket>/<prefix>` (credentials and endpoint
+    /// from the standard `AWS_*` environment variables), `file:///<path>`,
+    /// `memory://` (tests only: not shared between processes).
+    pub url: String,
+    /// Largest single object (input or output), in bytes.
+    pub max_object_bytes: u64,
+    /// Largest total of one job's inputs and outputs, in bytes.
+    pub max_job_bytes: u64,
+    /// With S3: answer output downloads with a `307` to a URL presigned for
+    /// this long instead of streaming through ingress. Unset: stream.
+    #[serde(with = "humantime_serde")]
+    pub presign_ttl: Option<Duration>,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://".to_owned(),
+            max_object_bytes: 2 * 1024 * 1024 * 1024,
+            max_job_bytes: 8 * 1024 * 1024 * 1024,
+            presign_ttl: None,
+        }
+    }
+}
+
+impl Validate for MediaConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        crate::media::MediaUrl::parse(&self.url)
+            .map_err(|e| ConfigError::Invalid(format!("media.url: {e}")))?;
+        if self.max_object_bytes == 0 || self.max_job_bytes < self.max_object_bytes {
+            return Err(ConfigError::Invalid(
+                "media.max_object_bytes must be at least 1 and at most media.max_job_bytes"
+                    .to_owned(),
+            ));
+        }
+        if self.presign_ttl.is_some_and(|t| t < Duration::from_secs(1)) {
+            return Err(ConfigError::Invalid(
+                "media.presign_ttl must be at least 1s".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// How to reach NATS and how to lay out what comfyq keeps there.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

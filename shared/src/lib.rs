@@ -30,6 +30,7 @@ pub mod dead_letter;
 pub mod event;
 pub mod guard;
 pub mod ids;
+pub mod jetstream_store;
 pub mod job;
 pub mod job_store;
 pub mod kv_view;

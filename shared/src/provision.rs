@@ -225,7 +225,7 @@ async fn ensure_kv(
 /// The object store's backing stream is created with the same settings
 /// async-nats uses, but through create-or-update so a changed age limit is
 /// applied to an existing deployment.
-async fn ensure_object_store(
+pub async fn ensure_object_store(
     js: &jetstream::Context,
     bucket: &str,
     max_age: Duration,

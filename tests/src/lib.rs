@@ -15,11 +15,13 @@
 //! `bash deploy/dev.sh setup`), then `PATH`.
 
 pub mod eventually;
+pub mod moto;
 pub mod nats_server;
 pub mod stack;
 pub mod webhook_sink;
 
 pub use eventually::{eventually, eventually_true};
+pub use moto::MotoServer;
 pub use nats_server::NatsServer;
 pub use stack::{IsolatedRunner, IsolatedScheduler, RunnerTweak, StackOptions, TestStack};
 pub use webhook_sink::{MockResponse, ReceivedWebhook, WebhookSink};

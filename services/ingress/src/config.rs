@@ -1,6 +1,6 @@
 //! Ingress configuration.
 
-use comfyq_shared::config::{ConfigError, NatsConfig, Secret, Validate};
+use comfyq_shared::config::{ConfigError, MediaConfig, NatsConfig, Secret, Validate};
 use comfyq_shared::ids::TenantId;
 use serde::{Deserialize, Serialize};
 
@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct IngressConfig {
     pub nats: NatsConfig,
+    /// Where inputs and outputs live (`[media]`, `COMFYQ_MEDIA__URL`…).
+    pub media: MediaConfig,
     /// Address to listen on (used by the binary; tests pass a listener).
     pub http_addr: String,
     /// API keys and the tenant each one acts for.
@@ -64,6 +66,7 @@ impl Default for IngressConfig {
     fn default() -> Self {
         Self {
             nats: NatsConfig::default(),
+            media: MediaConfig::default(),
             http_addr: "127.0.0.1:8080".to_owned(),
             api_keys: Vec::new(),
             open_tenant: None,
@@ -88,6 +91,7 @@ impl Default for IngressConfig {
 impl Validate for IngressConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.nats.validate()?;
+        self.media.validate()?;
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.http_addr.parse::<std::net::SocketAddr>().is_err() {
             return invalid(format!(

@@ -5,9 +5,8 @@
 
 use comfyq_shared::guard::{self, Refusal};
 use comfyq_shared::job::InputFile;
-use comfyq_shared::media::sniff_content_type;
+use comfyq_shared::media::MediaError;
 use futures::TryStreamExt;
-use tokio::io::AsyncReadExt;
 use tokio_util::io::StreamReader;
 
 use crate::problem::Problem;
@@ -34,6 +33,7 @@ pub async fn fetch_input(
     url: &url::Url,
     name: &str,
     key: &str,
+    job_bytes: u64,
 ) -> Result<InputFile, Problem> {
     let pointer = format!("/inputs/{name}/url");
     let addrs = guard::check_destination(url, state.config.allow_private_input_urls)
@@ -65,35 +65,17 @@ pub async fn fetch_input(
         )));
     }
     let mut reader = StreamReader::new(response.bytes_stream().map_err(std::io::Error::other));
-    let mut head = vec![0u8; 512];
-    let mut filled = 0;
-    while filled < head.len() {
-        let n = reader
-            .read(&mut head[filled..])
-            .await
-            .map_err(|e| failed(format!("reading the input failed: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        filled += n;
-    }
-    head.truncate(filled);
-    let content_type = sniff_content_type(&head, name);
-    let mut capped = head.as_slice().chain(reader).take(limit + 1);
     let stored = state
         .media
-        .put(key, &content_type, &mut capped)
+        .put(key, &mut reader, job_bytes, Some(limit))
         .await
-        .map_err(|e| failed(format!("reading the input failed: {e}")))?;
-    if stored.size > limit {
-        let _ = state.media.delete(key).await;
-        return Err(Problem::too_large(format!(
-            "input {name:?} exceeds {limit} bytes"
-        )));
-    }
+        .map_err(|e| match e {
+            MediaError::Source(e) => failed(format!("reading the input failed: {e}")),
+            other => crate::routes::media_problem(name, other),
+        })?;
     Ok(InputFile {
         name: name.to_owned(),
-        content_type,
+        content_type: stored.content_type,
         size: stored.size,
         sha256: stored.sha256,
     })

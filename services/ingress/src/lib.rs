@@ -56,6 +56,8 @@ pub enum IngressError {
     Connect(#[from] connection::ConnectError),
     #[error(transparent)]
     Provision(#[from] provision::ProvisionError),
+    #[error(transparent)]
+    Media(#[from] comfyq_shared::media::MediaError),
     #[error("HTTP server: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -70,11 +72,19 @@ pub async fn serve(
     let client = connection::connect(&config.nats, "ingress").await?;
     let js = connection::jetstream(client.clone());
     let shared = provision::provision(&js, &names, &config.nats).await?;
+    let media = MediaStore::open(
+        &config.media,
+        &js,
+        names.clone(),
+        config.nats.media_max_age,
+        config.nats.replicas,
+    )
+    .await?;
     let state = state::AppState {
         auth: Arc::new(auth::Authenticator::from_config(&config)),
         client: client.clone(),
         jobs: JobStore::new(shared.jobs, names.clone()),
-        media: MediaStore::new(shared.media, names.clone()),
+        media,
         events: EventPublisher::new(js.clone(), names.clone()),
         idempotency: shared.idempotency,
         runners: shared.runners,

@@ -15,7 +15,7 @@ use comfyq_shared::event::Event;
 use comfyq_shared::ids::{JobId, TenantId};
 use comfyq_shared::job::{InputFile, JobRecord, JobSpec, SCHEMA_VERSION};
 use comfyq_shared::job_store::JobStoreError;
-use comfyq_shared::media::{MediaError, sniff_content_type};
+use comfyq_shared::media::MediaError;
 use comfyq_shared::messages::{CancelJob, SubmitJob};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -336,23 +336,24 @@ async fn store_inputs(
 ) -> Result<(), Problem> {
     for (name, source) in sources {
         let key = state.media.input_key(tenant, &id, &name);
+        // What the job already stores counts against its media limit.
+        let used = inputs.iter().map(|f: &InputFile| f.size).sum();
         let file = match source {
             InputSource::Stored(file) => file,
             InputSource::Bytes(bytes) => {
-                let content_type = sniff_content_type(&bytes, &name);
                 let stored = state
                     .media
-                    .put(&key, &content_type, &mut bytes.as_slice())
+                    .put(&key, &mut bytes.as_slice(), used, None)
                     .await
-                    .map_err(|e| Problem::unavailable(&e))?;
+                    .map_err(|e| media_problem(&name, e))?;
                 InputFile {
                     name,
-                    content_type,
+                    content_type: stored.content_type,
                     size: stored.size,
                     sha256: stored.sha256,
                 }
             }
-            InputSource::Url(url) => fetch::fetch_input(state, &url, &name, &key).await?,
+            InputSource::Url(url) => fetch::fetch_input(state, &url, &name, &key, used).await?,
         };
         inputs.push(file);
     }
@@ -553,12 +554,17 @@ pub(crate) async fn get_output(
     if !record.outputs.iter().any(|o| o.name == name) {
         return Err(Problem::not_found("output"));
     }
-    stream_object(
-        &state,
-        &state.media.output_key(&record.tenant, &record.id, &name),
-        &headers,
-    )
-    .await
+    let key = state.media.output_key(&record.tenant, &record.id, &name);
+    // S3 with `media.presign_ttl`: the client fetches from S3 directly.
+    if let Some(url) = state
+        .media
+        .presigned_url(&key)
+        .await
+        .map_err(|e| Problem::unavailable(&e))?
+    {
+        return Ok(axum::response::Redirect::temporary(url.as_str()).into_response());
+    }
+    stream_object(&state, &key, &headers).await
 }
 
 /// An input's bytes, with `ETag` and `Range`.
@@ -630,10 +636,21 @@ async fn stream_object(
     key: &str,
     request_headers: &HeaderMap,
 ) -> Result<Response, Problem> {
-    let (info, object) = state.media.get(key).await.map_err(|e| match e {
+    let info = state.media.head(key).await.map_err(|e| match e {
         MediaError::NotFound(_) => Problem::not_found("object"),
         other => Problem::unavailable(&other),
     })?;
+    let open = |range: std::ops::Range<u64>| async move {
+        state
+            .media
+            .get_range(key, range)
+            .await
+            .map(|(_, reader)| reader)
+            .map_err(|e| match e {
+                MediaError::NotFound(_) => Problem::not_found("object"),
+                other => Problem::unavailable(&other),
+            })
+    };
     let etag = format!("\"{}\"", info.sha256);
     let mut headers = HeaderMap::new();
     if let Ok(value) = HeaderValue::from_str(&info.content_type) {
@@ -653,21 +670,18 @@ async fn stream_object(
     match parse_range(request_headers, info.size) {
         Ok(None) => {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
+            let object = open(0..info.size).await?;
             Ok((headers, Body::from_stream(ReaderStream::new(object))).into_response())
         }
         Ok(Some((start, end))) => {
-            // The object store reads sequentially: skip to the range's start.
-            let mut object = object;
-            tokio::io::copy(&mut (&mut object).take(start), &mut tokio::io::sink())
-                .await
-                .map_err(|e| Problem::unavailable(&e))?;
+            let object = open(start..end + 1).await?;
             let length = end - start + 1;
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
             if let Ok(value) = HeaderValue::from_str(&format!("bytes {start}-{end}/{}", info.size))
             {
                 headers.insert(header::CONTENT_RANGE, value);
             }
-            let body = Body::from_stream(ReaderStream::new(object.take(length)));
+            let body = Body::from_stream(ReaderStream::new(object));
             Ok((StatusCode::PARTIAL_CONTENT, headers, body).into_response())
         }
         Err(()) => {
@@ -862,4 +876,21 @@ pub(crate) fn validation_error(pointer: &str, message: impl Into<String>) -> Pro
         pointer: pointer.to_owned(),
         message: message.into(),
     }])
+}
+
+/// A media store error as the client sees it: its own mistakes are 4xx.
+pub(crate) fn media_problem(name: &str, error: MediaError) -> Problem {
+    match error {
+        MediaError::ObjectTooLarge { limit, .. } => {
+            Problem::too_large(format!("input {name:?} exceeds {limit} bytes"))
+        }
+        MediaError::JobTooLarge { limit, .. } => Problem::too_large(format!(
+            "input {name:?} takes the job over its {limit}-byte media limit"
+        )),
+        MediaError::InvalidName(_) => {
+            validation_error(&format!("/inputs/{name}"), error.to_string())
+        }
+        MediaError::Source(e) => Problem::bad_request(format!("reading input {name:?}: {e}")),
+        other => Problem::unavailable(&other),
+    }
 }

@@ -6,11 +6,9 @@ use axum::extract::Multipart;
 use axum::extract::multipart::Field;
 use comfyq_shared::ids::{JobId, TenantId};
 use comfyq_shared::job::InputFile;
-use comfyq_shared::media::sniff_content_type;
 use futures::TryStreamExt;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 use tokio_util::io::StreamReader;
 
 use crate::api::{SubmitRequest, check_file_name};
@@ -83,7 +81,8 @@ async fn receive_parts(
                 format!("at most {} inputs allowed", state.config.max_inputs),
             ));
         }
-        let file = store_part(state, tenant, job, &name, field).await?;
+        let used = stored.iter().map(|f| f.size).sum();
+        let file = store_part(state, tenant, job, &name, field, used).await?;
         fingerprint.update(format!("\n{}:{}", file.name, file.sha256).as_bytes());
         stored.push(file);
     }
@@ -112,52 +111,30 @@ async fn read_capped(field: Field<'_>, limit: usize) -> Result<Vec<u8>, Problem>
     Ok(bytes)
 }
 
-/// Streams one file part into the store. The first chunk decides the
-/// content type; a part over `max_input_bytes` is cut off with a 413.
+/// Streams one file part into the store, which judges the content type
+/// from the bytes; a part over `max_input_bytes` (or the job's media limit)
+/// is cut off with a 413 and nothing of it stays stored.
 async fn store_part(
     state: &AppState,
     tenant: &TenantId,
     job: JobId,
     name: &str,
     field: Field<'_>,
+    job_bytes: u64,
 ) -> Result<InputFile, Problem> {
     let limit = state.config.max_input_bytes;
     let chunks = field.map_err(std::io::Error::other);
     let mut reader = StreamReader::new(chunks);
-    // Enough of the head to sniff magic numbers from.
-    let mut head = vec![0u8; 512];
-    let mut filled = 0;
-    while filled < head.len() {
-        let n = reader
-            .read(&mut head[filled..])
-            .await
-            .map_err(|e| Problem::bad_request(format!("reading part {name:?}: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        filled += n;
-    }
-    head.truncate(filled);
-    let content_type = sniff_content_type(&head, name);
     let key = state.media.input_key(tenant, &job, name);
-    // One more byte than allowed tells an oversized part from an exact fit.
-    let mut capped = head.as_slice().chain(reader).take(limit + 1);
     let stored = state
         .media
-        .put(&key, &content_type, &mut capped)
+        .put(&key, &mut reader, job_bytes, Some(limit))
         .await
-        .map_err(|e| Problem::unavailable(&e))?;
-    let file = InputFile {
+        .map_err(|e| crate::routes::media_problem(name, e))?;
+    Ok(InputFile {
         name: name.to_owned(),
-        content_type,
+        content_type: stored.content_type,
         size: stored.size,
         sha256: stored.sha256,
-    };
-    if stored.size > limit {
-        let _ = state.media.delete(&key).await;
-        return Err(Problem::too_large(format!(
-            "input {name:?} exceeds {limit} bytes"
-        )));
-    }
-    Ok(file)
+    })
 }

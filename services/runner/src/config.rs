@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use comfyq_shared::config::{ConfigError, NatsConfig, Validate};
+use comfyq_shared::config::{ConfigError, MediaConfig, NatsConfig, Validate};
 use comfyq_shared::ids::{PoolName, RunnerId};
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +15,8 @@ use crate::managed::ManagedConfig;
 #[serde(default, deny_unknown_fields)]
 pub struct RunnerConfig {
     pub nats: NatsConfig,
+    /// Where inputs and outputs live (`[media]`, `COMFYQ_MEDIA__URL`…).
+    pub media: MediaConfig,
     /// The ComfyUI this runner drives (in managed mode: where the launched
     /// one listens, so its `args` must name the same port).
     pub comfyui_url: String,
@@ -70,6 +72,7 @@ impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
             nats: NatsConfig::default(),
+            media: MediaConfig::default(),
             comfyui_url: "http://127.0.0.1:8188".to_owned(),
             managed: None,
             comfyui_dir: None,
@@ -130,6 +133,7 @@ impl RunnerConfig {
 impl Validate for RunnerConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.nats.validate()?;
+        self.media.validate()?;
         self.pool()?;
         self.runner_id()?;
         self.comfyui_url()?;

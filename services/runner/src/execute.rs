@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use comfyq_shared::event::{Event, EventBody};
 use comfyq_shared::job::{ErrorKind, JobError, JobSpec, OutputFile};
-use comfyq_shared::media::{MediaError, MediaStore, sniff_content_type};
+use comfyq_shared::media::{MediaError, MediaStore};
 use comfyq_shared::names::Names;
 use comfyq_shared::publisher::EventPublisher;
 use futures::StreamExt;
@@ -62,6 +62,16 @@ pub struct Executor {
 
 fn infrastructure(message: impl Into<String>) -> JobError {
     JobError::new(ErrorKind::Infrastructure, message)
+}
+
+/// An output over a media limit or with an unusable name fails the job
+/// for good; a store or download failure is retried.
+fn storing_failed(name: &str, error: MediaError) -> JobError {
+    if error.is_client_error() {
+        JobError::new(ErrorKind::Execution, format!("storing {name}: {error}"))
+    } else {
+        infrastructure(format!("storing {name}: {error}"))
+    }
 }
 
 fn comfy_failure(context: &str, error: &ComfyError) -> JobError {
@@ -437,8 +447,11 @@ impl Executor {
         spec: &JobSpec,
         entry: &HistoryEntry,
     ) -> Result<Vec<OutputFile>, JobError> {
-        let mut outputs = Vec::new();
+        let mut outputs: Vec<OutputFile> = Vec::new();
         let mut taken = HashSet::new();
+        // The job's media limit counts its inputs and the outputs so far.
+        let inputs: u64 = spec.inputs.iter().map(|i| i.size).sum();
+        let used = |outputs: &[OutputFile]| inputs + outputs.iter().map(|o| o.size).sum::<u64>();
         for (node_id, file) in entry.output_files() {
             let name = unique_name(&mut taken, node_id, &file.filename);
             let view = self
@@ -457,25 +470,19 @@ impl Executor {
                 }
                 None => Bytes::new(),
             };
-            let content_type = sniff_content_type(&first, &file.filename);
             let rest = stream.map(|chunk| chunk.map_err(std::io::Error::other));
             let mut reader = StreamReader::new(futures::stream::iter([Ok(first)]).chain(rest));
             let key = self.media.output_key(&spec.tenant, &spec.id, &name);
             let stored = self
                 .media
-                .put(&key, &content_type, &mut reader)
+                .put(&key, &mut reader, used(&outputs), None)
                 .await
-                .map_err(|e| match e {
-                    MediaError::Store(source) => {
-                        infrastructure(format!("storing {name}: {source}"))
-                    }
-                    other => infrastructure(format!("storing {name}: {other}")),
-                })?;
+                .map_err(|e| storing_failed(&name, e))?;
             outputs.push(OutputFile {
                 node_id: node_id.to_owned(),
                 name,
                 kind: file.kind_key.clone(),
-                content_type,
+                content_type: stored.content_type,
                 size: stored.size,
                 sha256: stored.sha256,
                 animated: file.animated,
@@ -485,17 +492,16 @@ impl Executor {
             for (index, text) in output.text.iter().enumerate() {
                 let name = unique_name(&mut taken, node_id, &format!("text_{index}.txt"));
                 let key = self.media.output_key(&spec.tenant, &spec.id, &name);
-                let content_type = "text/plain; charset=utf-8";
                 let stored = self
                     .media
-                    .put(&key, content_type, &mut text.as_bytes())
+                    .put(&key, &mut text.as_bytes(), used(&outputs), None)
                     .await
-                    .map_err(|e| infrastructure(format!("storing {name}: {e}")))?;
+                    .map_err(|e| storing_failed(&name, e))?;
                 outputs.push(OutputFile {
                     node_id: node_id.clone(),
                     name,
                     kind: "text".to_owned(),
-                    content_type: content_type.to_owned(),
+                    content_type: stored.content_type,
                     size: stored.size,
                     sha256: stored.sha256,
                     animated: false,

@@ -42,6 +42,8 @@ pub enum RunnerError {
     Connect(#[from] connection::ConnectError),
     #[error(transparent)]
     Provision(#[from] provision::ProvisionError),
+    #[error(transparent)]
+    Media(#[from] comfyq_shared::media::MediaError),
     #[error("ComfyUI at {url} did not become ready within {waited:?}: {last_error}")]
     ComfyNotReady {
         url: String,
@@ -136,11 +138,19 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         },
         link_stop.clone(),
     );
+    let media = MediaStore::open(
+        &config.media,
+        &js,
+        names.clone(),
+        config.nats.media_max_age,
+        config.nats.replicas,
+    )
+    .await?;
     let held = worker::HeldJobs::default();
     let executor = execute::Executor {
         comfy: comfy.clone(),
         link,
-        media: MediaStore::new(shared.media, names.clone()),
+        media,
         events: EventPublisher::new(js.clone(), names.clone()),
         client: client.clone(),
         names: names.clone(),

@@ -4,6 +4,7 @@ mod e2e;
 mod events;
 mod faults;
 mod harness;
+mod media;
 mod rest_api;
 mod rest_catalogue;
 mod rest_fuzz;

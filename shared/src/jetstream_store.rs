@@ -1,0 +1,818 @@
+//! [`object_store::ObjectStore`] on a JetStream object store bucket.
+//!
+//! Reads, info, list and delete go through async-nats' object store. Writes
+//! publish the chunks and the meta message themselves, in the same wire format
+//! (`$O.<bucket>.C.<nuid>` chunks, then the JSON `ObjectInfo` on
+//! `$O.<bucket>.M.<base64url(name)>` with `Nats-Rollup: sub`), because
+//! async-nats' `put` cannot give what the trait asks for:
+//! - **conditional puts**: the meta message is published with
+//!   `Nats-Expected-Last-Subject-Sequence`, so `PutMode::Create` and
+//!   `PutMode::Update` are atomic on the server (the ETag is the object's
+//!   nuid, unique per write);
+//! - **nothing partial**: a write that fails, is aborted or is dropped purges
+//!   its chunks (async-nats leaves them in the stream until `max_age`);
+//! - **throughput**: up to [`ACK_WINDOW`] chunk publishes are in flight at once
+//!   instead of one round trip per chunk.
+//!
+//! Not supported, by the nature of the store: versions (a rollup keeps only
+//! the latest meta), tags, [`MultipartStore`](object_store::multipart::MultipartStore)
+//! (parts have no ids: a [`MultipartUpload`] here writes its parts in call order)
+//! and paginated listing. Listing reads every meta message of the bucket and
+//! filters by prefix on the client: subjects carry base64 names, so the server
+//! cannot filter by prefix.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::object_store::{
+    GetErrorKind, InfoErrorKind, ObjectInfo, ObjectOptions, ObjectStore as NatsObjectStore,
+};
+use async_nats::jetstream::{self, stream::Stream as JsStream};
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE;
+use bytes::{Bytes, BytesMut};
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{
+    Attribute, AttributeValue, Attributes, CopyMode, CopyOptions, Error, GetOptions, GetResult,
+    GetResultPayload, ListResult, MultipartUpload, ObjectMeta, PutMode, PutMultipartOptions,
+    PutOptions, PutPayload, PutResult, Result, UploadPart,
+};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, oneshot};
+
+const STORE: &str = "JetStream";
+/// Chunk size, as async-nats' default (the payload must stay under the
+/// server's `max_payload`, 1 MiB by default).
+pub const CHUNK_SIZE: usize = 128 * 1024;
+/// Chunk publishes awaiting their ack at once.
+pub const ACK_WINDOW: usize = 32;
+
+/// A JetStream object store bucket as an `object_store::ObjectStore`.
+#[derive(Clone)]
+pub struct JetStreamObjectStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    js: jetstream::Context,
+    bucket: String,
+    store: NatsObjectStore,
+    stream: JsStream,
+}
+
+impl JetStreamObjectStore {
+    /// Opens an existing bucket (provisioning creates it).
+    pub async fn open(js: jetstream::Context, bucket: &str) -> Result<Self> {
+        let store = js.get_object_store(bucket).await.map_err(generic)?;
+        let stream = js
+            .get_stream(format!("OBJ_{bucket}"))
+            .await
+            .map_err(generic)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                js,
+                bucket: bucket.to_owned(),
+                store,
+                stream,
+            }),
+        })
+    }
+
+    /// The async-nats handle of the same bucket (the benchmark's baseline).
+    pub fn nats(&self) -> &NatsObjectStore {
+        &self.inner.store
+    }
+
+    fn meta_subject(&self, location: &Path) -> String {
+        format!(
+            "$O.{}.M.{}",
+            self.inner.bucket,
+            URL_SAFE.encode(location.as_ref())
+        )
+    }
+
+    fn chunk_subject(&self, nuid: &str) -> String {
+        format!("$O.{}.C.{nuid}", self.inner.bucket)
+    }
+
+    /// The latest meta message of `location`: its stream sequence and info
+    /// (deleted or not); `None` if the name was never written (or expired).
+    async fn last_meta(&self, location: &Path) -> Result<Option<(u64, ObjectInfo)>> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        match self
+            .inner
+            .stream
+            .get_last_raw_message_by_subject(&self.meta_subject(location))
+            .await
+        {
+            Ok(message) => {
+                let info: ObjectInfo = serde_json::from_slice(&message.payload).map_err(generic)?;
+                Ok(Some((message.sequence, info)))
+            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(generic(e)),
+        }
+    }
+
+    async fn purge_chunks(&self, nuid: &str) {
+        if let Err(error) = self
+            .inner
+            .stream
+            .purge()
+            .filter(self.chunk_subject(nuid))
+            .await
+        {
+            tracing::warn!(%error, nuid, "object chunks not purged");
+        }
+    }
+
+    /// Publishes `data` as the chunks of a new object version `nuid`, then
+    /// commits it under `mode`. On any failure the chunks are purged.
+    async fn write(
+        &self,
+        location: &Path,
+        nuid: String,
+        data: impl futures::Stream<Item = Result<Bytes>> + Send,
+        attributes: &Attributes,
+        mode: PutMode,
+    ) -> Result<PutResult> {
+        let written = self.write_chunks(&nuid, data).await;
+        let result = match written {
+            Ok((size, chunks, digest)) => {
+                let info = ObjectInfo {
+                    name: location.to_string(),
+                    description: None,
+                    metadata: attributes_to_metadata(attributes),
+                    headers: None,
+                    options: Some(ObjectOptions {
+                        link: None,
+                        max_chunk_size: Some(CHUNK_SIZE),
+                    }),
+                    bucket: self.inner.bucket.clone(),
+                    nuid: nuid.clone(),
+                    size,
+                    chunks,
+                    modified: Some(time::OffsetDateTime::now_utc()),
+                    digest: Some(format!("SHA-256={}", URL_SAFE.encode(digest))),
+                    deleted: false,
+                };
+                self.commit(location, &info, mode).await
+            }
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            self.purge_chunks(&nuid).await;
+        }
+        result
+    }
+
+    async fn write_chunks(
+        &self,
+        nuid: &str,
+        data: impl futures::Stream<Item = Result<Bytes>> + Send,
+    ) -> Result<(usize, usize, [u8; 32])> {
+        let mut acks = VecDeque::with_capacity(ACK_WINDOW);
+        let written = self.publish_chunks(nuid, data, &mut acks).await;
+        if written.is_err() {
+            // Let the chunks in flight land before the caller purges, or a
+            // late one would outlive the purge.
+            for ack in acks {
+                let _ = ack.await;
+            }
+        }
+        written
+    }
+
+    async fn publish_chunks(
+        &self,
+        nuid: &str,
+        data: impl futures::Stream<Item = Result<Bytes>> + Send,
+        acks: &mut VecDeque<jetstream::context::PublishAckFuture>,
+    ) -> Result<(usize, usize, [u8; 32])> {
+        let subject = self.chunk_subject(nuid);
+        let mut data = std::pin::pin!(data);
+        let mut buffer = BytesMut::with_capacity(CHUNK_SIZE);
+        let mut sha = Sha256::new();
+        let (mut size, mut chunks) = (0usize, 0usize);
+        let mut done = false;
+        while !done {
+            match data.next().await {
+                Some(bytes) => buffer.extend_from_slice(&bytes?),
+                None => done = true,
+            }
+            while buffer.len() >= CHUNK_SIZE || (done && !buffer.is_empty()) {
+                let n = buffer.len().min(CHUNK_SIZE);
+                let chunk = buffer.split_to(n).freeze();
+                sha.update(&chunk);
+                size += chunk.len();
+                chunks += 1;
+                if acks.len() == ACK_WINDOW
+                    && let Some(ack) = acks.pop_front()
+                {
+                    await_ack(ack).await?;
+                }
+                let ack = self
+                    .inner
+                    .js
+                    .publish(subject.clone(), chunk)
+                    .await
+                    .map_err(generic)?;
+                acks.push_back(ack);
+            }
+        }
+        while let Some(ack) = acks.pop_front() {
+            await_ack(ack).await?;
+        }
+        Ok((size, chunks, sha.finalize().into()))
+    }
+
+    /// Publishes the meta message, conditional on the subject's last
+    /// sequence, then purges the chunks of the version it replaced.
+    async fn commit(&self, location: &Path, info: &ObjectInfo, mode: PutMode) -> Result<PutResult> {
+        let payload: Bytes = serde_json::to_vec(info).map_err(generic)?.into();
+        loop {
+            let last = self.last_meta(location).await?;
+            let live = last.as_ref().filter(|(_, i)| !i.deleted);
+            match (&mode, live) {
+                (PutMode::Create, Some(_)) => {
+                    return Err(Error::AlreadyExists {
+                        path: location.to_string(),
+                        source: "object exists".into(),
+                    });
+                }
+                (PutMode::Update(version), current) => {
+                    let matches = current
+                        .is_some_and(|(_, i)| version.e_tag.as_deref() == Some(i.nuid.as_str()));
+                    if !matches {
+                        return Err(precondition(location, "ETag does not match"));
+                    }
+                }
+                _ => {}
+            }
+            let expected = last.as_ref().map_or(0, |(seq, _)| *seq);
+            let mut headers = HeaderMap::new();
+            headers.insert(async_nats::header::NATS_ROLLUP, "sub");
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                expected.to_string().as_str(),
+            );
+            let published = self
+                .inner
+                .js
+                .publish_with_headers(self.meta_subject(location), headers, payload.clone())
+                .await
+                .map_err(generic)?
+                .await;
+            match published {
+                Ok(_) => {
+                    if let Some((_, old)) = last
+                        && !old.nuid.is_empty()
+                        && old.nuid != info.nuid
+                    {
+                        self.purge_chunks(&old.nuid).await;
+                    }
+                    return Ok(PutResult {
+                        e_tag: Some(info.nuid.clone()),
+                        version: None,
+                        extensions: Default::default(),
+                    });
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => match mode {
+                    PutMode::Create => {
+                        return Err(Error::AlreadyExists {
+                            path: location.to_string(),
+                            source: "object created concurrently".into(),
+                        });
+                    }
+                    PutMode::Update(_) => {
+                        return Err(precondition(location, "object changed concurrently"));
+                    }
+                    // Last writer wins: look again and retry.
+                    PutMode::Overwrite => continue,
+                },
+                Err(e) => return Err(generic(e)),
+            }
+        }
+    }
+
+    /// One attempt of `get_opts`; `None` if the object was replaced while
+    /// a small read was buffering it.
+    async fn get_once(&self, location: &Path, options: &GetOptions) -> Result<Option<GetResult>> {
+        // A head reads only the meta message; a get opens the chunks of the
+        // version whose info it returns.
+        let (info, object) = if options.head {
+            (self.info(location).await?, None)
+        } else {
+            match self.inner.store.get(location.as_ref()).await {
+                Ok(object) => (object.info().clone(), Some(object)),
+                Err(e) if e.kind() == GetErrorKind::NotFound => return Err(not_found(location)),
+                Err(e) => return Err(generic(e)),
+            }
+        };
+        let meta = object_meta(&info)?;
+        options.check_preconditions(&meta)?;
+        let range = match &options.range {
+            Some(range) => range.as_range(meta.size).map_err(|e| Error::Generic {
+                store: STORE,
+                source: Box::new(e),
+            })?,
+            None => 0..meta.size,
+        };
+        let attributes = metadata_to_attributes(&info);
+        let reader = object.map(|object| WatchedRead {
+            store: self.clone(),
+            location: location.clone(),
+            nuid: info.nuid.clone(),
+            object,
+            skip: range.start,
+            left: range.end - range.start,
+            to_end: range.end == meta.size,
+        });
+        let payload: BoxStream<'static, Result<Bytes>> = match reader {
+            None => futures::stream::empty().boxed(),
+            Some(mut reader) if range.end - range.start <= EAGER_BYTES => {
+                let mut bytes = BytesMut::new();
+                loop {
+                    match reader.next_bytes().await {
+                        Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+                        Ok(None) => break,
+                        Err(ReadError::Replaced) => return Ok(None),
+                        Err(ReadError::Failed(e)) => return Err(e),
+                    }
+                }
+                futures::stream::once(futures::future::ready(Ok(bytes.freeze()))).boxed()
+            }
+            Some(reader) => futures::stream::try_unfold(reader, |mut reader| async move {
+                match reader.next_bytes().await {
+                    Ok(chunk) => Ok(chunk.map(|c| (c, reader))),
+                    Err(ReadError::Replaced) => Err(Error::Generic {
+                        store: STORE,
+                        source: "object replaced or deleted while being read".into(),
+                    }),
+                    Err(ReadError::Failed(e)) => Err(e),
+                }
+            })
+            .boxed(),
+        };
+        Ok(Some(GetResult {
+            payload: GetResultPayload::Stream(payload),
+            meta,
+            range,
+            attributes,
+            extensions: Default::default(),
+        }))
+    }
+
+    async fn info(&self, location: &Path) -> Result<ObjectInfo> {
+        match self.inner.store.info(location.as_ref()).await {
+            Ok(info) if !info.deleted => Ok(info),
+            Ok(_) => Err(not_found(location)),
+            Err(e) if e.kind() == InfoErrorKind::NotFound => Err(not_found(location)),
+            Err(e) => Err(generic(e)),
+        }
+    }
+}
+
+async fn await_ack(ack: jetstream::context::PublishAckFuture) -> Result<()> {
+    ack.await.map(|_| ()).map_err(generic)
+}
+
+impl fmt::Debug for JetStreamObjectStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JetStreamObjectStore")
+            .field("bucket", &self.inner.bucket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for JetStreamObjectStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JetStreamObjectStore({})", self.inner.bucket)
+    }
+}
+
+#[async_trait]
+impl object_store::ObjectStore for JetStreamObjectStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
+        if !opts.tags.encoded().is_empty() {
+            return Err(not_implemented("put_opts with tags"));
+        }
+        let data = futures::stream::iter(payload.into_iter().map(Ok));
+        self.write(location, new_nuid(), data, &opts.attributes, opts.mode)
+            .await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
+        if !opts.tags.encoded().is_empty() {
+            return Err(not_implemented("put_multipart_opts with tags"));
+        }
+        let (parts, received) = mpsc::unbounded_channel();
+        let store = self.clone();
+        let location = location.clone();
+        let task = tokio::spawn(async move {
+            store
+                .write(
+                    &location,
+                    new_nuid(),
+                    part_stream(received),
+                    &opts.attributes,
+                    PutMode::Overwrite,
+                )
+                .await
+        });
+        Ok(Box::new(Upload {
+            parts: Some(parts),
+            task: Some(task),
+        }))
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        if options.version.is_some() {
+            return Err(Error::NotSupported {
+                source: "JetStream object store keeps no versions".into(),
+            });
+        }
+        // A small read that lost a race with an overwrite starts again on
+        // the new version (nothing was handed out yet).
+        for _ in 0..8 {
+            if let Some(result) = self.get_once(location, &options).await? {
+                return Ok(result);
+            }
+        }
+        Err(Error::Generic {
+            store: STORE,
+            source: "object kept changing while being read".into(),
+        })
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<Path>>,
+    ) -> BoxStream<'static, Result<Path>> {
+        let store = self.clone();
+        locations
+            .map(move |location| {
+                let store = store.clone();
+                async move {
+                    let location = location?;
+                    match store.inner.store.delete(location.as_ref()).await {
+                        Ok(()) => Ok(location),
+                        Err(e)
+                            if e.kind()
+                                == async_nats::jetstream::object_store::DeleteErrorKind::NotFound =>
+                        {
+                            Err(not_found(&location))
+                        }
+                        Err(e) => Err(generic(e)),
+                    }
+                }
+            })
+            .buffered(8)
+            .boxed()
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        let store = self.clone();
+        let prefix = prefix.cloned().unwrap_or_default();
+        futures::stream::once(async move { store.inner.store.list().await.map_err(generic) })
+            .map_ok(move |list| {
+                let prefix = prefix.clone();
+                list.map_err(generic).try_filter_map(move |info| {
+                    let found = Path::parse(&info.name)
+                        .ok()
+                        // A path equal to the prefix is not under it.
+                        .filter(|path| {
+                            path.prefix_match(&prefix)
+                                .is_some_and(|mut rest| rest.next().is_some())
+                        })
+                        .map(|_| object_meta(&info))
+                        .transpose();
+                    futures::future::ready(found)
+                })
+            })
+            .try_flatten()
+            .boxed()
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        let base = prefix.cloned().unwrap_or_default();
+        let mut objects = Vec::new();
+        let mut prefixes = std::collections::BTreeSet::new();
+        let mut all = self.list(prefix);
+        while let Some(meta) = all.try_next().await? {
+            let directory = {
+                let Some(mut rest) = meta.location.prefix_match(&base) else {
+                    continue;
+                };
+                match (rest.next(), rest.next()) {
+                    (Some(part), Some(_)) => Some(base.clone().join(part)),
+                    _ => None,
+                }
+            };
+            match directory {
+                Some(directory) => {
+                    prefixes.insert(directory);
+                }
+                None => objects.push(meta),
+            }
+        }
+        objects.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(ListResult {
+            common_prefixes: prefixes.into_iter().collect(),
+            objects,
+            extensions: Default::default(),
+        })
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        // Streamed through this process: a JetStream link would break when
+        // the source is deleted.
+        let source = self.get_opts(from, GetOptions::default()).await?;
+        let mode = match options.mode {
+            CopyMode::Overwrite => PutMode::Overwrite,
+            CopyMode::Create => PutMode::Create,
+        };
+        let attributes = source.attributes.clone();
+        let data = match source.payload {
+            GetResultPayload::Stream(stream) => stream,
+            #[allow(unreachable_patterns)]
+            _ => return Err(not_implemented("copy of a file payload")),
+        };
+        self.write(to, new_nuid(), data, &attributes, mode)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Reads at most this much at once into memory (and retries it whole if
+/// the object is replaced meanwhile); larger reads stream.
+const EAGER_BYTES: u64 = 4 * CHUNK_SIZE as u64;
+/// Silence on a read after which the object's meta is checked.
+const STALL_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+enum ReadError {
+    /// The version being read was overwritten or deleted: its chunks are
+    /// purged, and async-nats' reader would wait for them forever.
+    Replaced,
+    Failed(Error),
+}
+
+/// Streams a range of one object version. The store reads chunks in order
+/// from the start, so a range skips its first bytes as they arrive; a read
+/// to the end is checked against the recorded SHA-256 by async-nats.
+struct WatchedRead {
+    store: JetStreamObjectStore,
+    location: Path,
+    nuid: String,
+    object: async_nats::jetstream::object_store::Object,
+    skip: u64,
+    left: u64,
+    /// The range ends at the object's end: read on to EOF, where async-nats
+    /// checks the digest.
+    to_end: bool,
+}
+
+impl WatchedRead {
+    async fn next_bytes(&mut self) -> std::result::Result<Option<Bytes>, ReadError> {
+        let mut buffer = vec![0u8; CHUNK_SIZE];
+        loop {
+            if self.left == 0 {
+                if std::mem::take(&mut self.to_end) {
+                    let n = self
+                        .object
+                        .read(&mut buffer[..1])
+                        .await
+                        .map_err(|e| ReadError::Failed(generic(e)))?;
+                    if n > 0 {
+                        return Err(ReadError::Failed(Error::Generic {
+                            store: STORE,
+                            source: "object longer than its recorded size".into(),
+                        }));
+                    }
+                }
+                return Ok(None);
+            }
+            let want = if self.skip > 0 {
+                self.skip.min(CHUNK_SIZE as u64)
+            } else {
+                self.left.min(CHUNK_SIZE as u64)
+            } as usize;
+            let n = match tokio::time::timeout(STALL_CHECK, self.object.read(&mut buffer[..want]))
+                .await
+            {
+                Ok(read) => read.map_err(|e| ReadError::Failed(generic(e)))?,
+                Err(_) => {
+                    let current = self
+                        .store
+                        .last_meta(&self.location)
+                        .await
+                        .map_err(ReadError::Failed)?;
+                    let same =
+                        matches!(&current, Some((_, i)) if i.nuid == self.nuid && !i.deleted);
+                    if !same {
+                        return Err(ReadError::Replaced);
+                    }
+                    continue;
+                }
+            };
+            if n == 0 {
+                return Err(ReadError::Failed(Error::Generic {
+                    store: STORE,
+                    source: "object ended before its recorded size".into(),
+                }));
+            }
+            if self.skip > 0 {
+                self.skip -= n as u64;
+                continue;
+            }
+            self.left -= n as u64;
+            buffer.truncate(n);
+            return Ok(Some(Bytes::from(buffer)));
+        }
+    }
+}
+
+/// Parts in call order, then `Finish`; a channel closed without `Finish`
+/// (the upload was dropped or aborted) fails the write, so it is not committed.
+enum PartMessage {
+    Part(PutPayload, oneshot::Sender<()>),
+    Finish,
+}
+
+fn part_stream(
+    received: mpsc::UnboundedReceiver<PartMessage>,
+) -> impl futures::Stream<Item = Result<Bytes>> + Send {
+    futures::stream::unfold(Some(received), |state| async move {
+        let mut received = state?;
+        match received.recv().await {
+            Some(PartMessage::Part(payload, done)) => {
+                // The sender learns its part was taken once the chunks are
+                // handed on (it may then send the next one).
+                let _ = done.send(());
+                let bytes: Vec<Result<Bytes>> = payload.into_iter().map(Ok).collect();
+                Some((futures::stream::iter(bytes), Some(received)))
+            }
+            Some(PartMessage::Finish) => None,
+            None => Some((
+                futures::stream::iter(vec![Err(Error::Generic {
+                    store: STORE,
+                    source: "multipart upload dropped before completion".into(),
+                })]),
+                None,
+            )),
+        }
+    })
+    .flatten()
+}
+
+#[derive(Debug)]
+struct Upload {
+    parts: Option<mpsc::UnboundedSender<PartMessage>>,
+    task: Option<tokio::task::JoinHandle<Result<PutResult>>>,
+}
+
+#[async_trait]
+impl MultipartUpload for Upload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        let (done, taken) = oneshot::channel();
+        let sent = self
+            .parts
+            .as_ref()
+            .is_some_and(|parts| parts.send(PartMessage::Part(data, done)).is_ok());
+        Box::pin(async move {
+            if sent && taken.await.is_ok() {
+                Ok(())
+            } else {
+                Err(Error::Generic {
+                    store: STORE,
+                    source: "multipart upload failed or finished".into(),
+                })
+            }
+        })
+    }
+
+    async fn complete(&mut self) -> Result<PutResult> {
+        if let Some(parts) = self.parts.take() {
+            let _ = parts.send(PartMessage::Finish);
+        }
+        let task = self.task.take().ok_or_else(|| Error::Generic {
+            store: STORE,
+            source: "multipart upload already finished".into(),
+        })?;
+        task.await.map_err(|e| Error::JoinError { source: e })?
+    }
+
+    async fn abort(&mut self) -> Result<()> {
+        // Closing the channel without `Finish` fails the write, which purges
+        // its chunks.
+        self.parts.take();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+}
+
+fn new_nuid() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn object_meta(info: &ObjectInfo) -> Result<ObjectMeta> {
+    let location = Path::parse(&info.name).map_err(|e| Error::InvalidPath { source: e })?;
+    let last_modified = info
+        .modified
+        .and_then(|m| chrono::DateTime::from_timestamp(m.unix_timestamp(), m.nanosecond()))
+        .unwrap_or_default();
+    Ok(ObjectMeta {
+        location,
+        last_modified,
+        size: info.size as u64,
+        e_tag: Some(info.nuid.clone()),
+        version: None,
+    })
+}
+
+/// Attribute ↔ object metadata key. `content-type` is what comfyq stored
+/// before this module existed, so old objects keep their type.
+fn attribute_key(attribute: &Attribute) -> Option<String> {
+    Some(match attribute {
+        Attribute::ContentDisposition => "content-disposition".to_owned(),
+        Attribute::ContentEncoding => "content-encoding".to_owned(),
+        Attribute::ContentLanguage => "content-language".to_owned(),
+        Attribute::ContentType => "content-type".to_owned(),
+        Attribute::CacheControl => "cache-control".to_owned(),
+        Attribute::StorageClass => "storage-class".to_owned(),
+        Attribute::Metadata(key) => format!("meta-{key}"),
+        _ => return None,
+    })
+}
+
+fn attributes_to_metadata(attributes: &Attributes) -> std::collections::HashMap<String, String> {
+    attributes
+        .iter()
+        .filter_map(|(attribute, value)| {
+            attribute_key(attribute).map(|key| (key, value.as_ref().to_owned()))
+        })
+        .collect()
+}
+
+fn metadata_to_attributes(info: &ObjectInfo) -> Attributes {
+    info.metadata
+        .iter()
+        .filter_map(|(key, value)| {
+            let attribute = match key.as_str() {
+                "content-disposition" => Attribute::ContentDisposition,
+                "content-encoding" => Attribute::ContentEncoding,
+                "content-language" => Attribute::ContentLanguage,
+                "content-type" => Attribute::ContentType,
+                "cache-control" => Attribute::CacheControl,
+                "storage-class" => Attribute::StorageClass,
+                other => Attribute::Metadata(other.strip_prefix("meta-")?.to_owned().into()),
+            };
+            Some((attribute, AttributeValue::from(value.clone())))
+        })
+        .collect()
+}
+
+fn generic(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Generic {
+        store: STORE,
+        source: Box::new(e),
+    }
+}
+
+fn not_found(location: &Path) -> Error {
+    Error::NotFound {
+        path: location.to_string(),
+        source: "no such object".into(),
+    }
+}
+
+fn precondition(location: &Path, why: &'static str) -> Error {
+    Error::Precondition {
+        path: location.to_string(),
+        source: why.into(),
+    }
+}
+
+fn not_implemented(operation: &str) -> Error {
+    Error::NotImplemented {
+        operation: operation.to_owned(),
+        implementer: "JetStreamObjectStore".to_owned(),
+    }
+}
