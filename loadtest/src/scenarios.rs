@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use crate::analysis::{self, DISPATCH, E2E_NATS, OUTPUTS, SUBMIT};
-use crate::baseline::{self, DIRECT, RAW_GET, RAW_PULLED, RAW_PUT, RAW_RATE};
+use crate::baseline::{self, DIRECT, RAW_GET, RAW_PUBLISH, RAW_PULLED, RAW_PUT, RAW_RATE};
 use crate::driver::{self, LoadSpec};
 use crate::hist::Latency;
 use crate::procstat;
@@ -166,7 +166,7 @@ async fn latency(o: &Options) -> anyhow::Result<Report> {
     }
     analysis::add_job_rows(&target, &outcome, &mut report, false);
     report.compare(DISPATCH, RAW_PULLED);
-    report.compare(SUBMIT, RAW_PULLED);
+    report.compare(SUBMIT, RAW_PUBLISH);
     match (&target.comfyui_url, o.no_baseline, mix.input.is_some()) {
         (Some(comfyui), false, false) => {
             let direct_mix = Mix { webhook: None, ..mix.clone() };
