@@ -34,6 +34,10 @@ pub(crate) struct LoadSpec {
     pub(crate) jobs: Option<u64>,
     /// After completion, read the job and download its outputs ("outputs in hand").
     pub(crate) fetch_outputs: bool,
+    /// A request's slot in `concurrency` is held until the job ends (seen on
+    /// NATS), so at most `concurrency` jobs are in the system: the rate is what
+    /// comfyq sustains, not a backlog that grows.
+    pub(crate) until_done: bool,
     /// Follow completions over SSE too (one `/v1/events` stream per tenant).
     pub(crate) sse: bool,
     /// How long to wait after the last submission for every job to end.
@@ -240,8 +244,14 @@ pub(crate) async fn run(
         index += 1;
         let (target, tracker, shared) = (target.clone(), tracker.clone(), shared.clone());
         let fetch = spec.fetch_outputs;
+        let until_done = spec.until_done;
         tasks.spawn(async move {
-            one_job(&target, &tracker, &shared, plan, planned, fetch).await;
+            let id = one_job(&target, &tracker, &shared, plan, planned, fetch).await;
+            if let (true, Some(id)) = (until_done && !fetch, id)
+                && let Some(done) = tracker.done(&id)
+            {
+                let _ = tokio::time::timeout(Duration::from_secs(120), done).await;
+            }
             drop(permit);
         });
         while tasks.try_join_next().is_some() {}
@@ -294,7 +304,7 @@ async fn one_job(
     plan: JobPlan,
     planned: Instant,
     fetch_outputs: bool,
-) {
+) -> Option<String> {
     let tenant = &target.tenants[plan.tenant];
     let url = format!("{}/v1/jobs", target.api);
     let request = match &plan.input {
@@ -335,12 +345,12 @@ async fn one_job(
             let mut shared = lock(shared);
             *shared.errors.entry(error).or_default() += 1;
             shared.last_answer = Some(answered);
-            return;
+            return None;
         }
     };
     let Some(id) = job["id"].as_str().map(str::to_owned) else {
         *lock(shared).errors.entry("202 without id".to_owned()).or_default() += 1;
-        return;
+        return None;
     };
     {
         let mut jobs = lock(&tracker.jobs);
@@ -357,13 +367,13 @@ async fn one_job(
         shared.last_answer = Some(answered);
     }
     if !fetch_outputs {
-        return;
+        return Some(id);
     }
     if let Some(done) = tracker.done(&id)
         && tokio::time::timeout(Duration::from_secs(120), done).await.is_err()
     {
         *lock(shared).errors.entry("no completion within 120 s".to_owned()).or_default() += 1;
-        return;
+        return Some(id);
     }
     match fetch(target, plan.tenant, &id).await {
         Ok((bytes, took)) => {
@@ -374,6 +384,7 @@ async fn one_job(
         }
         Err(error) => *lock(shared).errors.entry(error).or_default() += 1,
     }
+    Some(id)
 }
 
 /// Reads the job and streams each output (counting bytes, keeping none).
@@ -415,6 +426,13 @@ async fn fetch(target: &Target, tenant: usize, id: &str) -> Result<(u64, Duratio
 }
 
 fn error_kind(error: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    if let Some(source) = error.source() {
+        // The cause (connection reset, body error…) is what tells them apart.
+        let mut text = source.to_string();
+        text.truncate(80);
+        return text;
+    }
     if error.is_timeout() {
         "timeout".to_owned()
     } else if error.is_connect() {

@@ -133,7 +133,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(scenarios::run(cli.scenario, &cli.options)) {
+    // On Ctrl-C or SIGTERM the scenario is dropped, which stops the stack and
+    // kills the nats-server child instead of orphaning it.
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = scenarios::run(cli.scenario, &cli.options) => result,
+            () = interrupted() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    match result {
         Ok(reports) => {
             if cli.options.json {
                 match serde_json::to_string_pretty(&reports) {
@@ -154,5 +162,16 @@ fn main() -> std::process::ExitCode {
             eprintln!("comfyq-loadtest: {error:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+async fn interrupted() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }

@@ -132,6 +132,7 @@ async fn warm_up(target: &Arc<Target>, tracker: &Arc<driver::Tracker>, mix: &Mix
         duration: None,
         jobs: Some(20),
         fetch_outputs: false,
+        until_done: false,
         sse: false,
         drain: Duration::from_secs(30),
     };
@@ -152,6 +153,7 @@ async fn latency(o: &Options) -> anyhow::Result<Report> {
         duration: o.duration.or(Some(Duration::from_secs(30))).filter(|_| o.jobs.is_none()),
         jobs: o.jobs,
         fetch_outputs: true,
+        until_done: false,
         sse: true,
         drain: Duration::from_secs(60),
     };
@@ -201,6 +203,7 @@ async fn throughput(o: &Options) -> anyhow::Result<Report> {
         duration: o.duration.or(Some(Duration::from_secs(60))).filter(|_| o.jobs.is_none()),
         jobs: o.jobs,
         fetch_outputs: false,
+        until_done: true,
         sse: false,
         drain: Duration::from_secs(180),
     };
@@ -248,6 +251,7 @@ async fn fleet(o: &Options) -> anyhow::Result<Vec<Report>> {
             duration: o.duration.or(Some(Duration::from_secs(20))).filter(|_| o.jobs.is_none()),
             jobs: o.jobs,
             fetch_outputs: false,
+            until_done: false,
             sse: false,
             drain: Duration::from_secs(120),
         };
@@ -307,6 +311,7 @@ async fn media(o: &Options) -> anyhow::Result<Report> {
         duration: None,
         jobs: Some(o.jobs.unwrap_or(3)),
         fetch_outputs: true,
+        until_done: false,
         sse: false,
         drain: Duration::from_secs(120),
     };
@@ -368,6 +373,7 @@ async fn fanout(o: &Options) -> anyhow::Result<Report> {
         duration: None,
         jobs: Some(o.jobs.unwrap_or(5)),
         fetch_outputs: false,
+        until_done: false,
         sse: false,
         drain: Duration::from_secs(60),
     };
@@ -462,6 +468,7 @@ async fn priority(o: &Options) -> anyhow::Result<Report> {
         duration: o.duration.or(Some(Duration::from_secs(20))).filter(|_| o.jobs.is_none()),
         jobs: o.jobs,
         fetch_outputs: false,
+        until_done: false,
         sse: false,
         drain: Duration::from_secs(300),
     };
@@ -489,6 +496,7 @@ async fn soak(o: &Options) -> anyhow::Result<Report> {
         duration: Some(interval),
         jobs: None,
         fetch_outputs: false,
+        until_done: false,
         sse: false,
         drain: Duration::from_secs(60),
     };
