@@ -68,7 +68,11 @@ pub(crate) fn add_job_rows(
     let prompts = target.prompts();
     if let Some(prompts) = &prompts {
         for prompt in prompts {
-            let Some(job) = prompt.extra_data.get("comfyq_job_id").and_then(|v| v.as_str()) else {
+            let Some(job) = prompt
+                .extra_data
+                .get("comfyq_job_id")
+                .and_then(|v| v.as_str())
+            else {
                 continue;
             };
             if !accepted.contains(job) {
@@ -96,9 +100,13 @@ pub(crate) fn add_job_rows(
         let jobs = lock_jobs(&outcome.tracker);
         for id in &outcome.accepted {
             let Some(track) = jobs.get(id) else { continue };
-            let Some(planned) = track.planned else { continue };
+            let Some(planned) = track.planned else {
+                continue;
+            };
             if let Some(done) = track.nats_done {
-                derived.e2e_nats.record(done.saturating_duration_since(planned));
+                derived
+                    .e2e_nats
+                    .record(done.saturating_duration_since(planned));
                 last_done = Some(last_done.map_or(done, |l| l.max(done)));
                 nats_done.insert(id.clone(), done);
             }
@@ -117,7 +125,10 @@ pub(crate) fn add_job_rows(
             if body["type"] != "job.completed" {
                 continue;
             }
-            if let Some(done) = body["data"]["job"]["id"].as_str().and_then(|id| nats_done.get(id)) {
+            if let Some(done) = body["data"]["job"]["id"]
+                .as_str()
+                .and_then(|id| nats_done.get(id))
+            {
                 webhook.record(request.received_at.saturating_duration_since(*done));
             }
         }
@@ -134,7 +145,8 @@ pub(crate) fn add_job_rows(
     if prompts.is_some() {
         report.latency(DISPATCH, &derived.dispatch);
     } else {
-        report.note("dispatch latency needs the in-process simulators (not measured against --url)");
+        report
+            .note("dispatch latency needs the in-process simulators (not measured against --url)");
     }
     report.latency(E2E_NATS, &derived.e2e_nats);
     if e2e_sse.len() > 0 {
@@ -147,10 +159,13 @@ pub(crate) fn add_job_rows(
         report.latency(WEBHOOK, &webhook);
     }
 
-    let terminal = |s: &Option<String>| {
-        matches!(s.as_deref(), Some("completed" | "failed" | "cancelled"))
-    };
-    let finished = outcome.finals.iter().filter(|f| terminal(&f.status)).count() as u64;
+    let terminal =
+        |s: &Option<String>| matches!(s.as_deref(), Some("completed" | "failed" | "cancelled"));
+    let finished = outcome
+        .finals
+        .iter()
+        .filter(|f| terminal(&f.status))
+        .count() as u64;
     let completed = outcome
         .finals
         .iter()
@@ -165,22 +180,49 @@ pub(crate) fn add_job_rows(
         report.note(format!("submit error {error}: {n}"));
     }
     report.value("jobs completed", completed as f64, "jobs");
-    report.value("jobs failed or cancelled", (finished - completed) as f64, "jobs");
-    report.value("LOST (accepted, not terminal at the end)", derived.lost as f64, "jobs");
-    report.value("duplicate terminal events (NATS)", duplicate_events as f64, "events");
+    report.value(
+        "jobs failed or cancelled",
+        (finished - completed) as f64,
+        "jobs",
+    );
+    report.value(
+        "LOST (accepted, not terminal at the end)",
+        derived.lost as f64,
+        "jobs",
+    );
+    report.value(
+        "duplicate terminal events (NATS)",
+        duplicate_events as f64,
+        "events",
+    );
     if prompts.is_some() {
-        let duplicates: u64 = executions.values().map(|n| u64::from(n.saturating_sub(1))).sum();
-        report.value("duplicate executions (ComfyUI got a job twice)", duplicates as f64, "prompts");
+        let duplicates: u64 = executions
+            .values()
+            .map(|n| u64::from(n.saturating_sub(1)))
+            .sum();
+        report.value(
+            "duplicate executions (ComfyUI got a job twice)",
+            duplicates as f64,
+            "prompts",
+        );
     }
     let phase = outcome.submit_phase.as_secs_f64();
     if phase > 0.0 {
-        report.value("accepted rate", outcome.accepted.len() as f64 / phase, "jobs/s");
+        report.value(
+            "accepted rate",
+            outcome.accepted.len() as f64 / phase,
+            "jobs/s",
+        );
     }
     if let Some(last) = last_done {
         let span = last.duration_since(outcome.started).as_secs_f64();
         if span > 0.0 {
             derived.completed_per_s = completed as f64 / span;
-            report.value("completed rate (first submit → last completion)", derived.completed_per_s, "jobs/s");
+            report.value(
+                "completed rate (first submit → last completion)",
+                derived.completed_per_s,
+                "jobs/s",
+            );
         }
     }
     derived

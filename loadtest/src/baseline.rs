@@ -28,7 +28,10 @@ pub(crate) const RAW_GET: &str = "raw object store get";
 pub(crate) const DIRECT: &str = "direct ComfyUI (POST /prompt, WS, /history, /view)";
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// A work-queue stream and a pull consumer of its own, deleted at the end.
@@ -81,7 +84,10 @@ pub(crate) async fn jetstream_latency(
         );
         ack.0?;
         let pulled_after = message.1;
-        let message = message.0.context("pull ended")?.map_err(anyhow::Error::msg)?;
+        let message = message
+            .0
+            .context("pull ended")?
+            .map_err(anyhow::Error::msg)?;
         message.double_ack().await.map_err(anyhow::Error::msg)?;
         if i >= 50 {
             publish.record(ack.1);
@@ -130,7 +136,11 @@ pub(crate) async fn jetstream_throughput(
         {
             let _: jetstream::publish::PublishAck = ack?;
         }
-        acks.push(js.publish(subject.clone(), payload.clone()).await?.into_future());
+        acks.push(
+            js.publish(subject.clone(), payload.clone())
+                .await?
+                .into_future(),
+        );
     }
     while let Some(ack) = acks.next().await {
         ack?;
@@ -204,8 +214,12 @@ pub(crate) async fn direct(
         let waiters = waiters.clone();
         tokio::spawn(async move {
             while let Some(Ok(message)) = stream.next().await {
-                let Message::Text(text) = message else { continue };
-                let Ok(value) = serde_json::from_str::<Value>(&text) else { continue };
+                let Message::Text(text) = message else {
+                    continue;
+                };
+                let Ok(value) = serde_json::from_str::<Value>(&text) else {
+                    continue;
+                };
                 let data = &value["data"];
                 let done = match value["type"].as_str() {
                     Some("executing") if data["node"].is_null() => Some(true),
@@ -241,8 +255,12 @@ pub(crate) async fn direct(
         };
         let permit = permits.clone().acquire_owned().await?;
         let workflow = mix.plan(index).body["workflow"].clone();
-        let (http, waiters, latencies, errors) =
-            (http.clone(), waiters.clone(), latencies.clone(), errors.clone());
+        let (http, waiters, latencies, errors) = (
+            http.clone(),
+            waiters.clone(),
+            latencies.clone(),
+            errors.clone(),
+        );
         let (base, client_id) = (comfyui.to_owned(), client_id.clone());
         tasks.spawn(async move {
             match direct_job(&http, &base, &client_id, &waiters, workflow).await {
@@ -251,7 +269,9 @@ pub(crate) async fn direct(
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .record(planned.elapsed()),
                 Err(_) => {
-                    *errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+                    *errors
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
                 }
             }
             drop(permit);
@@ -260,7 +280,9 @@ pub(crate) async fn direct(
     }
     while tasks.join_next().await.is_some() {}
     reader.abort();
-    let errors = *errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let errors = *errors
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if errors > 0 {
         bail!("{errors} direct ComfyUI jobs failed");
     }

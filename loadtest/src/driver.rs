@@ -141,7 +141,11 @@ pub(crate) async fn listen(target: &Target, sse: bool) -> anyhow::Result<Arc<Tra
     let tracker = Arc::new(Tracker::default());
     if let Some(client) = target.nats().await? {
         let mut subscriptions = Vec::new();
-        for status in [JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled] {
+        for status in [
+            JobStatus::Completed,
+            JobStatus::Failed,
+            JobStatus::Cancelled,
+        ] {
             let filter = target.names.event_kind_filter(EventKind::State(status));
             subscriptions.push(client.subscribe(filter).await?);
         }
@@ -330,7 +334,8 @@ async fn one_job(
             let status = response.status();
             match response.bytes().await {
                 Ok(body) if status == reqwest::StatusCode::ACCEPTED => {
-                    serde_json::from_slice::<Value>(&body).map_err(|_| "202 without JSON".to_owned())
+                    serde_json::from_slice::<Value>(&body)
+                        .map_err(|_| "202 without JSON".to_owned())
                 }
                 Ok(_) => Err(format!("HTTP {}", status.as_u16())),
                 Err(error) => Err(format!("reading the answer: {error}")),
@@ -349,7 +354,10 @@ async fn one_job(
         }
     };
     let Some(id) = job["id"].as_str().map(str::to_owned) else {
-        *lock(shared).errors.entry("202 without id".to_owned()).or_default() += 1;
+        *lock(shared)
+            .errors
+            .entry("202 without id".to_owned())
+            .or_default() += 1;
         return None;
     };
     {
@@ -370,9 +378,14 @@ async fn one_job(
         return Some(id);
     }
     if let Some(done) = tracker.done(&id)
-        && tokio::time::timeout(Duration::from_secs(120), done).await.is_err()
+        && tokio::time::timeout(Duration::from_secs(120), done)
+            .await
+            .is_err()
     {
-        *lock(shared).errors.entry("no completion within 120 s".to_owned()).or_default() += 1;
+        *lock(shared)
+            .errors
+            .entry("no completion within 120 s".to_owned())
+            .or_default() += 1;
         return Some(id);
     }
     match fetch(target, plan.tenant, &id).await {
@@ -418,7 +431,9 @@ async fn fetch(target: &Target, tenant: usize, id: &str) -> Result<(u64, Duratio
             .map_err(|e| format!("GET output: {}", error_kind(&e)))?;
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
-            total += chunk.map_err(|e| format!("GET output: {}", error_kind(&e)))?.len() as u64;
+            total += chunk
+                .map_err(|e| format!("GET output: {}", error_kind(&e)))?
+                .len() as u64;
         }
         took += started.elapsed();
     }
@@ -463,7 +478,10 @@ async fn read_finals(
                 let t = jobs.get(id);
                 (
                     id.clone(),
-                    (t.map_or(0, |t| t.tenant), t.map(|t| t.priority.clone()).unwrap_or_default()),
+                    (
+                        t.map_or(0, |t| t.tenant),
+                        t.map(|t| t.priority.clone()).unwrap_or_default(),
+                    ),
                 )
             })
             .collect()
@@ -476,10 +494,15 @@ async fn read_finals(
                 let url = format!("{}/v1/jobs/{id}", target.api);
                 loop {
                     let job: Option<Value> = match http.get(&url).send().await {
-                        Ok(response) if response.status().is_success() => response.json().await.ok(),
+                        Ok(response) if response.status().is_success() => {
+                            response.json().await.ok()
+                        }
                         _ => None,
                     };
-                    let status = job.as_ref().and_then(|j| j["status"].as_str()).map(str::to_owned);
+                    let status = job
+                        .as_ref()
+                        .and_then(|j| j["status"].as_str())
+                        .map(str::to_owned);
                     let done = status.as_deref().is_some_and(is_terminal);
                     if done || Instant::now() >= deadline {
                         let job = job.unwrap_or(Value::Null);

@@ -125,7 +125,11 @@ async fn nats_client(target: &Target) -> anyhow::Result<Option<async_nats::Clien
 }
 
 /// A short run first so connections and code paths are warm; not reported.
-async fn warm_up(target: &Arc<Target>, tracker: &Arc<driver::Tracker>, mix: &Mix) -> anyhow::Result<()> {
+async fn warm_up(
+    target: &Arc<Target>,
+    tracker: &Arc<driver::Tracker>,
+    mix: &Mix,
+) -> anyhow::Result<()> {
     let spec = LoadSpec {
         rate: None,
         concurrency: 4,
@@ -150,7 +154,10 @@ async fn latency(o: &Options) -> anyhow::Result<Report> {
     let spec = LoadSpec {
         rate: rate(o, Some(100.0)),
         concurrency: o.concurrency.unwrap_or(1024),
-        duration: o.duration.or(Some(Duration::from_secs(30))).filter(|_| o.jobs.is_none()),
+        duration: o
+            .duration
+            .or(Some(Duration::from_secs(30)))
+            .filter(|_| o.jobs.is_none()),
         jobs: o.jobs,
         fetch_outputs: true,
         until_done: false,
@@ -171,14 +178,25 @@ async fn latency(o: &Options) -> anyhow::Result<Report> {
     report.compare(SUBMIT, RAW_PUBLISH);
     match (&target.comfyui_url, o.no_baseline, mix.input.is_some()) {
         (Some(comfyui), false, false) => {
-            let direct_mix = Mix { webhook: None, ..mix.clone() };
+            let direct_mix = Mix {
+                webhook: None,
+                ..mix.clone()
+            };
             let jobs = outcome.accepted.len() as u64;
             let direct = baseline::direct(comfyui, &direct_mix, jobs, spec.rate).await?;
             report.latency(DIRECT, &direct);
             report.compare(OUTPUTS, DIRECT);
             if let (Some(ours), Some(theirs)) = (report.summary(OUTPUTS), report.summary(DIRECT)) {
-                report.value("overhead over direct, p50", ours.p50_ms - theirs.p50_ms, "ms");
-                report.value("overhead over direct, p99", ours.p99_ms - theirs.p99_ms, "ms");
+                report.value(
+                    "overhead over direct, p50",
+                    ours.p50_ms - theirs.p50_ms,
+                    "ms",
+                );
+                report.value(
+                    "overhead over direct, p99",
+                    ours.p99_ms - theirs.p99_ms,
+                    "ms",
+                );
             }
             report.note("direct: same workflows, same rate, same simulator, one WebSocket, after the comfyq run; overhead = difference of percentiles");
         }
@@ -200,7 +218,10 @@ async fn throughput(o: &Options) -> anyhow::Result<Report> {
     let spec = LoadSpec {
         rate: rate(o, None),
         concurrency: o.concurrency.unwrap_or(64),
-        duration: o.duration.or(Some(Duration::from_secs(60))).filter(|_| o.jobs.is_none()),
+        duration: o
+            .duration
+            .or(Some(Duration::from_secs(60)))
+            .filter(|_| o.jobs.is_none()),
         jobs: o.jobs,
         fetch_outputs: false,
         until_done: true,
@@ -248,7 +269,10 @@ async fn fleet(o: &Options) -> anyhow::Result<Vec<Report>> {
         let spec = LoadSpec {
             rate: rate(o, Some(100.0)),
             concurrency: o.concurrency.unwrap_or(1024),
-            duration: o.duration.or(Some(Duration::from_secs(20))).filter(|_| o.jobs.is_none()),
+            duration: o
+                .duration
+                .or(Some(Duration::from_secs(20)))
+                .filter(|_| o.jobs.is_none()),
             jobs: o.jobs,
             fetch_outputs: false,
             until_done: false,
@@ -262,7 +286,11 @@ async fn fleet(o: &Options) -> anyhow::Result<Vec<Report>> {
             &format!("fleet: {runners} runners"),
             settings(o, &local, &mix, &spec),
         );
-        report.value("stack start-up (all runners registered)", start_up.as_secs_f64(), "s");
+        report.value(
+            "stack start-up (all runners registered)",
+            start_up.as_secs_f64(),
+            "s",
+        );
         let tracker = driver::listen(&target, false).await?;
         warm_up(&target, &tracker, &mix).await?;
         let outcome = driver::run(target.clone(), tracker, &mix, &spec).await?;
@@ -329,7 +357,12 @@ async fn media(o: &Options) -> anyhow::Result<Report> {
     let upload_s = submit.mean_ms * submit.n as f64 / 1000.0;
     if upload_s > 0.0 {
         let mib = (size as f64 * submit.n as f64) / MIB as f64;
-        report.value_vs("upload (multipart POST → 202, stored)", mib / upload_s, "MiB/s", RAW_PUT);
+        report.value_vs(
+            "upload (multipart POST → 202, stored)",
+            mib / upload_s,
+            "MiB/s",
+            RAW_PUT,
+        );
     }
     if outcome.download.as_secs_f64() > 0.0 {
         let mib = outcome.output_bytes as f64 / MIB as f64;
@@ -341,7 +374,11 @@ async fn media(o: &Options) -> anyhow::Result<Report> {
         );
     }
     if target.stack.is_some() {
-        report.value("peak RSS growth while moving the files (whole process)", after - before, "MiB");
+        report.value(
+            "peak RSS growth while moving the files (whole process)",
+            after - before,
+            "MiB",
+        );
         report.note("in-process: ingress, scheduler, runner, notifier, simulator and client share one process, so the RSS growth bounds each service's");
     }
     report.note("end to end includes the runner's upload to ComfyUI, ComfyUI writing the padded output, /view into the object store");
@@ -394,7 +431,9 @@ async fn fanout(o: &Options) -> anyhow::Result<Report> {
             let _client = client;
             while let Some(message) = subscription.next().await {
                 if let Some(age) = event_age(&message.payload, OffsetDateTime::now_utc()) {
-                    hist.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record_secs(age);
+                    hist.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .record_secs(age);
                 }
             }
         }));
@@ -419,7 +458,9 @@ async fn fanout(o: &Options) -> anyhow::Result<Report> {
                     if let Some(data) = line.strip_prefix(b"data:")
                         && let Some(age) = event_age(data, now)
                     {
-                        hist.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record_secs(age);
+                        hist.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .record_secs(age);
                     }
                 }
             }
@@ -428,9 +469,16 @@ async fn fanout(o: &Options) -> anyhow::Result<Report> {
     let tracker = driver::listen(&target, false).await?;
     let outcome = driver::run(target.clone(), tracker, &mix, &spec).await?;
     // SSE clients read from per-client consumers and may trail the NATS ones.
-    let expected = nats_hist.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len();
+    let expected = nats_hist
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .len();
     let deadline = Instant::now() + Duration::from_secs(15);
-    while sse_hist.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len() < expected
+    while sse_hist
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .len()
+        < expected
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -438,12 +486,26 @@ async fn fanout(o: &Options) -> anyhow::Result<Report> {
     for task in tasks {
         task.abort();
     }
-    let nats = nats_hist.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    let sse = sse_hist.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let nats = nats_hist
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let sse = sse_hist
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     report.latency(&format!("progress → {receivers} NATS subscribers"), &nats);
     report.latency(&format!("progress → {receivers} SSE clients"), &sse);
-    report.value("progress events received over NATS", nats.len() as f64, "events");
-    report.value("progress events received over SSE", sse.len() as f64, "events");
+    report.value(
+        "progress events received over NATS",
+        nats.len() as f64,
+        "events",
+    );
+    report.value(
+        "progress events received over SSE",
+        sse.len() as f64,
+        "events",
+    );
     analysis::add_job_rows(&target, &outcome, &mut report, false);
     report.note("latency = receive time − the event's `at` (the runner stamps it as it publishes what ComfyUI sent): it leaves out the ComfyUI → runner WebSocket hop");
     report.processes = target.processes();
@@ -465,7 +527,10 @@ async fn priority(o: &Options) -> anyhow::Result<Report> {
     let spec = LoadSpec {
         rate: rate(o, Some(50.0)),
         concurrency: o.concurrency.unwrap_or(1024),
-        duration: o.duration.or(Some(Duration::from_secs(20))).filter(|_| o.jobs.is_none()),
+        duration: o
+            .duration
+            .or(Some(Duration::from_secs(20)))
+            .filter(|_| o.jobs.is_none()),
         jobs: o.jobs,
         fetch_outputs: false,
         until_done: false,
@@ -533,7 +598,11 @@ async fn soak(o: &Options) -> anyhow::Result<Report> {
     report.latency(E2E_NATS, &e2e);
     report.latency(DISPATCH, &dispatch);
     report.value("jobs accepted", accepted as f64, "jobs");
-    report.value("LOST (accepted, not terminal at the end)", lost as f64, "jobs");
+    report.value(
+        "LOST (accepted, not terminal at the end)",
+        lost as f64,
+        "jobs",
+    );
     report.processes = target.processes();
     if let Ok(target) = Arc::try_unwrap(target) {
         target.stop().await;
@@ -544,7 +613,10 @@ async fn soak(o: &Options) -> anyhow::Result<Report> {
 async fn baselines(o: &Options) -> anyhow::Result<Report> {
     let local = local(o, 1, 0, 1, zero_work(o));
     let target = target(o, &local, 1).await?;
-    let mut report = Report::new("baseline", json!({"stack": if o.url.is_some() { "remote" } else { "in-process" }}));
+    let mut report = Report::new(
+        "baseline",
+        json!({"stack": if o.url.is_some() { "remote" } else { "in-process" }}),
+    );
     let Some(client) = nats_client(&target).await? else {
         bail!("the baselines need NATS (--nats-url with --url)");
     };

@@ -77,7 +77,10 @@ fn configure_ingress(ingress: &mut IngressConfig) {
 
 impl Target {
     /// Starts nats-server, the four services and the simulators in this process.
-    pub(crate) async fn start_local(options: &LocalOptions, tenants: usize) -> anyhow::Result<Self> {
+    pub(crate) async fn start_local(
+        options: &LocalOptions,
+        tenants: usize,
+    ) -> anyhow::Result<Self> {
         // Production's runner defaults for polling and heartbeats, not the tests' fast ones.
         let defaults = comfyq_runner::RunnerConfig::default();
         let tweak = RunnerTweak::new(move |runner| {
@@ -106,7 +109,11 @@ impl Target {
         let tenants = all
             .into_iter()
             .take(tenants.max(1))
-            .map(|(_, key)| Ok(Tenant { http: client(&key)? }))
+            .map(|(_, key)| {
+                Ok(Tenant {
+                    http: client(&key)?,
+                })
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let target = Self {
             api: stack.api.clone(),

@@ -32,8 +32,16 @@ fn value(report: &Value, metric: &str) -> f64 {
 
 fn check(report: &Value) {
     assert!(value(report, "jobs accepted (202)") > 0.0, "{report}");
-    assert_eq!(value(report, "LOST (accepted, not terminal at the end)"), 0.0, "{report}");
-    assert_eq!(value(report, "duplicate executions (ComfyUI got a job twice)"), 0.0, "{report}");
+    assert_eq!(
+        value(report, "LOST (accepted, not terminal at the end)"),
+        0.0,
+        "{report}"
+    );
+    assert_eq!(
+        value(report, "duplicate executions (ComfyUI got a job twice)"),
+        0.0,
+        "{report}"
+    );
     assert_eq!(value(report, "jobs failed or cancelled"), 0.0, "{report}");
 }
 
@@ -53,7 +61,8 @@ fn latency_smoke() {
         "direct ComfyUI (POST /prompt, WS, /history, /view)",
     ] {
         assert!(
-            rows.iter().any(|row| row["metric"] == metric && row["n"].as_u64() > Some(0)),
+            rows.iter()
+                .any(|row| row["metric"] == metric && row["n"].as_u64() > Some(0)),
             "no {metric:?} in {report}"
         );
     }

@@ -536,7 +536,8 @@ async fn delete_pending(
     // The pending message holds nothing secret, so a plain delete.
     let subject = format!("STREAM.MSG.DELETE.{}", pending.cached_info().config.name);
     let request = serde_json::json!({"seq": seq, "no_erase": true});
-    let response: Response<serde_json::Value> = js.request(subject, &request).await.map_err(nats)?;
+    let response: Response<serde_json::Value> =
+        js.request(subject, &request).await.map_err(nats)?;
     match response {
         Response::Ok(_) => Ok(()),
         // Already deleted (by an earlier leader, or a retried pass).
