@@ -556,7 +556,7 @@ async fn soak(o: &Options) -> anyhow::Result<Report> {
     let total = o.duration.unwrap_or(Duration::from_secs(30 * 60));
     let interval = o.interval.unwrap_or(Duration::from_secs(60)).min(total);
     let spec = LoadSpec {
-        rate: rate(o, Some(100.0)),
+        rate: rate(o, Some(50.0)),
         concurrency: o.concurrency.unwrap_or(1024),
         duration: Some(interval),
         jobs: None,
