@@ -115,6 +115,11 @@ impl NatsServer {
         server.fail("nats-server did not start: no free port found")
     }
 
+    /// The server's process id while it runs (for its RSS and CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `nats://127.0.0.1:<port>`; stays the same across [`NatsServer::restart`].
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
@@ -339,15 +344,25 @@ fn log_tail_of(path: &Path, lines: usize) -> String {
 /// If none is found or its version is older than [`MIN_VERSION`]; the message
 /// names the install command.
 pub fn nats_server_binary() -> &'static Path {
-    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    match BINARY.get_or_init(resolve_binary) {
+    match BINARY.get_or_init(|| find_binary().and_then(check_binary)) {
         Ok(path) => path,
         Err(message) => panic!("{message}"),
     }
 }
 
-fn resolve_binary() -> Result<PathBuf, String> {
-    let binary = find_binary()?;
+static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// Uses `path` as the nats-server binary of this process (a program's
+/// `--nats-server` flag), after checking its version; fails if one was
+/// already chosen.
+pub fn use_nats_server_binary(path: &Path) -> Result<(), String> {
+    let checked = check_binary(path.to_path_buf())?;
+    BINARY
+        .set(Ok(checked))
+        .map_err(|_| "the nats-server binary was already chosen".to_owned())
+}
+
+fn check_binary(binary: PathBuf) -> Result<PathBuf, String> {
     let output = Command::new(&binary)
         .arg("--version")
         .stdin(Stdio::null())

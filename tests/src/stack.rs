@@ -46,6 +46,8 @@ impl std::fmt::Debug for RunnerTweak {
 #[derive(Debug, Clone)]
 pub struct StackOptions {
     pub sim: SimConfig,
+    /// Simulators started (at least one); runner `i` drives simulator `i % sims`.
+    pub sims: usize,
     pub runners: usize,
     pub runner_slots: usize,
     /// How long a stopping runner lets held jobs finish before handing
@@ -69,6 +71,7 @@ impl Default for StackOptions {
     fn default() -> Self {
         Self {
             sim: SimConfig::default(),
+            sims: 1,
             runners: 1,
             runner_slots: 1,
             runner_shutdown_grace: Duration::from_secs(5),
@@ -90,6 +93,8 @@ impl Default for StackOptions {
 pub struct TestStack {
     pub nats: NatsServer,
     pub sim: SimHandle,
+    /// Simulators beyond the first (`StackOptions::sims`).
+    pub more_sims: Vec<SimHandle>,
     pub webhooks: WebhookSink,
     /// `http://127.0.0.1:<port>` of the ingress.
     pub api: String,
@@ -153,9 +158,17 @@ impl TestStack {
     pub async fn start_with(options: StackOptions) -> Self {
         comfyq_shared::telemetry::init_test_tracing();
         let nats = NatsServer::start().await;
-        let sim = Simulator::start(options.sim)
+        let sim = Simulator::start(options.sim.clone())
             .await
             .expect("simulator starts");
+        let mut more_sims = Vec::new();
+        for _ in 1..options.sims {
+            more_sims.push(
+                Simulator::start(options.sim.clone())
+                    .await
+                    .expect("simulator starts"),
+            );
+        }
         let webhooks = WebhookSink::start().await;
         let nats_config = nats_config(&nats.url());
         let shutdown = CancellationToken::new();
@@ -180,11 +193,15 @@ impl TestStack {
         }
 
         for index in 0..options.runners {
+            let comfyui = match index % options.sims.max(1) {
+                0 => sim.base_url(),
+                n => more_sims[n - 1].base_url(),
+            };
             let mut runner = RunnerConfig {
                 shutdown_grace: options.runner_shutdown_grace,
                 ..runner_config(
                     &nats_config,
-                    &sim.base_url(),
+                    &comfyui,
                     &format!("runner-{index}"),
                     options.runner_slots,
                 )
@@ -240,6 +257,7 @@ impl TestStack {
         let stack = Self {
             nats,
             sim,
+            more_sims,
             webhooks,
             api,
             http,

@@ -300,6 +300,7 @@ async fn free(body: Bytes) -> Response {
 
 async fn post_prompt(State(inst): St, body: Bytes) -> Response {
     let received_at = Instant::now();
+    let received_wall = std::time::SystemTime::now();
     let v = match parse(&body) {
         Ok(v) => v,
         Err(r) => return *r,
@@ -370,6 +371,7 @@ async fn post_prompt(State(inst): St, body: Bytes) -> Response {
                 outputs: valid.outputs,
             };
             let client_id = item.client_id();
+            let recorded_extra = item.extra_data.clone();
             {
                 let mut st = inst.lock();
                 st.pending.push(item);
@@ -380,6 +382,8 @@ async fn post_prompt(State(inst): St, body: Bytes) -> Response {
                 prompt_id: prompt_id.clone(),
                 client_id,
                 received_at,
+                received_wall,
+                extra_data: recorded_extra,
             });
             ok(&json!({"prompt_id": prompt_id, "number": number, "node_errors": valid.node_errors}))
         }

@@ -25,6 +25,11 @@ pub struct ReceivedPrompt {
     pub client_id: Option<String>,
     /// When the request reached the simulator (before parsing).
     pub received_at: Instant,
+    /// The same moment on the wall clock, to compare with timestamps other
+    /// processes wrote (a job record's `created_at`).
+    pub received_wall: std::time::SystemTime,
+    /// The prompt's `extra_data`, as ComfyUI keeps it in the queue and history.
+    pub extra_data: serde_json::Map<String, serde_json::Value>,
 }
 
 /// An `execution_success` message the simulator sent.

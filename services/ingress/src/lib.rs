@@ -38,6 +38,7 @@ pub mod webhooks;
 
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use comfyq_shared::connection;
 use comfyq_shared::job_store::JobStore;
 use comfyq_shared::media::MediaStore;
@@ -114,6 +115,14 @@ pub async fn serve(
         async move { active.follow(jobs, shutdown).await }
     });
     tracing::info!(addr = %listener.local_addr()?, "ingress listening");
+    // axum 0.8 leaves Nagle on: a response's head and a streamed body's
+    // chunks are separate writes, and the second would wait for the client's
+    // delayed ACK (about 40 ms on Linux).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(listener, routes::router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await?;

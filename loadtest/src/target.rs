@@ -1,0 +1,213 @@
+//! What the load goes to: a stack this process starts (nats-server as a child
+//! process; ingress, scheduler, notifier, runners and simulators in-process,
+//! from `comfyq-tests`' harness), or a running one given by URL.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use comfy_sim::{ReceivedPrompt, SimConfig};
+use comfyq_ingress::IngressConfig;
+use comfyq_ingress::config::ApiKey;
+use comfyq_shared::config::Secret;
+use comfyq_shared::names::Names;
+use comfyq_tests::stack::{API_KEY, OTHER_API_KEY, OTHER_TENANT, TENANT};
+use comfyq_tests::{RunnerTweak, StackOptions, TestStack};
+use futures::StreamExt;
+
+use crate::procstat::{self, ProcStat};
+
+/// Tenants the in-process stack knows beyond the harness's two.
+const EXTRA_TENANTS: usize = 6;
+
+fn extra_key(i: usize) -> String {
+    format!("loadtest-key-{i}-0123456789")
+}
+
+/// One tenant's credentials and HTTP client.
+#[derive(Debug, Clone)]
+pub(crate) struct Tenant {
+    pub(crate) http: reqwest::Client,
+}
+
+/// How to start the in-process stack.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalOptions {
+    pub(crate) sims: usize,
+    pub(crate) runners: usize,
+    pub(crate) slots: usize,
+    pub(crate) sim: SimConfig,
+}
+
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub(crate) api: String,
+    pub(crate) nats_url: Option<String>,
+    pub(crate) names: Names,
+    pub(crate) tenants: Vec<Tenant>,
+    /// The ComfyUI (simulator) the `direct` baseline talks to.
+    pub(crate) comfyui_url: Option<String>,
+    pub(crate) stack: Option<TestStack>,
+}
+
+fn client(key: &str) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .context("API key is not a valid header value")?,
+    );
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .pool_max_idle_per_host(1024)
+        .build()?)
+}
+
+fn configure_ingress(ingress: &mut IngressConfig) {
+    // The load test measures the queue, not the per-tenant limits.
+    ingress.rate_limit_per_s = 0;
+    ingress.max_active_jobs = 0;
+    for i in 0..EXTRA_TENANTS {
+        ingress.api_keys.push(ApiKey {
+            tenant: format!("lt{i}"),
+            key_sha256: None,
+            key: Some(Secret::new(extra_key(i))),
+        });
+    }
+}
+
+impl Target {
+    /// Starts nats-server, the four services and the simulators in this process.
+    pub(crate) async fn start_local(
+        options: &LocalOptions,
+        tenants: usize,
+    ) -> anyhow::Result<Self> {
+        // Production's runner defaults for polling and heartbeats, not the tests' fast ones.
+        let defaults = comfyq_runner::RunnerConfig::default();
+        let tweak = RunnerTweak::new(move |runner| {
+            runner.idle_poll = defaults.idle_poll;
+            runner.stall_timeout = defaults.stall_timeout;
+            runner.reconcile_interval = defaults.reconcile_interval;
+        });
+        let stack = TestStack::start_with(StackOptions {
+            sim: options.sim.clone(),
+            sims: options.sims.max(1),
+            runners: options.runners,
+            runner_slots: options.slots,
+            runner_tweak: Some(tweak),
+            configure_ingress: Some(configure_ingress),
+            ..StackOptions::default()
+        })
+        .await;
+        let mut all = vec![
+            (TENANT.to_owned(), API_KEY.to_owned()),
+            (OTHER_TENANT.to_owned(), OTHER_API_KEY.to_owned()),
+        ];
+        all.extend((0..EXTRA_TENANTS).map(|i| (format!("lt{i}"), extra_key(i))));
+        if tenants > all.len() {
+            bail!("at most {} tenants in the in-process stack", all.len());
+        }
+        let tenants = all
+            .into_iter()
+            .take(tenants.max(1))
+            .map(|(_, key)| {
+                Ok(Tenant {
+                    http: client(&key)?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let target = Self {
+            api: stack.api.clone(),
+            nats_url: Some(stack.nats.url()),
+            names: Names::new("comfyq")?,
+            tenants,
+            comfyui_url: Some(stack.sim.base_url()),
+            stack: Some(stack),
+        };
+        target.wait_runners(options.runners).await?;
+        Ok(target)
+    }
+
+    /// A running stack: its API, optionally its NATS and a ComfyUI for `direct`.
+    pub(crate) fn remote(
+        api: &str,
+        nats_url: Option<String>,
+        api_key: &str,
+        prefix: &str,
+        comfyui_url: Option<String>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            api: api.trim_end_matches('/').to_owned(),
+            nats_url,
+            names: Names::new(prefix)?,
+            tenants: vec![Tenant {
+                http: client(api_key)?,
+            }],
+            comfyui_url,
+            stack: None,
+        })
+    }
+
+    pub(crate) async fn nats(&self) -> anyhow::Result<Option<async_nats::Client>> {
+        match &self.nats_url {
+            Some(url) => Ok(Some(async_nats::connect(url.as_str()).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits until `count` runners have registered (the harness waits for one).
+    async fn wait_runners(&self, count: usize) -> anyhow::Result<()> {
+        let Some(client) = self.nats().await? else {
+            return Ok(());
+        };
+        let js = async_nats::jetstream::new(client);
+        let kv = js.get_key_value(self.names.runners_bucket()).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60 + count as u64 / 10);
+        loop {
+            let mut keys = kv.keys().await?;
+            let mut n = 0;
+            while let Some(key) = keys.next().await {
+                if key.is_ok() {
+                    n += 1;
+                }
+            }
+            if n >= count {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("only {n} of {count} runners registered");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Every prompt the simulators received (in-process only).
+    pub(crate) fn prompts(&self) -> Option<Vec<ReceivedPrompt>> {
+        let stack = self.stack.as_ref()?;
+        let mut all = stack.sim.prompts_received();
+        for sim in &stack.more_sims {
+            all.extend(sim.prompts_received());
+        }
+        Some(all)
+    }
+
+    /// This process and nats-server, when the stack is in-process.
+    pub(crate) fn processes(&self) -> Vec<ProcStat> {
+        let mut out = Vec::new();
+        let what = if self.stack.is_some() {
+            "loadtest + services + simulators (one process)"
+        } else {
+            "loadtest client"
+        };
+        out.extend(procstat::this(what));
+        if let Some(pid) = self.stack.as_ref().and_then(|s| s.nats.pid()) {
+            out.extend(procstat::read("nats-server", pid));
+        }
+        out
+    }
+
+    pub(crate) async fn stop(self) {
+        if let Some(stack) = self.stack {
+            stack.stop().await;
+        }
+    }
+}
