@@ -1,6 +1,9 @@
 //! [`object_store::ObjectStore`] on a JetStream object store bucket.
 //!
-//! Reads, info, list and delete go through async-nats' object store. Writes
+//! Info, list and delete go through async-nats' object store. Reads consume
+//! the chunks with an ordered pull consumer of their own, so a slow reader
+//! holds at most a few chunks in memory (async-nats' reader is an ordered
+//! push consumer that buffers tens of MiB ahead of a slow reader). Writes
 //! publish the chunks and the meta message themselves, in the same wire format
 //! (`$O.<bucket>.C.<nuid>` chunks, then the JSON `ObjectInfo` on
 //! `$O.<bucket>.M.<base64url(name)>` with `Nats-Rollup: sub`), because
@@ -28,7 +31,7 @@ use std::sync::Arc;
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::object_store::{
-    GetErrorKind, InfoErrorKind, ObjectInfo, ObjectOptions, ObjectStore as NatsObjectStore,
+    InfoErrorKind, ObjectInfo, ObjectOptions, ObjectStore as NatsObjectStore,
 };
 use async_nats::jetstream::{self, stream::Stream as JsStream};
 use async_trait::async_trait;
@@ -43,7 +46,6 @@ use object_store::{
     PutOptions, PutPayload, PutResult, Result, UploadPart,
 };
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 
 const STORE: &str = "JetStream";
@@ -304,17 +306,12 @@ impl JetStreamObjectStore {
     /// One attempt of `get_opts`; `None` if the object was replaced while
     /// a small read was buffering it.
     async fn get_once(&self, location: &Path, options: &GetOptions) -> Result<Option<GetResult>> {
-        // A head reads only the meta message; a get opens the chunks of the
-        // version whose info it returns.
-        let (info, object) = if options.head {
-            (self.info(location).await?, None)
-        } else {
-            match self.inner.store.get(location.as_ref()).await {
-                Ok(object) => (object.info().clone(), Some(object)),
-                Err(e) if e.kind() == GetErrorKind::NotFound => return Err(not_found(location)),
-                Err(e) => return Err(generic(e)),
-            }
-        };
+        let info = self.info(location).await?;
+        // Our writer never makes links; following one would read another
+        // object under this one's info.
+        if !options.head && info.options.as_ref().is_some_and(|o| o.link.is_some()) {
+            return Err(not_implemented("get of a linked object"));
+        }
         let meta = object_meta(&info)?;
         options.check_preconditions(&meta)?;
         let range = match &options.range {
@@ -325,15 +322,21 @@ impl JetStreamObjectStore {
             None => 0..meta.size,
         };
         let attributes = metadata_to_attributes(&info);
-        let reader = object.map(|object| WatchedRead {
-            store: self.clone(),
-            location: location.clone(),
-            nuid: info.nuid.clone(),
-            object,
-            skip: range.start,
-            left: range.end - range.start,
-            to_end: range.end == meta.size,
-        });
+        // A head reads only the meta message; a get reads the chunks of the
+        // version whose info it returns.
+        let reader = if options.head {
+            None
+        } else {
+            Some(WatchedRead {
+                chunks: ChunkReader::open(self, &info).await?,
+                store: self.clone(),
+                location: location.clone(),
+                nuid: info.nuid.clone(),
+                skip: range.start,
+                left: range.end - range.start,
+                to_end: range.end == meta.size,
+            })
+        };
         let payload: BoxStream<'static, Result<Bytes>> = match reader {
             None => futures::stream::empty().boxed(),
             Some(mut reader) if range.end - range.start <= EAGER_BYTES => {
@@ -562,61 +565,140 @@ impl object_store::ObjectStore for JetStreamObjectStore {
 /// Reads at most this much at once into memory (and retries it whole if
 /// the object is replaced meanwhile); larger reads stream.
 const EAGER_BYTES: u64 = 4 * CHUNK_SIZE as u64;
+/// Chunks one pull request asks for. The consumer asks for more when half
+/// are consumed, so at most ~1.5 batches (~1.5 MiB of 128 KiB chunks) are
+/// buffered ahead of a slow reader, unlike a push consumer.
+const READ_BATCH: i64 = 8;
 /// Silence on a read after which the object's meta is checked.
 const STALL_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 enum ReadError {
     /// The version being read was overwritten or deleted: its chunks are
-    /// purged, and async-nats' reader would wait for them forever.
+    /// purged, and the consumer would wait for them forever.
     Replaced,
     Failed(Error),
 }
 
-/// Streams a range of one object version. The store reads chunks in order
-/// from the start, so a range skips its first bytes as they arrive; a read
-/// to the end is checked against the recorded SHA-256 by async-nats.
+/// The chunks of one object version, in order, from an ordered pull
+/// consumer on its chunk subject (flow-controlled: it fetches small batches
+/// as they are read). Checks the size and SHA-256 recorded in the info as
+/// the last chunk arrives, before handing it out.
+struct ChunkReader {
+    /// `None` for an empty object (no chunks, nothing to consume).
+    messages: Option<jetstream::consumer::pull::Ordered>,
+    size: u64,
+    received: u64,
+    sha: Sha256,
+    digest: Option<String>,
+    finished: bool,
+}
+
+impl ChunkReader {
+    async fn open(store: &JetStreamObjectStore, info: &ObjectInfo) -> Result<Self> {
+        let messages = if info.chunks == 0 {
+            None
+        } else {
+            let consumer = store
+                .inner
+                .stream
+                .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: store.chunk_subject(&info.nuid),
+                    // Caps the consumer's own pull requests (500 by default).
+                    max_batch: READ_BATCH,
+                    ..Default::default()
+                })
+                .await
+                .map_err(generic)?;
+            Some(consumer.messages().await.map_err(generic)?)
+        };
+        Ok(Self {
+            finished: messages.is_none(),
+            messages,
+            size: info.size as u64,
+            received: 0,
+            sha: Sha256::new(),
+            digest: info.digest.clone(),
+        })
+    }
+
+    /// The next chunk; `None` after the last one, once it checked out.
+    /// `Ok(Err(Elapsed))` when nothing came within `wait`.
+    async fn next(
+        &mut self,
+        wait: std::time::Duration,
+    ) -> Result<std::result::Result<Option<Bytes>, tokio::time::error::Elapsed>> {
+        if self.finished {
+            // An empty object has no chunks to count.
+            if self.received != self.size {
+                return Err(corrupt("object ended before its recorded size"));
+            }
+            return Ok(Ok(None));
+        }
+        let Some(messages) = self.messages.as_mut() else {
+            return Ok(Ok(None));
+        };
+        let message = match tokio::time::timeout(wait, messages.next()).await {
+            Ok(Some(message)) => message.map_err(generic)?,
+            Ok(None) => return Err(corrupt("chunk stream ended before the last chunk")),
+            Err(elapsed) => return Ok(Err(elapsed)),
+        };
+        // The server's count of chunks after this one: 0 marks the last.
+        let pending = message.info().map_err(|e| corrupt(e.to_string()))?.pending;
+        let chunk = message.message.payload;
+        self.received += chunk.len() as u64;
+        self.sha.update(&chunk);
+        if self.received > self.size {
+            return Err(corrupt("object longer than its recorded size"));
+        }
+        if pending == 0 {
+            self.finished = true;
+            if self.received < self.size {
+                return Err(corrupt("object ended before its recorded size"));
+            }
+            let sha = std::mem::take(&mut self.sha).finalize();
+            if let Some(digest) = &self.digest
+                && *digest != format!("SHA-256={}", URL_SAFE.encode(sha))
+            {
+                return Err(corrupt("object does not match its recorded SHA-256"));
+            }
+        }
+        Ok(Ok(Some(chunk)))
+    }
+}
+
+/// Streams a range of one object version. Chunks come in order from the
+/// start, so a range skips its first bytes as they arrive; a read to the end
+/// reads on to the last chunk, where size and SHA-256 are checked.
 struct WatchedRead {
+    chunks: ChunkReader,
     store: JetStreamObjectStore,
     location: Path,
     nuid: String,
-    object: async_nats::jetstream::object_store::Object,
     skip: u64,
     left: u64,
-    /// The range ends at the object's end: read on to EOF, where async-nats
-    /// checks the digest.
+    /// The range ends at the object's end: read on to the last chunk.
     to_end: bool,
 }
 
 impl WatchedRead {
     async fn next_bytes(&mut self) -> std::result::Result<Option<Bytes>, ReadError> {
-        let mut buffer = vec![0u8; CHUNK_SIZE];
         loop {
-            if self.left == 0 {
-                if std::mem::take(&mut self.to_end) {
-                    let n = self
-                        .object
-                        .read(&mut buffer[..1])
-                        .await
-                        .map_err(|e| ReadError::Failed(generic(e)))?;
-                    if n > 0 {
-                        return Err(ReadError::Failed(Error::Generic {
-                            store: STORE,
-                            source: "object longer than its recorded size".into(),
-                        }));
-                    }
-                }
+            // A range to the object's end reads on to the last chunk, where
+            // the reader checks size and digest.
+            if self.left == 0 && !self.to_end {
                 return Ok(None);
             }
-            let want = if self.skip > 0 {
-                self.skip.min(CHUNK_SIZE as u64)
-            } else {
-                self.left.min(CHUNK_SIZE as u64)
-            } as usize;
-            let n = match tokio::time::timeout(STALL_CHECK, self.object.read(&mut buffer[..want]))
-                .await
-            {
-                Ok(read) => read.map_err(|e| ReadError::Failed(generic(e)))?,
-                Err(_) => {
+            let mut chunk = match self.chunks.next(STALL_CHECK).await {
+                Ok(Ok(Some(chunk))) => chunk,
+                Ok(Ok(None)) if self.left == 0 => return Ok(None),
+                Ok(Ok(None)) => {
+                    return Err(ReadError::Failed(corrupt(
+                        "object ended before its recorded size",
+                    )));
+                }
+                Ok(Err(_stalled)) => {
+                    // Silence: an overwrite or delete may have purged the
+                    // chunks, which then never come.
                     let current = self
                         .store
                         .last_meta(&self.location)
@@ -629,20 +711,19 @@ impl WatchedRead {
                     }
                     continue;
                 }
+                Err(e) => return Err(ReadError::Failed(e)),
             };
-            if n == 0 {
-                return Err(ReadError::Failed(Error::Generic {
-                    store: STORE,
-                    source: "object ended before its recorded size".into(),
-                }));
-            }
-            if self.skip > 0 {
-                self.skip -= n as u64;
+            let skipped = self.skip.min(chunk.len() as u64);
+            self.skip -= skipped;
+            let _ = chunk.split_to(skipped as usize);
+            // Empty once skipped, or (reading on to the end) past the range.
+            if chunk.is_empty() || self.left == 0 {
                 continue;
             }
-            self.left -= n as u64;
-            buffer.truncate(n);
-            return Ok(Some(Bytes::from(buffer)));
+            let n = self.left.min(chunk.len() as u64);
+            chunk.truncate(n as usize);
+            self.left -= n;
+            return Ok(Some(chunk));
         }
     }
 }
@@ -793,6 +874,13 @@ fn generic(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Generic {
         store: STORE,
         source: Box::new(e),
+    }
+}
+
+fn corrupt(why: impl Into<String>) -> Error {
+    Error::Generic {
+        store: STORE,
+        source: why.into().into(),
     }
 }
 

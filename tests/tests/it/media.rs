@@ -151,6 +151,78 @@ async fn a_dropped_multipart_upload_leaves_nothing() {
     ));
 }
 
+/// Reads of our own chunk consumer: a range across chunk boundaries, an
+/// overwrite while a streamed read is under way (its chunks are purged: the
+/// read fails instead of waiting forever), and chunks that do not match the
+/// recorded digest or size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_check_ranges_replacement_digest_and_size() {
+    use base64::Engine as _;
+    let (server, store, _stream) = jetstream_store().await;
+    let js = jetstream::new(server.client().await);
+    let read = async |path: &Path| store.get(path).await?.bytes().await;
+
+    // 4 MiB: streamed (not read whole up front) and more than a few batches.
+    let big = Path::from("big");
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    store.put(&big, data.clone().into()).await.expect("put");
+    let got = store
+        .get_range(&big, 200_000..1_000_000)
+        .await
+        .expect("range");
+    assert_eq!(&got[..], &data[200_000..1_000_000]);
+    assert_eq!(read(&big).await.expect("whole")[..], data[..]);
+
+    let mut reading = store.get(&big).await.expect("get").into_stream();
+    let first = reading.try_next().await.expect("first").expect("bytes");
+    assert!(!first.is_empty());
+    store
+        .put(&big, vec![1u8; 10].into())
+        .await
+        .expect("overwrite");
+    let rest = tokio::time::timeout(Duration::from_secs(30), reading.try_collect::<Vec<_>>())
+        .await
+        .expect("the read ends");
+    let err = rest.expect_err("replaced mid-read");
+    assert!(err.to_string().contains("replaced or deleted"), "{err}");
+
+    // A meta message (same chunks) recording another digest or size.
+    let small = Path::from("small");
+    store
+        .put(&small, vec![9u8; 300_000].into())
+        .await
+        .expect("put");
+    let info = store.nats().info("small").await.expect("info");
+    let cases: [(fn(&mut _), &str); 3] = [
+        (
+            |i: &mut async_nats::jetstream::object_store::ObjectInfo| {
+                i.digest = Some("SHA-256=AAAA".to_owned())
+            },
+            "SHA-256",
+        ),
+        (|i| i.size += 1, "ended before its recorded size"),
+        (|i| i.size -= 1, "longer than its recorded size"),
+    ];
+    for (tamper, expected) in cases {
+        let mut tampered = info.clone();
+        tamper(&mut tampered);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_ROLLUP, "sub");
+        let subject = format!(
+            "$O.conformance.M.{}",
+            base64::engine::general_purpose::URL_SAFE.encode("small")
+        );
+        let payload = serde_json::to_vec(&tampered).expect("json");
+        js.publish_with_headers(subject, headers, payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+        let err = read(&small).await.expect_err(expected);
+        assert!(err.to_string().contains(expected), "{expected}: {err}");
+    }
+}
+
 // --- the media layer on every backend ---------------------------------------
 
 const LIMITS: MediaLimits = MediaLimits {
