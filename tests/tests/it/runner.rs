@@ -483,9 +483,9 @@ fn rss_bytes() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_big_output_is_streamed_with_bounded_memory() {
-    // 256 MiB keeps the debug-build suite fast; the runner never holds more
-    // than a chunk of it, so the size does not change what is measured.
-    const SIZE: u64 = 256 << 20;
+    // The 1 GiB: about 20 s in a debug build; the runner holds no
+    // more than a few chunks of it at a time.
+    const SIZE: u64 = 1 << 30;
     let stack = TestStack::start_with(StackOptions {
         sim: SimConfig {
             output_bytes: SIZE,
@@ -507,7 +507,7 @@ async fn a_big_output_is_streamed_with_bounded_memory() {
     };
     let job = stack.submit(json!({"workflow": invert_workflow(8)})).await;
     let finished = stack
-        .wait_finished(&id_of(&job), Duration::from_secs(90))
+        .wait_finished(&id_of(&job), Duration::from_secs(180))
         .await;
     sampler.abort();
     assert_eq!(finished["status"], "completed", "{finished:#}");
@@ -517,7 +517,7 @@ async fn a_big_output_is_streamed_with_bounded_memory() {
         .saturating_sub(before);
     eprintln!("{SIZE} byte output: resident memory grew by {growth} bytes");
     assert!(
-        growth < 96 << 20,
+        growth < 64 << 20,
         "resident memory grew by {} MiB for a {} MiB output",
         growth >> 20,
         SIZE >> 20
