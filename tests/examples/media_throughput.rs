@@ -6,6 +6,7 @@
 //! `cargo run --release -p comfyq-tests --example media_throughput [-- SIZES_MIB...]`
 //! (default `1 64 1024`; needs `NATS_SERVER_BIN` or `.tools/nats`).
 
+use comfyq_tests::memory::rss_bytes;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,15 +18,6 @@ use comfyq_shared::media::MediaStore;
 use comfyq_shared::names::Names;
 use comfyq_tests::NatsServer;
 use tokio::io::AsyncReadExt;
-
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
 
 /// Samples RSS every 10 ms; `finish` gives the peak growth over the start.
 struct Peak {

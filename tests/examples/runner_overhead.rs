@@ -21,6 +21,7 @@
 //! `cargo run --release -p comfyq-tests --example runner_overhead -- [tiny_jobs] [video_jobs]`
 //! (defaults 200 and 20, after 5 warm-up jobs each).
 
+use comfyq_tests::memory::proc_status_bytes;
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::{LazyLock, Mutex};
@@ -113,15 +114,6 @@ fn report(what: &str, samples: &mut [f64]) {
         q(0.99),
         q(1.0)
     );
-}
-
-fn proc_status_bytes(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// Resets the peak (`VmHWM`) to the current resident size; returns it.

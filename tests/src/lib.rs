@@ -15,6 +15,7 @@
 //! `bash deploy/dev.sh setup`), then `PATH`.
 
 pub mod eventually;
+pub mod memory;
 pub mod moto;
 pub mod nats_server;
 pub mod stack;

@@ -3,6 +3,7 @@
 //! bounded (under 40 MiB), and the bytes read back must hash to what was put.
 //! Its own test binary, so no other test shares the process (and its RSS).
 
+use comfyq_tests::memory::rss_bytes;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,16 +19,6 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 const SIZE: u64 = 1 << 30;
-
-/// Resident memory of this process now, in bytes.
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
 
 /// `left` pseudo-random bytes (xorshift), hashed as they are handed out.
 struct Generated {

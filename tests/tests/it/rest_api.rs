@@ -491,13 +491,9 @@ async fn queue_position_depth_and_active_job_limit() {
 
 /// Peak resident memory of this process (services run in it), in bytes.
 fn peak_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM")
-        * 1024
+    let peak = comfyq_tests::memory::peak_rss_bytes();
+    assert!(peak > 0, "VmHWM unreadable in /proc/self/status");
+    peak
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 //! previews of both frame kinds on NATS, and a big output streamed with
 //! bounded memory.
 
+use comfyq_tests::memory::rss_bytes;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -469,16 +470,6 @@ async fn a_managed_comfyui_that_cannot_start_fails_after_three_attempts() {
     assert_eq!(*attempts, 3, "{error}");
     assert!(last_error.contains("exited"), "{error}");
     assert!(started.elapsed() < Duration::from_secs(15));
-}
-
-/// Resident memory of this process now, in bytes.
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
