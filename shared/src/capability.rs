@@ -45,15 +45,16 @@ pub struct Needs {
 
 impl Needs {
     pub fn of(spec: &JobSpec) -> Self {
+        Self::of_workflow(&spec.workflow, &spec.runner_labels)
+    }
+
+    /// What an API-format `workflow` with `labels` required needs.
+    pub fn of_workflow(workflow: &serde_json::Value, labels: &BTreeMap<String, String>) -> Self {
         let mut needs = Needs {
-            labels: spec.runner_labels.clone(),
+            labels: labels.clone(),
             ..Needs::default()
         };
-        let nodes = spec
-            .workflow
-            .as_object()
-            .into_iter()
-            .flat_map(|n| n.values());
+        let nodes = workflow.as_object().into_iter().flat_map(|n| n.values());
         for node in nodes {
             let class_type = node.get("class_type").and_then(|c| c.as_str());
             if let Some(class_type) = class_type {

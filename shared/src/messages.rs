@@ -12,6 +12,22 @@ use crate::job::{JobError, JobSpec, OutputFile};
 pub struct SubmitJob {
     pub v: u32,
     pub spec: JobSpec,
+    /// When an operator's requeue put the job back in line: its place in
+    /// FIFO order and the start of its ageing, instead of `spec.created_at`
+    /// (which would send a requeued job straight to the front).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub requeued_at: Option<OffsetDateTime>,
+}
+
+impl SubmitJob {
+    /// Where the job stands in its queue: accepted, or requeued.
+    pub fn queued_since(&self) -> OffsetDateTime {
+        self.requeued_at.unwrap_or(self.spec.created_at)
+    }
 }
 
 /// ingress → scheduler: stop a job.
@@ -112,5 +128,52 @@ impl AttemptOutcome {
             AttemptOutcome::Failed { .. } => "failed",
             AttemptOutcome::Cancelled => "cancelled",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{PoolName, TenantId};
+    use crate::priority::Priority;
+
+    fn submit(requeued_at: Option<OffsetDateTime>) -> SubmitJob {
+        SubmitJob {
+            v: 1,
+            spec: JobSpec {
+                id: JobId::new(),
+                tenant: TenantId::new("t").expect("valid"),
+                priority: Priority::Normal,
+                pool: PoolName::default(),
+                workflow: serde_json::json!({}),
+                inputs: vec![],
+                webhook: None,
+                metadata: None,
+                inline_outputs: false,
+                timeout_s: 60,
+                runner_labels: Default::default(),
+                created_at: OffsetDateTime::UNIX_EPOCH,
+            },
+            requeued_at,
+        }
+    }
+
+    #[test]
+    fn a_requeued_job_queues_from_its_requeue_and_a_new_one_from_acceptance() {
+        let fresh = submit(None);
+        let bytes = serde_json::to_vec(&fresh).expect("serialises");
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains("requeued_at"),
+            "a first submission's message stays as it was"
+        );
+        let read: SubmitJob = serde_json::from_slice(&bytes).expect("parses");
+        assert_eq!(read.queued_since(), OffsetDateTime::UNIX_EPOCH);
+
+        let later = OffsetDateTime::UNIX_EPOCH + time::Duration::hours(5);
+        let requeued = submit(Some(later));
+        let read: SubmitJob =
+            serde_json::from_slice(&serde_json::to_vec(&requeued).expect("serialises"))
+                .expect("parses");
+        assert_eq!(read.queued_since(), later);
     }
 }

@@ -267,7 +267,7 @@ impl TestStack {
         };
         stack
             .wait_ready(
-                options.runners > 0,
+                options.runners,
                 options.schedulers > 0,
                 options.notifiers > 0,
             )
@@ -298,8 +298,9 @@ impl TestStack {
             .expect("HTTP client")
     }
 
-    /// Waits until the API answers and (if any are expected) a runner has registered.
-    async fn wait_ready(&self, runners: bool, schedulers: bool, notifiers: bool) {
+    /// Waits until the API answers and ingress sees all `runners` registered
+    /// (it checks submissions against them).
+    async fn wait_ready(&self, runners: usize, schedulers: bool, notifiers: bool) {
         let url = format!("{}/readyz", self.api);
         eventually(Duration::from_secs(30), "ingress ready", async || {
             self.assert_services_alive();
@@ -342,17 +343,19 @@ impl TestStack {
                 .await;
             }
         }
-        if !runners {
+        if runners == 0 {
             return;
         }
-        let client = self.nats.client().await;
-        let js = async_nats::jetstream::new(client);
+        let url = format!("{}/v1/runners", self.api);
         eventually(Duration::from_secs(30), "runners registered", async || {
             self.assert_services_alive();
-            let kv = js.get_key_value("comfyq_runners").await.ok()?;
-            let mut keys = kv.keys().await.ok()?;
-            use futures::StreamExt;
-            keys.next().await.and_then(Result::ok)
+            let list: Value = self.http.get(&url).send().await.ok()?.json().await.ok()?;
+            let ready = list["runners"]
+                .as_array()?
+                .iter()
+                .filter(|r| r["ready"] == true)
+                .count();
+            (ready >= runners).then_some(())
         })
         .await;
     }

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use axum::Json;
 use axum::extract::State;
+use comfyq_shared::capability::{Needs, Offer};
 use comfyq_shared::ids::PoolName;
 use comfyq_shared::priority::Priority;
 use futures::StreamExt;
@@ -46,6 +47,16 @@ pub struct RunnerView {
     #[schema(value_type = String, format = DateTime)]
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+impl RunnerView {
+    /// What this runner can run. Model folders come as registered
+    /// (`{folder: [file, …]}`); anything else there is left unchecked.
+    fn offer(&self) -> Offer {
+        let models: BTreeMap<String, Vec<String>> =
+            serde_json::from_value(self.models.clone()).unwrap_or_default();
+        Offer::new(&self.node_types, &models, &self.labels)
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -127,32 +138,37 @@ pub(crate) async fn list_runners(
     }))
 }
 
-/// Rejects a workflow using node types that no runner of its pool has, when
-/// the pool's runners have registered their node types (unless configured to
-/// let the scheduler hold such jobs as `waiting_for_capability`).
-pub async fn check_node_types(state: &AppState, valid: &ValidSubmission) -> Result<(), Problem> {
-    if !state.config.reject_unknown_node_types {
+/// Rejects a job that no registered runner of its pool can run (unless
+/// configured to let the scheduler hold such jobs as
+/// `waiting_for_capability`): node types no runner has are named one by
+/// one; otherwise, when every runner lacks something (a model file its
+/// loaders name, a required label, or the combination of node types), the
+/// answer says what each lacks. A pool without registrations is not checked.
+pub async fn check_capability(state: &AppState, valid: &ValidSubmission) -> Result<(), Problem> {
+    if !state.config.reject_unrunnable {
         return Ok(());
     }
-    let runners = registrations(state).await?;
-    let known: BTreeSet<&str> = runners
-        .iter()
+    let runners: Vec<RunnerView> = registrations(state)
+        .await?
+        .into_iter()
         .filter(|r| r.pool == valid.pool)
-        .flat_map(|r| r.node_types.iter().map(String::as_str))
         .collect();
-    if known.is_empty() {
+    if runners.is_empty() {
         return Ok(()); // Nothing registered: nothing to check against.
     }
+    let known: BTreeSet<&str> = runners
+        .iter()
+        .flat_map(|r| r.node_types.iter().map(String::as_str))
+        .collect();
     let mut errors = Vec::new();
-    if let Some(nodes) = valid.workflow.as_object() {
+    // A runner that could not list its node types is assumed to have any.
+    let node_types_listed = runners.iter().all(|r| !r.node_types.is_empty());
+    if node_types_listed && let Some(nodes) = valid.workflow.as_object() {
         for (id, node) in nodes {
             let class = node["class_type"].as_str().unwrap_or_default();
             if !known.contains(class) {
                 errors.push(InvalidParam {
-                    pointer: format!(
-                        "/workflow/{}/class_type",
-                        id.replace('~', "~0").replace('/', "~1")
-                    ),
+                    pointer: format!("/workflow/{}/class_type", json_pointer_token(id)),
                     message: format!(
                         "node type {class:?} is not available on any runner of pool {}",
                         valid.pool
@@ -161,11 +177,42 @@ pub async fn check_node_types(state: &AppState, valid: &ValidSubmission) -> Resu
             }
         }
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(Problem::validation(errors))
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
     }
+    let needs = Needs::of_workflow(&valid.workflow, &valid.runner_labels);
+    let lacking: Vec<String> = runners
+        .iter()
+        .map(|r| (r, r.offer().missing(&needs)))
+        .map(|(r, missing)| missing.map(|m| format!("{} lacks {m}", r.runner)))
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_default();
+    if lacking.is_empty() {
+        return Ok(());
+    }
+    const SHOWN: usize = 3;
+    let mut message = format!(
+        "no runner of pool {} can run this job: {}",
+        valid.pool,
+        lacking[..lacking.len().min(SHOWN)].join("; ")
+    );
+    if lacking.len() > SHOWN {
+        message.push_str(&format!("; and {} more", lacking.len() - SHOWN));
+    }
+    let pointer = if needs.labels.is_empty() {
+        "/workflow"
+    } else {
+        "/runner_labels"
+    };
+    Err(Problem::validation(vec![InvalidParam {
+        pointer: pointer.to_owned(),
+        message,
+    }]))
+}
+
+/// RFC 6901 escaping of one reference token.
+fn json_pointer_token(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
 }
 
 /// Work waiting for runners in one pool at one priority.

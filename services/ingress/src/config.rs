@@ -21,11 +21,12 @@ pub struct IngressConfig {
     /// Default and largest allowed `timeout_s` of a job.
     pub default_timeout_s: u64,
     pub max_timeout_s: u64,
-    /// Refuse (422) a workflow whose node types no registered runner of its
-    /// pool has. Off: accept it, and the scheduler holds it as
-    /// `waiting_for_capability` until such a runner registers (or fails it,
-    /// per the scheduler's `unroutable` setting).
-    pub reject_unknown_node_types: bool,
+    /// Refuse (422) a job that no registered runner of its pool can run:
+    /// node types, model files its loaders name, `runner_labels`. Off:
+    /// accept it, and the scheduler holds it as `waiting_for_capability`
+    /// until such a runner registers (or fails it, per the scheduler's
+    /// `unroutable` setting).
+    pub reject_unrunnable: bool,
     /// Longest `?wait=N` honoured, in seconds.
     pub max_wait_s: u64,
     /// Most input files per job and most nodes per workflow.
@@ -73,7 +74,7 @@ impl Default for IngressConfig {
             max_body_bytes: 64 * 1024 * 1024,
             default_timeout_s: 600,
             max_timeout_s: 24 * 3600,
-            reject_unknown_node_types: true,
+            reject_unrunnable: true,
             max_wait_s: 300,
             max_inputs: 32,
             max_nodes: 5000,

@@ -195,7 +195,7 @@ pub(crate) async fn submit_job(
             .validate(&limits(&state), uploaded.clone())
             .map_err(Problem::validation)?;
         state.active.check(&tenant, state.config.max_active_jobs)?;
-        catalog::check_node_types(&state, &valid).await?;
+        catalog::check_capability(&state, &valid).await?;
         if let Some(webhook) = &valid.webhook {
             fetch::check_webhook(&state, &webhook.url).await?;
         }
@@ -289,6 +289,7 @@ async fn submit(
         let submit = SubmitJob {
             v: SCHEMA_VERSION,
             spec,
+            requeued_at: None,
         };
         let payload = serde_json::to_vec(&submit).map_err(|e| Problem::internal(&e))?;
         let mut headers = async_nats::HeaderMap::new();

@@ -497,7 +497,7 @@ impl View {
             job: submit.spec.id,
             tenant,
             priority,
-            enqueued_at: submit.spec.created_at,
+            enqueued_at: submit.queued_since(),
             needs: std::sync::Arc::new(Needs::of(&submit.spec)),
         };
         self.pools.entry(pool).or_default().push(entry);

@@ -479,6 +479,7 @@ impl Scheduler {
             let submit = SubmitJob {
                 v: SCHEMA_VERSION,
                 spec: letter.spec,
+                requeued_at: Some(OffsetDateTime::now_utc()),
             };
             self.hold(&submit, format!("{}:r{}", retry.job_id, record.requeues))
                 .await?;

@@ -164,6 +164,18 @@ fn cases() -> Vec<Case> {
             "validation",
         ),
         post(
+            "model no runner has",
+            json!({"workflow": {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "absent.safetensors"}}}}),
+            422,
+            "validation",
+        ),
+        post(
+            "label no runner carries",
+            json!({"workflow": wf.clone(), "runner_labels": {"gpu": "absent"}}),
+            422,
+            "validation",
+        ),
+        post(
             "input name with slash",
             with_input(json!({"name": "x/a.png", "data": ok_png})),
             422,

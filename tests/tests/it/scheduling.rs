@@ -207,7 +207,7 @@ async fn a_job_no_runner_can_run_waits_then_times_out() {
     let mut options = StackOptions::default();
     options.scheduler.max_queue_time = Duration::from_secs(2);
     // Ingress would refuse it outright; here the scheduler is to hold it.
-    options.configure_ingress = Some(|ingress| ingress.reject_unknown_node_types = false);
+    options.configure_ingress = Some(|ingress| ingress.reject_unrunnable = false);
     let stack = TestStack::start_with(options).await;
     let workflow = json!({
         "1": {"class_type": "NoSuchNode", "inputs": {}},
@@ -569,6 +569,8 @@ fn checkpoint_workflow(ckpt: &str) -> Value {
 async fn a_job_loading_a_model_no_runner_has_is_rejected_when_so_configured() {
     let mut options = StackOptions::default();
     options.scheduler.unroutable = comfyq_scheduler::config::Unroutable::Reject;
+    // Ingress would refuse it with 422 (below); here the scheduler decides.
+    options.configure_ingress = Some(|ingress| ingress.reject_unrunnable = false);
     let stack = TestStack::start_with(options).await;
     // The simulator lists checkpoints/sim.safetensors.
     let present = id_of(
@@ -596,6 +598,45 @@ async fn a_job_loading_a_model_no_runner_has_is_rejected_when_so_configured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_refuses_a_job_no_registered_runner_can_run_and_says_why() {
+    let stack = TestStack::start().await;
+    let refusal = async |body: Value| {
+        let response = stack
+            .http
+            .post(format!("{}/v1/jobs", stack.api))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /v1/jobs");
+        assert_eq!(response.status(), reqwest::StatusCode::UNPROCESSABLE_ENTITY);
+        let problem: Value = response.json().await.expect("problem JSON");
+        problem["errors"][0].clone()
+    };
+    let model = refusal(json!({"workflow": checkpoint_workflow("absent.safetensors")})).await;
+    assert_eq!(model["pointer"], "/workflow", "{model:#}");
+    let message = model["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("lacks model checkpoints/absent.safetensors"),
+        "{message}"
+    );
+    let label =
+        refusal(json!({"workflow": invert_workflow(8), "runner_labels": {"gpu": "h100"}})).await;
+    assert_eq!(label["pointer"], "/runner_labels", "{label:#}");
+    let message = label["message"].as_str().unwrap_or_default();
+    assert!(message.contains("lacks label gpu=h100"), "{message}");
+    // What some runner can run is accepted.
+    let fine = id_of(
+        &stack
+            .submit(json!({"workflow": checkpoint_workflow("sim.safetensors")}))
+            .await,
+    );
+    let fine = stack.wait_finished(&fine, Duration::from_secs(10)).await;
+    assert_eq!(fine["status"], "completed", "{fine:#}");
+    assert!(stack.sim.prompts_received().len() == 1);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_requiring_a_label_run_only_on_runners_carrying_it() {
     let stack = TestStack::start_with(StackOptions {
         runners: 2,
@@ -604,6 +645,8 @@ async fn jobs_requiring_a_label_run_only_on_runners_carrying_it() {
                 config.labels.insert("gpu".to_owned(), "a100".to_owned());
             }
         })),
+        // The h100 job is for the scheduler to hold (ingress would refuse it).
+        configure_ingress: Some(|ingress| ingress.reject_unrunnable = false),
         ..StackOptions::default()
     })
     .await;
