@@ -614,6 +614,50 @@ mod tests {
         ));
     }
 
+    const KINDS: [ErrorKind; 8] = [
+        ErrorKind::Validation,
+        ErrorKind::Execution,
+        ErrorKind::OutOfMemory,
+        ErrorKind::Infrastructure,
+        ErrorKind::Timeout,
+        ErrorKind::AttemptsExhausted,
+        ErrorKind::Rejected,
+        ErrorKind::Internal,
+    ];
+
+    proptest::proptest! {
+        /// Retryable failures with deliveries left come back after
+        /// `backoff · 2^(delivery-1)` (exponent capped at 10) times a jitter
+        /// of 0.5–1.5; the last one is exhausted; user errors never retry.
+        #[test]
+        fn failures_retry_with_jittered_exponential_backoff_or_never(
+            kind in 0..KINDS.len(),
+            delivery in 1u32..20,
+            max_attempts in 1u32..20,
+            backoff_ms in 1u64..60_000,
+        ) {
+            let kind = KINDS[kind];
+            let backoff = Duration::from_millis(backoff_ms);
+            let end = AttemptEnd::Failed(JobError::new(kind, "x"));
+            match disposition(end, delivery, max_attempts, backoff, false) {
+                Disposition::Retry(AttemptOutcome::Failed { retrying: true, .. }, delay) => {
+                    proptest::prop_assert!(kind.is_retryable() && delivery < max_attempts);
+                    let base = backoff.as_secs_f64() * f64::from(1u32 << (delivery - 1).min(10));
+                    let ratio = delay.as_secs_f64() / base;
+                    proptest::prop_assert!((0.5 - 1e-9..=1.5 + 1e-9).contains(&ratio), "ratio {ratio}");
+                }
+                Disposition::Exhausted(AttemptOutcome::Failed { retrying: false, .. }) => {
+                    proptest::prop_assert!(kind.is_retryable() && delivery >= max_attempts);
+                }
+                Disposition::Drop(Some(AttemptOutcome::Failed { retrying: false, error })) => {
+                    proptest::prop_assert!(!kind.is_retryable());
+                    proptest::prop_assert_eq!(error.kind, kind);
+                }
+                other => proptest::prop_assert!(false, "unexpected {:?}", other),
+            }
+        }
+    }
+
     #[test]
     fn backoff_grows_with_attempts() {
         let delay = |attempt| match disposition(
