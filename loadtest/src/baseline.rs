@@ -25,6 +25,7 @@ pub(crate) const RAW_ACKED: &str = "raw JetStream: publish → pull → acked (d
 pub(crate) const RAW_RATE: &str = "raw JetStream: pipelined publish → pull → ack";
 pub(crate) const RAW_PUT: &str = "raw object store put";
 pub(crate) const RAW_GET: &str = "raw object store get";
+pub(crate) const RAW_FANOUT: &str = "raw NATS: publish → 100 subscribers";
 pub(crate) const DIRECT: &str = "direct ComfyUI (POST /prompt, WS, /history, /view)";
 
 fn unique(prefix: &str) -> String {
@@ -56,6 +57,80 @@ async fn raw_stream(
         })
         .await?;
     Ok((name, subject, consumer))
+}
+
+/// Core NATS fan-out with the receivers in this process, as the `fanout`
+/// scenario has them: `messages` progress-shaped events (stamped `at` when
+/// published) every `interval` to `receivers` subscribers on their own
+/// connections, each parsing every message. The floor for comfyq's fan-out
+/// on this machine, in this process.
+pub(crate) async fn fanout(
+    nats_url: &str,
+    receivers: usize,
+    messages: usize,
+    interval: Duration,
+    age: fn(&[u8], time::OffsetDateTime) -> Option<f64>,
+) -> anyhow::Result<Latency> {
+    let subject = unique("raw.fanout.");
+    let received = Arc::new(Mutex::new(Latency::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..receivers {
+        let client = async_nats::connect(nats_url).await?;
+        let mut subscription = client.subscribe(subject.clone()).await?;
+        client.flush().await?;
+        let received = received.clone();
+        tasks.push(tokio::spawn(async move {
+            let _client = client;
+            while let Some(message) = subscription.next().await {
+                if let Some(age) = age(&message.payload, time::OffsetDateTime::now_utc()) {
+                    received
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .record_secs(age);
+                }
+            }
+        }));
+    }
+    let publisher = async_nats::connect(nats_url).await?;
+    let job = uuid::Uuid::now_v7();
+    let mut ticks = tokio::time::interval(interval);
+    for step in 0..messages {
+        ticks.tick().await;
+        let at = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)?;
+        let event = json!({
+            "v": 1,
+            "id": uuid::Uuid::new_v4(),
+            "type": "job.progress",
+            "at": at,
+            "tenant": "loadtest",
+            "job_id": job,
+            "data": {"node": "3", "value": step % 100 + 1, "max": 100},
+        });
+        publisher
+            .publish(subject.clone(), serde_json::to_vec(&event)?.into())
+            .await?;
+    }
+    publisher.flush().await?;
+    let expected = (messages * receivers) as u64;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while received
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .len()
+        < expected
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for task in tasks {
+        task.abort();
+    }
+    let received = received
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    Ok(received)
 }
 
 /// One message at a time: the latency floor of a JetStream work queue here.

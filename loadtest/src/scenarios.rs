@@ -438,6 +438,21 @@ async fn fanout(o: &Options) -> anyhow::Result<Report> {
             }
         }));
     }
+    // The floor first, at the scenario's event rate (a progress step every 10 ms).
+    let raw = if o.no_baseline {
+        None
+    } else {
+        Some(
+            baseline::fanout(
+                &nats_url,
+                receivers,
+                500,
+                Duration::from_millis(10),
+                event_age,
+            )
+            .await?,
+        )
+    };
     let tenant = &target.tenants[0];
     for _ in 0..receivers {
         let response = tenant
@@ -494,8 +509,16 @@ async fn fanout(o: &Options) -> anyhow::Result<Report> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
-    report.latency(&format!("progress → {receivers} NATS subscribers"), &nats);
-    report.latency(&format!("progress → {receivers} SSE clients"), &sse);
+    let to_nats = format!("progress → {receivers} NATS subscribers");
+    let to_sse = format!("progress → {receivers} SSE clients");
+    if let Some(raw) = &raw {
+        report.latency(baseline::RAW_FANOUT, raw);
+        report.latency_vs(&to_nats, &nats, baseline::RAW_FANOUT);
+        report.latency_vs(&to_sse, &sse, baseline::RAW_FANOUT);
+    } else {
+        report.latency(&to_nats, &nats);
+        report.latency(&to_sse, &sse);
+    }
     report.value(
         "progress events received over NATS",
         nats.len() as f64,
