@@ -113,6 +113,15 @@ pub(crate) struct Options {
     /// Soak: report every this long.
     #[arg(long, global = true, value_parser = humantime::parse_duration)]
     pub(crate) interval: Option<Duration>,
+    /// Keep the simulators' files in the system's temp dir (disk) instead of
+    /// `/dev/shm` (tmpfs).
+    #[arg(long, global = true)]
+    pub(crate) sim_disk: bool,
+    /// Latency: first queue this many jobs of a tenant that cannot run (at
+    /// its `max_running` with one long job), so every dispatcher pass sees
+    /// them while the measured jobs of other tenants are dispatched.
+    #[arg(long, global = true)]
+    pub(crate) backlog: Option<usize>,
     /// Skip the baselines.
     #[arg(long, global = true)]
     pub(crate) no_baseline: bool,
