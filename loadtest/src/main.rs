@@ -117,11 +117,6 @@ pub(crate) struct Options {
     /// `/dev/shm` (tmpfs).
     #[arg(long, global = true)]
     pub(crate) sim_disk: bool,
-    /// Latency: first queue this many jobs of a tenant that cannot run (at
-    /// its `max_running` with one long job), so every dispatcher pass sees
-    /// them while the measured jobs of other tenants are dispatched.
-    #[arg(long, global = true)]
-    pub(crate) backlog: Option<usize>,
     /// Skip the baselines.
     #[arg(long, global = true)]
     pub(crate) no_baseline: bool,
