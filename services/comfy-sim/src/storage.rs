@@ -43,7 +43,10 @@ pub(crate) struct Storage {
 }
 
 impl Storage {
-    pub(crate) fn new(data_dir: Option<&Path>, temp_parent: Option<&Path>) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        data_dir: Option<&Path>,
+        temp_parent: Option<&Path>,
+    ) -> std::io::Result<Self> {
         let (root, tmp) = match data_dir {
             Some(d) => (d.to_path_buf(), None),
             None => {

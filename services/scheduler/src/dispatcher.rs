@@ -600,9 +600,9 @@ async fn in_flight(
 enum Prepared {
     /// Its record still waits: dispatch it as attempt `attempt`.
     Dispatch {
-        spec: comfyq_shared::job::JobSpec,
+        spec: Box<comfyq_shared::job::JobSpec>,
         attempt: u32,
-        known: Versioned,
+        known: Box<Versioned>,
     },
     /// Gone, unreadable, or its record moved on: only delete the message.
     Skip,
@@ -648,9 +648,9 @@ async fn prepare(
             metrics::histogram!("comfyq_scheduler_queue_wait_seconds", "priority" => entry.priority.as_str())
                 .record(waited);
             Ok(Prepared::Dispatch {
-                spec: submit.spec,
                 attempt: current.record.attempt + 1,
-                known: current,
+                spec: Box::new(submit.spec),
+                known: Box::new(current),
             })
         }
         _ => Ok(Prepared::Skip),
@@ -686,22 +686,28 @@ async fn dispatch_batch(
                 spec,
                 attempt,
                 known,
-            } => Some((s.start_dispatch(spec, attempt).await?, known)),
+            } => Some((s.start_dispatch(*spec, attempt).await?, *known)),
             Prepared::Skip => None,
         });
     }
-    let writes: Vec<_> = entries.iter().zip(started).map(|(entry, job)| Box::pin(async move {
-        let went = match job {
-            Some(((dispatch, ack), known)) => {
-                ack.await.map_err(nats)?;
-                s.dispatched(&dispatch, Some(known)).await?;
-                true
-            }
-            None => false,
-        };
-        delete_pending(&s.js, pending, entry.seq).await?;
-        Ok::<bool, DispatchError>(went)
-    })).collect();
+    let writes: Vec<_> = entries
+        .iter()
+        .zip(started)
+        .map(|(entry, job)| {
+            Box::pin(async move {
+                let went = match job {
+                    Some(((dispatch, ack), known)) => {
+                        ack.await.map_err(nats)?;
+                        s.dispatched(&dispatch, Some(known)).await?;
+                        true
+                    }
+                    None => false,
+                };
+                delete_pending(&s.js, pending, entry.seq).await?;
+                Ok::<bool, DispatchError>(went)
+            })
+        })
+        .collect();
     futures::stream::iter(writes)
         .buffered(DISPATCH_CONCURRENCY)
         .try_collect()
