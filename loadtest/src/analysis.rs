@@ -227,3 +227,54 @@ pub(crate) fn add_job_rows(
     }
     derived
 }
+
+/// NATS messages the in-process services' connections sent and received.
+pub(crate) type MessageSnapshot = Vec<(String, comfyq_shared::connection::MessageCounts)>;
+
+pub(crate) fn nats_messages() -> MessageSnapshot {
+    comfyq_shared::connection::message_counts()
+}
+
+/// Adds "NATS messages per job" rows (per service and in all) from two
+/// snapshots around the measured run: what each job costs in NATS operations
+/// (background traffic such as heartbeats, polls and ticks included).
+pub(crate) fn add_message_rows(
+    report: &mut Report,
+    before: &MessageSnapshot,
+    after: &MessageSnapshot,
+    jobs: usize,
+) {
+    if jobs == 0 || after.is_empty() {
+        return;
+    }
+    let (mut sent_all, mut received_all) = (0u64, 0u64);
+    for (service, counts) in after {
+        let earlier = before
+            .iter()
+            .find(|(s, _)| s == service)
+            .map(|(_, c)| *c)
+            .unwrap_or_default();
+        let sent = counts.sent.saturating_sub(earlier.sent);
+        let received = counts.received.saturating_sub(earlier.received);
+        sent_all += sent;
+        received_all += received;
+        report.value(
+            &format!("NATS messages per job, {service} (sent / received)"),
+            (sent + received) as f64 / jobs as f64,
+            &format!(
+                "msgs ({:.1} / {:.1})",
+                sent as f64 / jobs as f64,
+                received as f64 / jobs as f64
+            ),
+        );
+    }
+    report.value(
+        "NATS messages per job, all services (sent / received)",
+        (sent_all + received_all) as f64 / jobs as f64,
+        &format!(
+            "msgs ({:.1} / {:.1})",
+            sent_all as f64 / jobs as f64,
+            received_all as f64 / jobs as f64
+        ),
+    );
+}

@@ -113,6 +113,10 @@ pub(crate) struct Options {
     /// Soak: report every this long.
     #[arg(long, global = true, value_parser = humantime::parse_duration)]
     pub(crate) interval: Option<Duration>,
+    /// Keep the simulators' files in the system's temp dir (disk) instead of
+    /// `/dev/shm` (tmpfs).
+    #[arg(long, global = true)]
+    pub(crate) sim_disk: bool,
     /// Skip the baselines.
     #[arg(long, global = true)]
     pub(crate) no_baseline: bool,

@@ -43,8 +43,17 @@ fn zero_work(o: &Options) -> SimConfig {
         node_delay_ms: 0,
         previews: false,
         output_bytes: o.output_bytes.unwrap_or(0),
+        temp_parent: sim_temp_parent(o),
         ..SimConfig::default()
     }
+}
+
+/// The simulators' files go to tmpfs (`/dev/shm`) unless `--sim-disk`: a
+/// simulated ComfyUI stands in for a GPU machine of its own, whose file
+/// writes production comfyq never pays for in its CPU.
+fn sim_temp_parent(o: &Options) -> Option<std::path::PathBuf> {
+    let shm = std::path::Path::new("/dev/shm");
+    (!o.sim_disk && shm.is_dir()).then(|| shm.to_path_buf())
 }
 
 fn local(o: &Options, sims: usize, runners: usize, slots: usize, sim: SimConfig) -> LocalOptions {
@@ -117,6 +126,7 @@ fn settings(o: &Options, local: &LocalOptions, mix: &Mix, spec: &LoadSpec) -> Va
         "input_bytes": mix.input.as_ref().map(bytes::Bytes::len),
         "output_bytes": local.sim.output_bytes,
         "sim_node_delay_ms": local.sim.node_delay_ms,
+        "sim_files": local.sim.temp_parent.as_ref().map_or("system temp dir".to_owned(), |p| p.display().to_string()),
     })
 }
 
@@ -168,12 +178,15 @@ async fn latency(o: &Options) -> anyhow::Result<Report> {
     let target = Arc::new(target);
     let tracker = driver::listen(&target, spec.sse).await?;
     warm_up(&target, &tracker, &mix).await?;
+    let before = analysis::nats_messages();
     let outcome = driver::run(target.clone(), tracker, &mix, &spec).await?;
+    let messages = analysis::nats_messages();
     let client = nats_client(&target).await?;
     if let (Some(client), false) = (&client, o.no_baseline) {
         baseline::jetstream_latency(client, 1000, &mut report).await?;
     }
     analysis::add_job_rows(&target, &outcome, &mut report, false);
+    analysis::add_message_rows(&mut report, &before, &messages, outcome.accepted.len());
     report.compare(DISPATCH, RAW_PULLED);
     report.compare(SUBMIT, RAW_PUBLISH);
     match (&target.comfyui_url, o.no_baseline, mix.input.is_some()) {
@@ -235,8 +248,11 @@ async fn throughput(o: &Options) -> anyhow::Result<Report> {
     }
     let tracker = driver::listen(&target, false).await?;
     warm_up(&target, &tracker, &mix).await?;
+    let before = analysis::nats_messages();
     let outcome = driver::run(target.clone(), tracker, &mix, &spec).await?;
+    let messages = analysis::nats_messages();
     let derived = analysis::add_job_rows(&target, &outcome, &mut report, false);
+    analysis::add_message_rows(&mut report, &before, &messages, outcome.accepted.len());
     report.value_vs(
         "sustained completed rate vs raw JetStream",
         derived.completed_per_s,

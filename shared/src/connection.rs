@@ -1,6 +1,37 @@
 //! Connecting to NATS with the options every service wants.
 
+use std::sync::{Arc, Mutex};
+
+use async_nats::Statistics;
+
 use crate::config::NatsConfig;
+
+/// Every connection this process opened through [`connect`], by service, so
+/// a load test running the services in-process can count the NATS messages
+/// each service sends and receives per job.
+static CONNECTIONS: Mutex<Vec<(String, Arc<Statistics>)>> = Mutex::new(Vec::new());
+
+/// Messages sent and received by one service's connections (summed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MessageCounts {
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// Messages so far per service (`ingress`, `scheduler`, `runner`, …) over
+/// every connection this process opened, including closed ones.
+pub fn message_counts() -> Vec<(String, MessageCounts)> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut totals: std::collections::BTreeMap<String, MessageCounts> = Default::default();
+    if let Ok(connections) = CONNECTIONS.lock() {
+        for (service, stats) in connections.iter() {
+            let total = totals.entry(service.clone()).or_default();
+            total.sent += stats.out_messages.load(Relaxed);
+            total.received += stats.in_messages.load(Relaxed);
+        }
+    }
+    totals.into_iter().collect()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -45,13 +76,17 @@ pub async fn connect(
                 })?;
     }
     let urls: Vec<&str> = config.url.split(',').map(str::trim).collect();
-    options
+    let client = options
         .connect(urls)
         .await
         .map_err(|source| ConnectError::Connect {
             url: config.url.clone(),
             source,
-        })
+        })?;
+    if let Ok(mut connections) = CONNECTIONS.lock() {
+        connections.push((service.to_owned(), client.statistics()));
+    }
+    Ok(client)
 }
 
 /// A JetStream context with comfyq's timeouts.

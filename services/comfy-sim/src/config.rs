@@ -37,6 +37,10 @@ pub struct SimConfig {
     pub failures: Vec<Failure>,
     /// Directory for input/output/temp files (a fresh temporary directory if unset).
     pub data_dir: Option<PathBuf>,
+    /// Where that fresh temporary directory goes (the system's temp dir if
+    /// unset): the load test puts it on tmpfs, as a simulator stands in for
+    /// another machine whose disk is not the queue's cost.
+    pub temp_parent: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -64,6 +68,7 @@ impl Default for SimConfig {
             restart_on_crash: true,
             failures: Vec::new(),
             data_dir: None,
+            temp_parent: None,
         }
     }
 }

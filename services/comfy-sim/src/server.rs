@@ -122,7 +122,7 @@ impl Simulator {
 }
 
 fn build_core(config: SimConfig) -> anyhow::Result<(Arc<Core>, mpsc::UnboundedReceiver<Command>)> {
-    let storage = Storage::new(config.data_dir.as_deref())?;
+    let storage = Storage::new(config.data_dir.as_deref(), config.temp_parent.as_deref())?;
     let (tx, rx) = mpsc::unbounded_channel();
     let core = Arc::new(Core {
         failures: Mutex::new(config.failures.iter().cloned().collect()),

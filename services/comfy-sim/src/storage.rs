@@ -43,11 +43,19 @@ pub(crate) struct Storage {
 }
 
 impl Storage {
-    pub(crate) fn new(data_dir: Option<&Path>) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        data_dir: Option<&Path>,
+        temp_parent: Option<&Path>,
+    ) -> std::io::Result<Self> {
         let (root, tmp) = match data_dir {
             Some(d) => (d.to_path_buf(), None),
             None => {
-                let t = tempfile::Builder::new().prefix("comfy-sim-").tempdir()?;
+                let mut builder = tempfile::Builder::new();
+                builder.prefix("comfy-sim-");
+                let t = match temp_parent {
+                    Some(parent) => builder.tempdir_in(parent)?,
+                    None => builder.tempdir()?,
+                };
                 (t.path().to_path_buf(), Some(t))
             }
         };

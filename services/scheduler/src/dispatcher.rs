@@ -22,6 +22,7 @@ use async_nats::jetstream::stream::Stream as JsStream;
 use comfyq_shared::capability::{Needs, Offer};
 use comfyq_shared::ids::{PoolName, TenantId};
 use comfyq_shared::job::{ErrorKind, JobStatus, WAITING_FOR_CAPABILITY};
+use comfyq_shared::job_store::Versioned;
 use comfyq_shared::messages::SubmitJob;
 use comfyq_shared::priority::Priority;
 use futures::StreamExt;
@@ -101,8 +102,22 @@ enum Event {
     Ended(&'static str),
 }
 
+/// Payload bytes of pending messages the view keeps, so that dispatching a
+/// job needs no read of its message: 64 MiB holds 1,000 jobs of 50 KB
+/// workflows (beyond it, a job's message is read back when it is picked).
+const PAYLOAD_BUDGET: usize = 64 * 1024 * 1024;
+
+/// Jobs of one pass whose reads and writes are in flight at once.
+const DISPATCH_CONCURRENCY: usize = 32;
+
+/// Jobs picked before their dispatches are sent (the pass picks again for
+/// what is left of the capacity).
+const MAX_BATCH: usize = 256;
+
 #[derive(Default)]
 struct View {
+    /// Bytes of the payloads held in `pools` (at most `PAYLOAD_BUDGET`).
+    payload_bytes: usize,
     pools: BTreeMap<PoolName, PoolQueue>,
     runners: HashMap<String, LiveRunner>,
     /// Jobs marked `waiting_for_capability` in their record.
@@ -354,17 +369,25 @@ impl Dispatcher {
                                 < r.view.slots
                     })
             };
+            // Pick a batch as if every pick goes out, then send it: the
+            // dispatches of one batch are published in pick order, their
+            // records and events written concurrently. A pick whose record
+            // had moved on (cancelled, dispatched by an earlier leader)
+            // gives its slot back to the next batch.
             while capacity > 0 {
-                let Some(next) = policy::pick(queue, now, &policy, &tenants, |e| {
-                    capable(e) && free_capable(e, &taken)
-                })
-                .cloned() else {
-                    break;
-                };
-                queue.remove(next.priority, &next.tenant, next.seq);
-                if dispatch_one(s, pending, &next, now).await? {
-                    capacity -= 1;
+                let mut batch: Vec<(Pending, Option<&str>)> = Vec::new();
+                while batch.len() < capacity.min(MAX_BATCH) {
+                    let Some(next) = policy::pick(queue, now, &policy, &tenants, |e| {
+                        capable(e) && free_capable(e, &taken)
+                    })
+                    .cloned() else {
+                        break;
+                    };
+                    if let Some(removed) = queue.remove(next.priority, &next.tenant, next.seq) {
+                        view.payload_bytes -= removed.payload.as_ref().map_or(0, |p| p.len());
+                    }
                     tenants.served(&next.tenant);
+                    let mut runner = None;
                     if !runners.iter().all(|r| r.can_run(&next.needs))
                         && let Some(r) = runners.iter().find(|r| {
                             r.can_run(&next.needs)
@@ -373,9 +396,29 @@ impl Dispatcher {
                         })
                     {
                         *taken.entry(r.key.as_str()).or_insert(0) += 1;
+                        runner = Some(r.key.as_str());
+                    }
+                    batch.push((next, runner));
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                capacity -= batch.len();
+                let entries: Vec<Pending> = batch.iter().map(|(e, _)| e.clone()).collect();
+                let sent = dispatch_batch(s, pending, &entries, now).await?;
+                for ((entry, runner), went) in batch.into_iter().zip(sent) {
+                    view.marked.remove(&entry.job);
+                    if went {
+                        continue;
+                    }
+                    capacity += 1;
+                    if let Some(n) = tenants.running.get_mut(&entry.tenant) {
+                        *n = n.saturating_sub(1);
+                    }
+                    if let Some(n) = runner.and_then(|key| taken.get_mut(key)) {
+                        *n = n.saturating_sub(1);
                     }
                 }
-                view.marked.remove(&next.job);
             }
             view.served.insert(pool.clone(), tenants.last_served);
             report_depth(&pool, queue, now);
@@ -426,8 +469,10 @@ impl Dispatcher {
                     Input::FailQueued { kind, message },
                 )
                 .await?;
-                if let Some(queue) = view.pools.get_mut(pool) {
-                    queue.remove(entry.priority, &entry.tenant, entry.seq);
+                if let Some(queue) = view.pools.get_mut(pool)
+                    && let Some(removed) = queue.remove(entry.priority, &entry.tenant, entry.seq)
+                {
+                    view.payload_bytes -= removed.payload.as_ref().map_or(0, |p| p.len());
                 }
                 view.marked.remove(&entry.job);
                 delete_pending(&s.js, pending, entry.seq).await?;
@@ -499,8 +544,14 @@ impl View {
             priority,
             enqueued_at: submit.queued_since(),
             needs: std::sync::Arc::new(Needs::of(&submit.spec)),
+            // A copy: the delivered payload may share a larger read buffer.
+            payload: (self.payload_bytes + message.payload.len() <= PAYLOAD_BUDGET)
+                .then(|| bytes::Bytes::copy_from_slice(&message.payload)),
         };
-        self.pools.entry(pool).or_default().push(entry);
+        let held = entry.payload.as_ref().map_or(0, |p| p.len());
+        if self.pools.entry(pool).or_default().push(entry) {
+            self.payload_bytes += held;
+        }
     }
 
     fn update_runner(&mut self, entry: kv::Entry) {
@@ -545,29 +596,43 @@ async fn in_flight(
     Ok(running)
 }
 
-/// Moves one held job to DISPATCH if its record still waits; returns
-/// whether it took a slot. The pending message goes either way.
-async fn dispatch_one(
+/// What a picked job needs before its dispatch is sent.
+enum Prepared {
+    /// Its record still waits: dispatch it as attempt `attempt`.
+    Dispatch {
+        spec: Box<comfyq_shared::job::JobSpec>,
+        attempt: u32,
+        known: Box<Versioned>,
+    },
+    /// Gone, unreadable, or its record moved on: only delete the message.
+    Skip,
+}
+
+/// Its payload (kept in the view, else read back) and its record.
+async fn prepare(
     s: &Scheduler,
     pending: &JsStream,
     entry: &Pending,
     now: OffsetDateTime,
-) -> Result<bool, DispatchError> {
-    let raw = match pending.get_raw_message(entry.seq).await {
-        Ok(raw) => raw,
-        Err(e)
-            if e.kind() == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
-        {
-            return Ok(false);
-        }
-        Err(e) => return Err(nats(e)),
+) -> Result<Prepared, DispatchError> {
+    let payload = match &entry.payload {
+        Some(payload) => payload.clone(),
+        None => match pending.get_raw_message(entry.seq).await {
+            Ok(raw) => raw.payload,
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                return Ok(Prepared::Skip);
+            }
+            Err(e) => return Err(nats(e)),
+        },
     };
-    let Ok(submit) = serde_json::from_slice::<SubmitJob>(&raw.payload) else {
-        delete_pending(&s.js, pending, entry.seq).await?;
-        return Ok(false);
+    let Ok(submit) = serde_json::from_slice::<SubmitJob>(&payload) else {
+        return Ok(Prepared::Skip);
     };
     // Attempts keep counting after an operator's requeue.
-    let next_attempt = match s
+    match s
         .jobs
         .get(&entry.tenant, &entry.job)
         .await
@@ -579,19 +644,74 @@ async fn dispatch_one(
                 JobStatus::Accepted | JobStatus::Queued
             ) =>
         {
-            Some(current.record.attempt + 1)
+            let waited = (now - entry.enqueued_at).as_seconds_f64().max(0.0);
+            metrics::histogram!("comfyq_scheduler_queue_wait_seconds", "priority" => entry.priority.as_str())
+                .record(waited);
+            Ok(Prepared::Dispatch {
+                attempt: current.record.attempt + 1,
+                spec: Box::new(submit.spec),
+                known: Box::new(current),
+            })
         }
-        _ => None,
-    };
-    let waiting = next_attempt.is_some();
-    if let Some(attempt) = next_attempt {
-        let waited = (now - entry.enqueued_at).as_seconds_f64().max(0.0);
-        metrics::histogram!("comfyq_scheduler_queue_wait_seconds", "priority" => entry.priority.as_str())
-            .record(waited);
-        s.dispatch(submit.spec, attempt).await?;
+        _ => Ok(Prepared::Skip),
     }
-    delete_pending(&s.js, pending, entry.seq).await?;
-    Ok(waiting)
+}
+
+/// Moves held jobs to DISPATCH if their records still wait; returns, per
+/// entry, whether it took a slot. Each pending message goes either way,
+/// after its dispatch is stored and recorded.
+async fn dispatch_batch(
+    s: &Scheduler,
+    pending: &JsStream,
+    entries: &[Pending],
+    now: OffsetDateTime,
+) -> Result<Vec<bool>, DispatchError> {
+    use futures::TryStreamExt;
+    // Futures collected first: a lazy `map` closure here trips the
+    // compiler's `Send` inference for the spawned dispatcher task.
+    let reads: Vec<_> = entries
+        .iter()
+        .map(|e| Box::pin(prepare(s, pending, e, now)))
+        .collect();
+    let prepared: Vec<Prepared> = futures::stream::iter(reads)
+        .buffered(DISPATCH_CONCURRENCY)
+        .try_collect()
+        .await?;
+    // Sent in pick order without waiting for each ack: one connection keeps
+    // the order, so DISPATCH holds them as picked.
+    let mut started = Vec::with_capacity(prepared.len());
+    for job in prepared {
+        started.push(match job {
+            Prepared::Dispatch {
+                spec,
+                attempt,
+                known,
+            } => Some((s.start_dispatch(*spec, attempt).await?, *known)),
+            Prepared::Skip => None,
+        });
+    }
+    let writes: Vec<_> = entries
+        .iter()
+        .zip(started)
+        .map(|(entry, job)| {
+            Box::pin(async move {
+                let went = match job {
+                    Some(((dispatch, ack), known)) => {
+                        ack.await.map_err(nats)?;
+                        s.dispatched(&dispatch, Some(known)).await?;
+                        true
+                    }
+                    None => false,
+                };
+                delete_pending(&s.js, pending, entry.seq).await?;
+                Ok::<bool, DispatchError>(went)
+            })
+        })
+        .collect();
+    futures::stream::iter(writes)
+        .buffered(DISPATCH_CONCURRENCY)
+        .try_collect()
+        .await
 }
 
 async fn delete_pending(

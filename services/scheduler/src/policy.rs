@@ -36,6 +36,10 @@ pub struct Pending {
     pub enqueued_at: OffsetDateTime,
     /// What the job needs of a runner (node types, models, labels).
     pub needs: std::sync::Arc<comfyq_shared::capability::Needs>,
+    /// The pending message's payload (the `SubmitJob`) as the ordered reader
+    /// delivered it, kept while the dispatcher's payload budget lasts so the
+    /// dispatch need not read the message back; `None`: read it by `seq`.
+    pub payload: Option<bytes::Bytes>,
 }
 
 /// The pending jobs of one pool, one FIFO lane per priority and tenant.
@@ -46,18 +50,20 @@ pub struct PoolQueue {
 }
 
 impl PoolQueue {
-    /// Adds a job, keeping each lane in acceptance order.
-    pub fn push(&mut self, entry: Pending) {
+    /// Adds a job, keeping each lane in acceptance order; `false` if it
+    /// was there already.
+    pub fn push(&mut self, entry: Pending) -> bool {
         let lane = self
             .lanes
             .entry((entry.priority, entry.tenant.clone()))
             .or_default();
         if lane.iter().any(|e| e.seq == entry.seq) {
-            return;
+            return false;
         }
         let at = lane.partition_point(|e| (e.enqueued_at, e.seq) < (entry.enqueued_at, entry.seq));
         lane.insert(at, entry);
         self.len += 1;
+        true
     }
 
     /// Removes the job with sequence `seq` from its lane.
@@ -230,6 +236,7 @@ mod tests {
             priority: priority(p),
             enqueued_at: now - time::Duration::seconds(age_s),
             needs: Default::default(),
+            payload: None,
         }
     }
 

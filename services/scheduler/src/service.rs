@@ -10,7 +10,7 @@ use comfyq_shared::consume::{Outcome, acknowledge};
 use comfyq_shared::dead_letter::DeadLetter;
 use comfyq_shared::event::Event;
 use comfyq_shared::job::{ErrorKind, JobRecord, JobSpec, JobStatus, SCHEMA_VERSION};
-use comfyq_shared::job_store::{JobStore, JobStoreError};
+use comfyq_shared::job_store::{JobStore, JobStoreError, Versioned};
 use comfyq_shared::messages::{
     AttemptOutcome, CancelJob, DispatchJob, RetryJob, RunnerReport, SubmitJob,
 };
@@ -58,10 +58,28 @@ impl Scheduler {
         job: &JobId,
         input: Input<'_>,
     ) -> Result<Option<JobRecord>, HandleError> {
+        self.transition_from(tenant, job, input, None).await
+    }
+
+    /// [`Self::transition`] starting from a record the caller has just read
+    /// (saving a read); a stale one only costs a CAS conflict and a re-read.
+    pub(crate) async fn transition_from(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        input: Input<'_>,
+        mut known: Option<Versioned>,
+    ) -> Result<Option<JobRecord>, HandleError> {
         loop {
-            let Some(current) = self.jobs.get(tenant, job).await? else {
-                tracing::warn!(%job, "no record for job; input dropped");
-                return Ok(None);
+            let current = match known.take() {
+                Some(current) => current,
+                None => match self.jobs.get(tenant, job).await? {
+                    Some(current) => current,
+                    None => {
+                        tracing::warn!(%job, "no record for job; input dropped");
+                        return Ok(None);
+                    }
+                },
             };
             match machine::next(&current.record, &input, OffsetDateTime::now_utc()) {
                 Transition::Apply(new) => match self.jobs.update(&new, current.revision).await {
@@ -133,16 +151,22 @@ impl Scheduler {
     async fn submit(&self, submit: SubmitJob) -> Result<(), HandleError> {
         let spec = &submit.spec;
         // Ingress normally creates the record; create it here if it could not.
-        let before = match self.jobs.get(&spec.tenant, &spec.id).await? {
-            Some(current) => current.record,
+        let (before, mut known) = match self.jobs.get(&spec.tenant, &spec.id).await? {
+            Some(current) => (current.record.clone(), Some(current)),
             None => {
                 let record = JobRecord::accepted(spec);
-                match self.jobs.create(&record).await {
-                    Ok(_) => self.announce(&record).await?,
-                    Err(JobStoreError::Conflict(_)) => {}
+                let known = match self.jobs.create(&record).await {
+                    Ok(revision) => {
+                        self.announce(&record).await?;
+                        Some(Versioned {
+                            record: record.clone(),
+                            revision,
+                        })
+                    }
+                    Err(JobStoreError::Conflict(_)) => None,
                     Err(e) => return Err(e.into()),
-                }
-                record
+                };
+                (record, known)
             }
         };
         if before.status == JobStatus::Accepted
@@ -152,7 +176,7 @@ impl Scheduler {
             if queued >= limit {
                 metrics::counter!("comfyq_scheduler_rejected_total", "reason" => "max_queued")
                     .increment(1);
-                self.transition(
+                self.transition_from(
                     &spec.tenant,
                     &spec.id,
                     Input::FailQueued {
@@ -162,13 +186,16 @@ impl Scheduler {
                             spec.tenant
                         ),
                     },
+                    known,
                 )
                 .await?;
                 return Ok(());
             }
         }
+        // The record just read (the usual case: ingress created it) saves
+        // the transition a second read.
         let Some(record) = self
-            .transition(&spec.tenant, &spec.id, Input::Queue)
+            .transition_from(&spec.tenant, &spec.id, Input::Queue, known.take())
             .await?
         else {
             return Ok(());
@@ -220,32 +247,22 @@ impl Scheduler {
         Ok(total)
     }
 
-    /// Hands a held job to its pool's runners, its next delivery being
-    /// attempt `attempt` (1, or more after a requeue): publish (the message
-    /// id makes a second publish by another scheduler a no-op), then record
-    /// `dispatched`.
-    pub(crate) async fn dispatch(&self, spec: JobSpec, attempt: u32) -> Result<(), HandleError> {
+    /// Starts publishing a held job to its pool's runners, its next
+    /// delivery being attempt `attempt` (1, or more after a requeue). The
+    /// message id makes a second publish by another scheduler a no-op.
+    /// Publishes queue on the connection in call order, so a batch started
+    /// in pick order reaches DISPATCH in that order; await the returned ack,
+    /// then [`Self::dispatched`].
+    pub(crate) async fn start_dispatch(
+        &self,
+        spec: JobSpec,
+        attempt: u32,
+    ) -> Result<(DispatchJob, jetstream::context::PublishAckFuture), HandleError> {
         let dispatch = DispatchJob {
             v: SCHEMA_VERSION,
             attempt,
             spec,
         };
-        self.publish_dispatch(&dispatch).await?;
-        self.transition(
-            &dispatch.spec.tenant,
-            &dispatch.spec.id,
-            Input::Dispatch { attempt },
-        )
-        .await?;
-        let wait = (OffsetDateTime::now_utc() - dispatch.spec.created_at)
-            .as_seconds_f64()
-            .max(0.0);
-        metrics::histogram!("comfyq_scheduler_dispatch_latency_seconds", "priority" => dispatch.spec.priority.as_str())
-            .record(wait);
-        Ok(())
-    }
-
-    async fn publish_dispatch(&self, dispatch: &DispatchJob) -> Result<(), HandleError> {
         let subject = self.names.dispatch_subject(
             &dispatch.spec.pool,
             dispatch.spec.priority,
@@ -256,15 +273,23 @@ impl Scheduler {
             async_nats::header::NATS_MESSAGE_ID,
             dispatch.message_id().as_str(),
         );
-        let payload = serde_json::to_vec(dispatch).map_err(|e| HandleError::Nats(e.into()))?;
-        self.js
+        let payload = serde_json::to_vec(&dispatch).map_err(|e| HandleError::Nats(e.into()))?;
+        let ack = self
+            .js
             .publish_with_headers(subject, headers, payload.into())
             .await
-            .map_err(|e| HandleError::Nats(e.into()))?
-            .await
             .map_err(|e| HandleError::Nats(e.into()))?;
-        // Stored: now wake one idle runner of the pool (best effort; runners
-        // also poll, so a lost nudge only delays).
+        Ok((dispatch, ack))
+    }
+
+    /// The dispatch message is stored: wake an idle runner and record
+    /// `dispatched` (CAS, from `known` if given), then its event.
+    pub(crate) async fn dispatched(
+        &self,
+        dispatch: &DispatchJob,
+        known: Option<Versioned>,
+    ) -> Result<(), HandleError> {
+        // Best effort: runners also poll, so a lost nudge only delays.
         let _ = self
             .client
             .publish(
@@ -272,6 +297,20 @@ impl Scheduler {
                 Default::default(),
             )
             .await;
+        self.transition_from(
+            &dispatch.spec.tenant,
+            &dispatch.spec.id,
+            Input::Dispatch {
+                attempt: dispatch.attempt,
+            },
+            known,
+        )
+        .await?;
+        let wait = (OffsetDateTime::now_utc() - dispatch.spec.created_at)
+            .as_seconds_f64()
+            .max(0.0);
+        metrics::histogram!("comfyq_scheduler_dispatch_latency_seconds", "priority" => dispatch.spec.priority.as_str())
+            .record(wait);
         Ok(())
     }
 
