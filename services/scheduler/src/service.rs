@@ -263,15 +263,8 @@ impl Scheduler {
             .map_err(|e| HandleError::Nats(e.into()))?
             .await
             .map_err(|e| HandleError::Nats(e.into()))?;
-        // Stored: now wake one idle runner of the pool (best effort; runners
-        // also poll, so a lost nudge only delays).
-        let _ = self
-            .client
-            .publish(
-                self.names.wake_subject(&dispatch.spec.pool),
-                Default::default(),
-            )
-            .await;
+        // Runners with a free slot have a pull request waiting: the server
+        // delivers the stored message to one of them.
         Ok(())
     }
 
