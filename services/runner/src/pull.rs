@@ -11,7 +11,8 @@
 //! message it brings when the runner cannot take it (paused, ComfyUI not
 //! ready, shutting down) goes back at once (`Nak`), so another waiting
 //! runner gets it instead of it waiting out `ack_wait`. Each request has
-//! its own reply subject, so a late answer to an earlier one is told apart.
+//! its own reply subject, so a late status (408/409) of an earlier one is
+//! told apart.
 
 use std::time::Duration;
 
@@ -127,6 +128,9 @@ impl DispatchPull {
             let current = reply.subject.as_str() == self.current_inbox();
             match reply.status {
                 None | Some(StatusCode::OK) => {
+                    // A message carries its stream subject, not the reply
+                    // subject: it answers the outstanding request.
+                    let current = self.outstanding.is_some();
                     let message = Message {
                         message: reply,
                         context: self.context.clone(),
