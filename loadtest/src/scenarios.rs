@@ -329,7 +329,7 @@ async fn fleet(o: &Options) -> anyhow::Result<Vec<Report>> {
     }
     summary.note(format!(
         "every runner is a full in-process runner (own NATS connection, registration, \
-         wake subscription, polls, WebSocket) against {} simulators, which run one prompt at a time each: \
+         waiting pull request, WebSocket) against {} simulators, which run one prompt at a time each: \
          this measures the queue's cost of many runners and slots, not GPU parallelism",
         o.sims.unwrap_or(10)
     ));

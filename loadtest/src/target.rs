@@ -81,10 +81,10 @@ impl Target {
         options: &LocalOptions,
         tenants: usize,
     ) -> anyhow::Result<Self> {
-        // Production's runner defaults for polling and heartbeats, not the tests' fast ones.
+        // Production's runner defaults for pull requests and heartbeats, not the tests' fast ones.
         let defaults = comfyq_runner::RunnerConfig::default();
         let tweak = RunnerTweak::new(move |runner| {
-            runner.idle_poll = defaults.idle_poll;
+            runner.pull_expires = defaults.pull_expires;
             runner.stall_timeout = defaults.stall_timeout;
             runner.reconcile_interval = defaults.reconcile_interval;
         });

@@ -134,9 +134,12 @@ pub struct NatsConfig {
     pub dispatch_ack_wait: Duration,
     /// Deliveries of one dispatch message before the job is dead-lettered.
     pub dispatch_max_deliver: i64,
-    /// NATS priority-group policy of the dispatch consumers (server 2.11+):
-    /// `none`, or `overflow` so burst runners (`burst_min_pending`) pull
-    /// only while a backlog waits. Every service of a deployment must agree.
+    /// NATS priority-group policy of the dispatch consumers: `none`;
+    /// `overflow` (server 2.11+) so burst runners (`burst_min_pending`) pull
+    /// only while a backlog waits; or `prioritized` (server 2.12+) so the
+    /// waiting runner with the lowest `dispatch_priority` is served first.
+    /// Runners apply it to their pool's consumer, so all runners of a pool
+    /// must agree.
     pub dispatch_priority_policy: DispatchPriorityPolicy,
 }
 
@@ -147,6 +150,7 @@ pub enum DispatchPriorityPolicy {
     #[default]
     None,
     Overflow,
+    Prioritized,
 }
 
 impl Default for NatsConfig {

@@ -143,11 +143,8 @@ impl Names {
     ) -> String {
         format!("{}.dispatch.{pool}.{priority}.{tenant}", self.prefix)
     }
-    /// One priority of one pool, all tenants: a dispatch consumer's filter.
-    pub fn dispatch_priority_filter(&self, pool: &PoolName, priority: Priority) -> String {
-        format!("{}.dispatch.{pool}.{priority}.*", self.prefix)
-    }
-    /// Everything dispatched to one pool and not yet acknowledged.
+    /// Everything dispatched to one pool and not yet acknowledged (the
+    /// pool's dispatch consumer's filter).
     pub fn dispatch_pool_filter(&self, pool: &PoolName) -> String {
         format!("{}.dispatch.{pool}.>", self.prefix)
     }
@@ -196,15 +193,6 @@ impl Names {
         format!("{}.pending.{pool}.{priority}.{tenant}", self.prefix)
     }
 
-    /// Core NATS nudge after work lands on a pool's dispatch subjects. Idle
-    /// runners listen in one queue group, so each nudge wakes one of them.
-    pub fn wake_subject(&self, pool: &PoolName) -> String {
-        format!("{}.wake.{pool}", self.prefix)
-    }
-    pub fn wake_queue_group(&self) -> String {
-        "idle-runners".to_owned()
-    }
-
     pub fn event_subject(&self, tenant: &TenantId, job: &JobId, kind: EventKind) -> String {
         format!("{}.events.{tenant}.{job}.{}", self.prefix, kind.token())
     }
@@ -248,8 +236,15 @@ impl Names {
     pub fn scheduler_report_consumer(&self) -> String {
         "scheduler-report".to_owned()
     }
-    pub fn dispatch_consumer(&self, pool: &PoolName, priority: Priority) -> String {
-        format!("dispatch-{pool}-{priority}")
+    /// The one dispatch consumer of a pool, shared by its runners (FIFO:
+    /// the dispatcher publishes in priority order).
+    pub fn dispatch_consumer(&self, pool: &PoolName) -> String {
+        format!("dispatch-{pool}")
+    }
+    /// The per-priority dispatch consumers of earlier versions, deleted at
+    /// provisioning (a work-queue stream refuses overlapping consumers).
+    pub fn legacy_dispatch_consumers(&self, pool: &PoolName) -> [String; 3] {
+        Priority::ALL.map(|priority| format!("dispatch-{pool}-{priority}"))
     }
     /// The one priority group of the dispatch consumers (when a policy is set).
     pub fn dispatch_priority_group(&self) -> String {
@@ -385,7 +380,6 @@ mod tests {
                 let subject = names.dispatch_subject(&pool, priority, &tenant);
                 prop_assert!(in_stream(&subject, names.dispatch_stream_subjects()));
                 prop_assert!(subject_matches(&names.dispatch_pool_filter(&pool), &subject));
-                prop_assert!(subject_matches(&names.dispatch_priority_filter(&pool, priority), &subject));
                 prop_assert_eq!(names.parse_dispatch_subject(&subject), Some((pool.clone(), priority, tenant.clone())));
                 let pending = names.pending_subject(&pool, priority, &tenant);
                 prop_assert!(in_stream(&pending, names.pending_stream_subjects()));

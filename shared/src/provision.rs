@@ -9,7 +9,6 @@ use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use crate::config::{DispatchPriorityPolicy, NatsConfig};
 use crate::ids::PoolName;
 use crate::names::Names;
-use crate::priority::Priority;
 
 #[derive(Debug, thiserror::Error)]
 #[error("provisioning {what} failed: {source}")]
@@ -271,37 +270,64 @@ pub async fn ensure_pull_consumer(
     }
 }
 
-/// The dispatch consumer shared by every runner of `pool` for `priority`.
+/// Waiting pull requests one dispatch consumer accepts: every idle runner
+/// of a pool keeps one waiting (the server's default is 512; the value
+/// cannot be changed on an existing consumer).
+const DISPATCH_MAX_WAITING: i64 = 10_000;
+
+/// The dispatch consumer shared by every runner of `pool`. The per-priority
+/// consumers of earlier versions are deleted first: their filters overlap
+/// this one's, which a work-queue stream refuses (their runners must be
+/// stopped before the upgrade; messages they held are delivered again).
 pub async fn ensure_dispatch_consumer(
     js: &jetstream::Context,
     names: &Names,
     config: &NatsConfig,
     pool: &PoolName,
-    priority: Priority,
 ) -> Result<consumer::PullConsumer, ProvisionError> {
-    let durable = names.dispatch_consumer(pool, priority);
+    let stream_name = names.dispatch_stream();
+    let stream = js
+        .get_stream(&stream_name)
+        .await
+        .map_err(|e| failed(format!("stream {stream_name}"))(e.into()))?;
+    for legacy in names.legacy_dispatch_consumers(pool) {
+        match stream.delete_consumer(&legacy).await {
+            Ok(_) => tracing::info!(consumer = %legacy, "deleted a per-priority dispatch consumer"),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    jetstream::stream::ConsumerErrorKind::JetStream(ref e)
+                        if e.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+                ) => {}
+            Err(error) => return Err(failed(format!("consumer {legacy}"))(error.into())),
+        }
+    }
+    let (priority_policy, priority_groups) = match config.dispatch_priority_policy {
+        DispatchPriorityPolicy::None => (consumer::PriorityPolicy::None, Vec::new()),
+        DispatchPriorityPolicy::Overflow => (
+            consumer::PriorityPolicy::Overflow,
+            vec![names.dispatch_priority_group()],
+        ),
+        DispatchPriorityPolicy::Prioritized => (
+            consumer::PriorityPolicy::Prioritized,
+            vec![names.dispatch_priority_group()],
+        ),
+    };
     ensure_pull_consumer(
         js,
-        &names.dispatch_stream(),
+        &stream_name,
         consumer::pull::Config {
-            durable_name: Some(durable),
-            description: Some(format!(
-                "comfyq runners of pool {pool}, {priority} priority"
-            )),
-            filter_subject: names.dispatch_priority_filter(pool, priority),
+            durable_name: Some(names.dispatch_consumer(pool)),
+            description: Some(format!("comfyq runners of pool {pool}")),
+            filter_subject: names.dispatch_pool_filter(pool),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: config.dispatch_ack_wait,
             max_deliver: config.dispatch_max_deliver,
             max_ack_pending: 10_000,
+            max_waiting: DISPATCH_MAX_WAITING,
             num_replicas: config.replicas,
-            priority_policy: match config.dispatch_priority_policy {
-                DispatchPriorityPolicy::None => consumer::PriorityPolicy::None,
-                DispatchPriorityPolicy::Overflow => consumer::PriorityPolicy::Overflow,
-            },
-            priority_groups: match config.dispatch_priority_policy {
-                DispatchPriorityPolicy::None => Vec::new(),
-                DispatchPriorityPolicy::Overflow => vec![names.dispatch_priority_group()],
-            },
+            priority_policy,
+            priority_groups,
             ..Default::default()
         },
     )

@@ -142,7 +142,8 @@ pub fn runner_config(
         slots,
         stall_timeout: Duration::from_secs(2),
         reconcile_interval: Duration::from_millis(200),
-        idle_poll: Duration::from_millis(250),
+        // Short-lived pulls: a stopping runner waits for its last one.
+        pull_expires: Duration::from_millis(500),
         retry_backoff: Duration::from_millis(200),
         shutdown_grace: Duration::from_secs(5),
         comfyui_ready_timeout: Duration::from_secs(30),

@@ -38,6 +38,12 @@ pub struct RunnerView {
     pub ready: bool,
     #[serde(default)]
     pub vram_free: Option<u64>,
+    /// A burst runner: it takes work only while this many jobs wait unpulled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_min_pending: Option<usize>,
+    /// Its rank under the `prioritized` policy (0 is served first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatch_priority: Option<u8>,
     /// ComfyUI node types it can run.
     #[serde(default)]
     pub node_types: Vec<String>,

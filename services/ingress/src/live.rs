@@ -8,7 +8,6 @@ use async_nats::jetstream::consumer;
 use async_nats::jetstream::{kv, stream};
 use comfyq_shared::event::{Event, EventBody, EventKind};
 use comfyq_shared::job::{JobRecord, JobStatus};
-use comfyq_shared::priority::Priority;
 use futures::StreamExt;
 
 use crate::api::ProgressView;
@@ -63,8 +62,8 @@ pub async fn progress(state: &AppState, record: &JobRecord) -> Option<ProgressVi
 /// A queued job waits in PENDING, where the scheduler picks by priority
 /// (with ageing) and tenant fairness: the estimate counts every pending job
 /// of a higher priority plus those of its own priority submitted before it.
-/// A dispatched job is counted from the DISPATCH stream: undelivered
-/// messages of higher priorities plus those ahead on its own subjects.
+/// A dispatched job is counted from the DISPATCH stream: the messages of
+/// its pool the dispatch consumer has not delivered yet, ahead of its own.
 pub async fn queue_position(state: &AppState, record: &JobRecord) -> Option<u64> {
     match record.status {
         JobStatus::Queued => pending_position(state, record).await,
@@ -103,21 +102,18 @@ async fn dispatch_position(state: &AppState, record: &JobRecord) -> Option<u64> 
         .get_stream(state.names.dispatch_stream())
         .await
         .ok()?;
-    let mut ahead = 0;
-    for priority in Priority::ALL {
-        if priority >= record.priority {
-            break;
-        }
-        if let Some(info) = consumer_info(&stream, state, record, priority).await {
-            ahead += info.num_pending;
-        }
-    }
-    let own = consumer_info(&stream, state, record, record.priority).await;
-    let first = own.map_or(1, |info| info.delivered.stream_sequence + 1);
-    let filter = state
-        .names
-        .dispatch_priority_filter(&record.pool, record.priority);
-    Some(ahead + scan_ahead(&stream, &filter, first, record).await)
+    // One FIFO consumer per pool (the dispatcher publishes in priority
+    // order): what is ahead is what it has not delivered yet before the job.
+    let name = state.names.dispatch_consumer(&record.pool);
+    let first = match stream.get_consumer::<consumer::pull::Config>(&name).await {
+        Ok(mut consumer) => consumer
+            .info()
+            .await
+            .map_or(1, |info| info.delivered.stream_sequence + 1),
+        Err(_) => 1,
+    };
+    let filter = state.names.dispatch_pool_filter(&record.pool);
+    Some(scan_ahead(&stream, &filter, first, record).await)
 }
 
 /// Messages on `filter` from sequence `first` before the job's own (its
@@ -141,17 +137,6 @@ async fn scan_ahead(stream: &stream::Stream, filter: &str, first: u64, record: &
         next = message.sequence + 1;
     }
     scanned
-}
-
-async fn consumer_info(
-    stream: &stream::Stream,
-    state: &AppState,
-    record: &JobRecord,
-    priority: Priority,
-) -> Option<consumer::Info> {
-    let name = state.names.dispatch_consumer(&record.pool, priority);
-    let mut consumer: consumer::PullConsumer = stream.get_consumer(&name).await.ok()?;
-    consumer.info().await.ok().cloned()
 }
 
 /// Watches the job's record until it is terminal or `timeout` passes; the

@@ -16,6 +16,7 @@ pub mod execute;
 pub mod link;
 pub mod managed;
 pub mod progress;
+pub mod pull;
 pub mod registration;
 pub mod verify;
 pub mod worker;
@@ -26,7 +27,6 @@ use std::time::Duration;
 use comfyq_shared::connection;
 use comfyq_shared::job_store::JobStore;
 use comfyq_shared::media::MediaStore;
-use comfyq_shared::priority::Priority;
 use comfyq_shared::provision::{self, ensure_dispatch_consumer};
 use comfyq_shared::publisher::EventPublisher;
 use futures::StreamExt;
@@ -116,13 +116,9 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
     let client = connection::connect(&config.nats, "runner").await?;
     let js = connection::jetstream(client.clone());
     let shared = provision::provision(&js, &names, &config.nats).await?;
-    let mut consumers = Vec::new();
-    for priority in Priority::ALL {
-        consumers.push((
-            priority,
-            ensure_dispatch_consumer(&js, &names, &config.nats, &pool, priority).await?,
-        ));
-    }
+    let consumer = ensure_dispatch_consumer(&js, &names, &config.nats, &pool).await?;
+    let pull =
+        pull::DispatchPull::new(consumer, &client, js.clone(), config.pull_options(&names)).await?;
     if let Some(addr) = config.metrics_addr {
         comfyq_shared::telemetry::serve_metrics(addr, shutdown.clone()).await?;
     }
@@ -189,6 +185,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
     .await;
     let registration = registration::Registration {
         burst_min_pending: config.burst_min_pending,
+        dispatch_priority: config.effective_dispatch_priority(),
         ..registration
     };
     let offer = comfyq_shared::capability::Offer::new(
@@ -214,7 +211,6 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         names,
         pool,
         runner: runner.clone(),
-        consumers,
         held,
         runners: shared.runners,
         pause_until: Default::default(),
@@ -233,7 +229,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
             hand_back.cancel();
         })
     };
-    worker.run(shutdown.clone(), hand_back).await;
+    worker.run(pull, shutdown.clone(), hand_back).await;
     grace.abort();
     cancel_task.abort();
     registration_stop.cancel();

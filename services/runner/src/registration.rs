@@ -37,6 +37,9 @@ pub struct Registration {
     /// Set on a burst runner: it pulls only while this many wait unpulled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst_min_pending: Option<usize>,
+    /// Its rank under the `prioritized` policy (0 is served first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatch_priority: Option<u8>,
     pub comfyui_version: Option<String>,
     pub node_types: Vec<String>,
     pub models: BTreeMap<String, Vec<String>>,
@@ -62,6 +65,7 @@ impl Registration {
             slots,
             busy: 0,
             burst_min_pending: None,
+            dispatch_priority: None,
             comfyui_version: None,
             node_types: Vec::new(),
             models: BTreeMap::new(),

@@ -1,17 +1,16 @@
-//! The pull loop: take work by priority when a slot is free, run it, report
+//! The pull loop: take work when a slot is free, run it, report
 //! what became of it, and acknowledge the dispatch message exactly once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{AckKind, Message, consumer::PullConsumer};
+use async_nats::jetstream::{AckKind, Message};
 use comfyq_shared::ids::{JobId, PoolName, RunnerId};
 use comfyq_shared::job::{ErrorKind, JobError, SCHEMA_VERSION};
 use comfyq_shared::job_store::JobStore;
 use comfyq_shared::messages::{AttemptOutcome, DispatchJob, RunnerReport};
 use comfyq_shared::names::Names;
-use comfyq_shared::priority::Priority;
 use futures::StreamExt;
 use time::OffsetDateTime;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -21,6 +20,7 @@ use tracing::Instrument;
 
 use crate::config::RunnerConfig;
 use crate::execute::{AttemptEnd, Executor};
+use crate::pull::{DispatchPull, Pulled};
 
 /// Jobs this runner holds, by id, with the token that cancels each.
 #[derive(Clone, Debug, Default)]
@@ -133,8 +133,6 @@ pub struct Worker {
     pub names: Names,
     pub pool: PoolName,
     pub runner: RunnerId,
-    /// Dispatch consumers, highest priority first.
-    pub consumers: Vec<(Priority, PullConsumer)>,
     pub held: HeldJobs,
     /// Registrations of the fleet (to see whether another runner is free).
     pub runners: async_nats::jetstream::kv::Store,
@@ -150,10 +148,16 @@ pub struct Worker {
 impl Worker {
     /// Pulls work until `shutdown`; then lets held jobs finish until
     /// `hand_back` fires, when the rest are handed back for redelivery.
-    pub async fn run(self, shutdown: CancellationToken, hand_back: CancellationToken) {
+    pub async fn run(
+        self,
+        mut pull: DispatchPull,
+        shutdown: CancellationToken,
+        hand_back: CancellationToken,
+    ) {
         let slots = Arc::new(Semaphore::new(self.config.slots));
         let tasks = TaskTracker::new();
-        loop {
+        'pulling: loop {
+            // A pull request waits only while a slot is free.
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 permit = slots.clone().acquire_owned() => match permit {
@@ -161,18 +165,31 @@ impl Worker {
                     Err(_) => break,
                 },
             };
-            // No pulling while a managed ComfyUI restarts: the job would
-            // only fail (or wait) on it.
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = self.executor.health.ready() => {}
+            loop {
+                // No pulling while a managed ComfyUI restarts (the job
+                // would only fail or wait on it), nor while stepping aside.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'pulling,
+                    _ = self.executor.health.ready() => {}
+                }
+                if let Some(until) = self.paused_until() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'pulling,
+                        _ = tokio::time::sleep_until(until) => continue,
+                    }
+                }
+                match pull.next(&shutdown, || self.can_take()).await {
+                    Pulled::Message(message) => {
+                        let worker = self.clone();
+                        let hand_back = hand_back.clone();
+                        tasks
+                            .spawn(async move { worker.handle(*message, permit, hand_back).await });
+                        break;
+                    }
+                    Pulled::Blocked => continue,
+                    Pulled::Stopped => break 'pulling,
+                }
             }
-            let Some(message) = self.next_message(&shutdown).await else {
-                break;
-            };
-            let worker = self.clone();
-            let hand_back = hand_back.clone();
-            tasks.spawn(async move { worker.handle(message, permit, hand_back).await });
         }
         tasks.close();
         tracing::info!(
@@ -182,75 +199,18 @@ impl Worker {
         tasks.wait().await;
     }
 
-    /// The next dispatch message, highest priority first; waits for a
-    /// wake-up (or polls) while there is none.
-    async fn next_message(&self, shutdown: &CancellationToken) -> Option<Message> {
-        // Subscribe before polling, so a nudge sent in between is not missed.
-        let mut wake = self
-            .executor
-            .client
-            .queue_subscribe(
-                self.names.wake_subject(&self.pool),
-                self.names.wake_queue_group(),
-            )
-            .await
-            .ok();
-        loop {
-            if let Some(message) = self.poll_once().await {
-                return Some(message);
-            }
-            let next_wake = async {
-                match wake.as_mut() {
-                    Some(wake) => {
-                        wake.next().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => return None,
-                _ = next_wake => {}
-                _ = tokio::time::sleep(self.config.idle_poll) => {}
-            }
-        }
-    }
-
-    async fn poll_once(&self) -> Option<Message> {
-        let paused = self
-            .pause_until
+    /// Until when this runner stands aside, if it does now.
+    fn paused_until(&self) -> Option<tokio::time::Instant> {
+        self.pause_until
             .lock()
             .ok()
             .and_then(|until| *until)
-            .is_some_and(|until| until > tokio::time::Instant::now());
-        if paused {
-            return None;
-        }
-        for (priority, consumer) in &self.consumers {
-            let mut fetch = consumer.fetch().max_messages(1);
-            if self.config.nats.dispatch_priority_policy
-                == comfyq_shared::config::DispatchPriorityPolicy::Overflow
-            {
-                fetch = fetch.group(self.names.dispatch_priority_group());
-                if let Some(min_pending) = self.config.burst_min_pending {
-                    fetch = fetch.min_pending(min_pending);
-                }
-            }
-            let batch = match fetch.messages().await {
-                Ok(batch) => batch,
-                Err(error) => {
-                    tracing::debug!(%error, %priority, "fetch failed");
-                    continue;
-                }
-            };
-            let mut batch = std::pin::pin!(batch);
-            while let Some(item) = batch.next().await {
-                match item {
-                    Ok(message) => return Some(message),
-                    Err(error) => tracing::debug!(%error, %priority, "fetch error"),
-                }
-            }
-        }
-        None
+            .filter(|until| *until > tokio::time::Instant::now())
+    }
+
+    /// Whether a message arriving now can be taken (a slot is already held).
+    fn can_take(&self) -> bool {
+        self.executor.health.state().ready && self.paused_until().is_none()
     }
 
     /// Handles one dispatch message end to end (the unit tests drive).
@@ -303,7 +263,7 @@ impl Worker {
             let delay = Duration::from_millis(200);
             // Stand aside so a capable runner pulls it next, not this one again.
             if let Ok(mut pause) = self.pause_until.lock() {
-                *pause = Some(tokio::time::Instant::now() + delay + self.config.idle_poll * 2);
+                *pause = Some(tokio::time::Instant::now() + delay + self.config.decline_pause);
             }
             let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
             return;
@@ -431,15 +391,17 @@ impl Worker {
 
     /// After a retryable failure here, leaves the retry (due in `delay`) to
     /// another runner of the pool if one has a free slot: this runner stops
-    /// pulling until that runner has had time to take it (it polls every
-    /// `idle_poll`). Otherwise it may well take the retry itself.
+    /// pulling until that runner has had time to take it (its pull request
+    /// waits at the server; `step_aside_pause` is the margin). Otherwise it
+    /// may well take the retry itself.
     async fn step_aside(&self, delay: Duration) {
         if !self.another_runner_is_free().await {
             return;
         }
-        let until = tokio::time::Instant::now() + delay + self.config.idle_poll * 2;
+        let pause = delay + self.config.step_aside_pause;
+        let until = tokio::time::Instant::now() + pause;
         tracing::info!(
-            pause_ms = (delay + self.config.idle_poll * 2).as_millis() as u64,
+            pause_ms = pause.as_millis() as u64,
             "another runner is free: leaving the retry to it"
         );
         if let Ok(mut pause) = self.pause_until.lock() {

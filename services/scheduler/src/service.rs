@@ -282,21 +282,14 @@ impl Scheduler {
         Ok((dispatch, ack))
     }
 
-    /// The dispatch message is stored: wake an idle runner and record
-    /// `dispatched` (CAS, from `known` if given), then its event.
+    /// The dispatch message is stored (runners with a free slot have a pull
+    /// request waiting, so the server hands it to one): record `dispatched`
+    /// (CAS, from `known` if given), then its event.
     pub(crate) async fn dispatched(
         &self,
         dispatch: &DispatchJob,
         known: Option<Versioned>,
     ) -> Result<(), HandleError> {
-        // Best effort: runners also poll, so a lost nudge only delays.
-        let _ = self
-            .client
-            .publish(
-                self.names.wake_subject(&dispatch.spec.pool),
-                Default::default(),
-            )
-            .await;
         self.transition_from(
             &dispatch.spec.tenant,
             &dispatch.spec.id,

@@ -735,3 +735,79 @@ async fn a_burst_runner_works_only_while_a_backlog_builds() {
     assert!(on_burst < records.len(), "the regular runner took none");
     stack.stop().await;
 }
+
+/// Pull requests waiting on the pool's dispatch consumer.
+async fn waiting_pulls(stack: &TestStack) -> usize {
+    let names = stack.nats_config().names().expect("names");
+    let js = async_nats::jetstream::new(stack.nats.client().await);
+    let pool = comfyq_shared::PoolName::new("default").expect("pool");
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(names.dispatch_stream())
+        .await
+        .expect("dispatch stream")
+        .get_consumer(&names.dispatch_consumer(&pool))
+        .await
+        .expect("dispatch consumer");
+    consumer.info().await.expect("consumer info").num_waiting
+}
+
+async fn until_waiting_pulls(stack: &TestStack, n: usize) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("{n} pull requests wait"),
+        async || (waiting_pulls(stack).await == n).then_some(()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preferred_runner_takes_work_first_and_the_other_only_while_it_is_busy() {
+    let stack = TestStack::start_with(StackOptions {
+        runners: 2,
+        sims: 2,
+        configure_ingress: Some(|ingress| ingress.rate_limit_per_s = 0),
+        runner_tweak: Some(comfyq_tests::RunnerTweak::new(|config| {
+            config.nats.dispatch_priority_policy =
+                comfyq_shared::config::DispatchPriorityPolicy::Prioritized;
+            // runner-1 is preferred (0 is served first).
+            config.dispatch_priority = Some(if config.runner_id.as_deref() == Some("runner-1") {
+                0
+            } else {
+                7
+            });
+        })),
+        ..StackOptions::default()
+    })
+    .await;
+    // Both idle: every job goes to the preferred runner (without priorities
+    // the server would alternate: a runner that just finished re-pulls last).
+    for _ in 0..4 {
+        until_waiting_pulls(&stack, 2).await;
+        let id = id_of(&stack.submit(json!({"workflow": invert_workflow(8)})).await);
+        let done = stack.wait_finished(&id, Duration::from_secs(10)).await;
+        assert_eq!(done["status"], "completed", "{done:#}");
+        assert_eq!(done["runner"], "runner-1", "{done:#}");
+    }
+    // The preferred runner busy (its one slot held, so no pull of its own
+    // waits): the other one takes the next job.
+    until_waiting_pulls(&stack, 2).await;
+    let long = id_of(
+        &stack
+            .submit(json!({"workflow": slow_workflow(40, 100, "preferred-busy")}))
+            .await,
+    );
+    wait_running(&stack, &long).await;
+    until_waiting_pulls(&stack, 1).await;
+    let next = id_of(&stack.submit(json!({"workflow": invert_workflow(8)})).await);
+    let done = stack.wait_finished(&next, Duration::from_secs(10)).await;
+    assert_eq!(done["status"], "completed", "{done:#}");
+    assert_eq!(done["runner"], "runner-0", "{done:#}");
+    assert_eq!(
+        stack.job(&long).await["status"],
+        "running",
+        "the preferred runner was still busy"
+    );
+    let long = stack.wait_finished(&long, Duration::from_secs(20)).await;
+    assert_eq!(long["runner"], "runner-1", "{long:#}");
+    stack.stop().await;
+}
