@@ -148,6 +148,14 @@ impl Names {
     pub fn dispatch_pool_filter(&self, pool: &PoolName) -> String {
         format!("{}.dispatch.{pool}.>", self.prefix)
     }
+    /// Reads the pool back from its dispatch consumer's filter.
+    pub fn parse_dispatch_pool_filter(&self, filter: &str) -> Option<PoolName> {
+        let pool = filter
+            .strip_prefix(&self.prefix)?
+            .strip_prefix(".dispatch.")?
+            .strip_suffix(".>")?;
+        PoolName::new(pool).ok()
+    }
     /// Reads `(pool, priority, tenant)` back from a dispatch subject.
     pub fn parse_dispatch_subject(&self, subject: &str) -> Option<(PoolName, Priority, TenantId)> {
         let rest = subject

@@ -226,9 +226,10 @@ fn json_pointer_token(token: &str) -> String {
 pub struct QueueLevel {
     pub pool: PoolName,
     pub priority: Priority,
-    /// Jobs not yet taken by a runner.
+    /// Jobs held by the scheduler until a slot frees.
     pub depth: u64,
-    /// Jobs taken and running (or awaiting their acknowledgement).
+    /// Jobs handed to the pool's runners: running, backing off before a
+    /// retry, or stored for the next free runner to pull.
     pub in_flight: u64,
     /// How long the oldest waiting job has waited, in seconds.
     pub oldest_wait_s: Option<f64>,
@@ -299,33 +300,34 @@ pub(crate) async fn queue(
         .get_stream(state.names.dispatch_stream())
         .await
         .map_err(|e| unavailable(&e))?;
+    // One dispatch consumer per pool: every pool with one shows all levels.
     let mut consumers = dispatch.consumers();
-    let subject_prefix = format!("{}.dispatch.", state.names.prefix());
     while let Some(info) = consumers.next().await {
         let info = info.map_err(|e| unavailable(&e))?;
-        let subject = info.config.filter_subject.clone();
-        // Filters are `<prefix>.dispatch.<pool>.<priority>.*`.
-        let mut tokens = subject
-            .strip_prefix(&subject_prefix)
-            .unwrap_or_default()
-            .split('.');
-        let (Some(Ok(pool)), Some(Ok(priority))) = (
-            tokens.next().map(|p| PoolName::new(p.to_owned())),
-            tokens.next().map(str::parse::<Priority>),
-        ) else {
-            continue;
-        };
-        let level = levels
-            .entry((pool.clone(), priority))
-            .or_insert_with(|| QueueLevel::empty(pool, priority));
-        level.depth += info.num_pending;
-        level.in_flight += info.num_ack_pending as u64;
-        if level.oldest_wait_s.is_none() && info.num_pending > 0 {
-            level.oldest_wait_s = dispatch
-                .get_first_raw_message_by_subject(&subject, info.delivered.stream_sequence + 1)
-                .await
-                .ok()
-                .map(|m| age(m.time));
+        if let Some(pool) = state
+            .names
+            .parse_dispatch_pool_filter(&info.config.filter_subject)
+        {
+            for priority in Priority::ALL {
+                levels
+                    .entry((pool.clone(), priority))
+                    .or_insert_with(|| QueueLevel::empty(pool.clone(), priority));
+            }
+        }
+    }
+    // DISPATCH is about the free slots deep: what is there is running, or
+    // stored for the next runner's waiting pull.
+    let mut subjects = dispatch
+        .info_with_subjects(format!("{}.dispatch.>", state.names.prefix()))
+        .await
+        .map_err(|e| unavailable(&e))?;
+    while let Some(entry) = subjects.next().await {
+        let (subject, count) = entry.map_err(|e| unavailable(&e))?;
+        if let Some((pool, priority, _tenant)) = state.names.parse_dispatch_subject(&subject) {
+            levels
+                .entry((pool.clone(), priority))
+                .or_insert_with(|| QueueLevel::empty(pool, priority))
+                .in_flight += count as u64;
         }
     }
     let levels = levels.into_values().collect();
