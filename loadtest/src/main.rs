@@ -117,6 +117,11 @@ pub(crate) struct Options {
     /// `/dev/shm` (tmpfs).
     #[arg(long, global = true)]
     pub(crate) sim_disk: bool,
+    /// `latency`: first queue this many jobs in pool `backlog`, which has no
+    /// runners, so the scheduler holds them (its view, every pass and sweep)
+    /// while the measured jobs are dispatched.
+    #[arg(long, global = true, default_value_t = 0)]
+    pub(crate) backlog: usize,
     /// Skip the baselines.
     #[arg(long, global = true)]
     pub(crate) no_baseline: bool,

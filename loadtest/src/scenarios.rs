@@ -154,6 +154,40 @@ async fn warm_up(
     Ok(())
 }
 
+/// Queues `jobs` zero-work jobs in pool `backlog`, where no runner is, and
+/// waits until the scheduler holds them all: they stay pending for the run.
+async fn queue_backlog(target: &Target, jobs: usize) -> anyhow::Result<usize> {
+    let tenant = &target.tenants[0];
+    let body = json!({"workflow": comfyq_tests::stack::invert_workflow(8), "pool": "backlog", "priority": "high"});
+    let mut held = 0;
+    for _ in 0..jobs {
+        let response = tenant
+            .http
+            .post(format!("{}/v1/jobs", target.api))
+            .json(&body)
+            .send()
+            .await?;
+        if response.status() != reqwest::StatusCode::ACCEPTED {
+            bail!("backlog submission answered {}", response.status());
+        }
+        held += 1;
+    }
+    let Some(nats) = nats_client(target).await? else {
+        return Ok(held);
+    };
+    // Held once in PENDING (the submit handler has moved each there).
+    let js = async_nats::jetstream::new(nats);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut stream = js.get_stream(target.names.pending_stream()).await?;
+        let pending = stream.info().await?.state.messages;
+        if pending >= held as u64 || Instant::now() > deadline {
+            return Ok(pending as usize);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn latency(o: &Options) -> anyhow::Result<Report> {
     let local = local(o, 2, 2, 2, zero_work(o));
     let mut mix = mix(o, "normal=1", 1)?;
@@ -178,9 +212,17 @@ async fn latency(o: &Options) -> anyhow::Result<Report> {
     let target = Arc::new(target);
     let tracker = driver::listen(&target, spec.sse).await?;
     warm_up(&target, &tracker, &mix).await?;
+    let held = queue_backlog(&target, o.backlog).await?;
     let before = analysis::nats_messages();
     let outcome = driver::run(target.clone(), tracker, &mix, &spec).await?;
     let messages = analysis::nats_messages();
+    if o.backlog > 0 {
+        report.value(
+            "jobs held in pool `backlog` (no runners) while measuring",
+            held as f64,
+            "jobs",
+        );
+    }
     let client = nats_client(&target).await?;
     if let (Some(client), false) = (&client, o.no_baseline) {
         baseline::jetstream_latency(client, 1000, &mut report).await?;
