@@ -1,9 +1,11 @@
 //! [`object_store::ObjectStore`] on a JetStream object store bucket.
 //!
-//! Info, list and delete go through async-nats' object store. Reads consume
-//! the chunks with an ordered pull consumer of their own, so a slow reader
-//! holds at most a few chunks in memory (async-nats' reader is an ordered
-//! push consumer that buffers tens of MiB ahead of a slow reader). Writes
+//! Info, list and delete go through async-nats' object store. Reads of small
+//! objects (at most [`DIRECT_READ_CHUNKS`] chunks) take each chunk by a direct
+//! get, with no consumer; larger reads consume the chunks with an ordered pull
+//! consumer of their own, so a slow reader holds at most a few chunks in
+//! memory (async-nats' reader is an ordered push consumer that buffers tens
+//! of MiB ahead of a slow reader). Writes
 //! publish the chunks and the meta message themselves, in the same wire format
 //! (`$O.<bucket>.C.<nuid>` chunks, then the JSON `ObjectInfo` on
 //! `$O.<bucket>.M.<base64url(name)>` with `Nats-Rollup: sub`), because
@@ -33,6 +35,7 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::object_store::{
     InfoErrorKind, ObjectInfo, ObjectOptions, ObjectStore as NatsObjectStore,
 };
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::jetstream::{self, stream::Stream as JsStream};
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -569,8 +572,18 @@ const EAGER_BYTES: u64 = 4 * CHUNK_SIZE as u64;
 /// are consumed, so at most ~1.5 batches (~1.5 MiB of 128 KiB chunks) are
 /// buffered ahead of a slow reader, unlike a push consumer.
 const READ_BATCH: i64 = 8;
+/// Objects of at most this many chunks are read by direct gets, one chunk
+/// per request: no consumer is created for them. Creating one is a
+/// JetStream API call, and an ordered consumer outlives its reader by its
+/// inactive threshold (30 s), so reading many small outputs at once filled
+/// the server's consumer limit. Larger objects use a consumer, which
+/// pipelines its chunks.
+const DIRECT_READ_CHUNKS: usize = 8;
 /// Silence on a read after which the object's meta is checked.
 const STALL_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// A direct get that finds no chunk waits this long before the object's
+/// meta is checked (a replica may lag behind the leader for a moment).
+const DIRECT_MISS_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 
 enum ReadError {
     /// The version being read was overwritten or deleted: its chunks are
@@ -579,13 +592,36 @@ enum ReadError {
     Failed(Error),
 }
 
-/// The chunks of one object version, in order, from an ordered pull
-/// consumer on its chunk subject (flow-controlled: it fetches small batches
-/// as they are read). Checks the size and SHA-256 recorded in the info as
-/// the last chunk arrives, before handing it out.
+/// What one read of a chunk brought.
+enum ChunkRead {
+    Chunk(Bytes),
+    /// After the last chunk, once size and digest checked out.
+    End,
+    /// Nothing came: the version may have been replaced.
+    Stalled,
+}
+
+/// Where the chunks come from.
+enum ChunkSource {
+    /// An empty object: no chunks.
+    Empty,
+    /// A small object: one direct get per chunk, each for the next message
+    /// on the chunk subject at or after `next_sequence`.
+    Direct {
+        stream: JsStream,
+        subject: String,
+        next_sequence: u64,
+        left: usize,
+    },
+    /// A large object: an ordered pull consumer on the chunk subject.
+    Consumer(jetstream::consumer::pull::Ordered),
+}
+
+/// The chunks of one object version, in order (flow-controlled: a consumer
+/// fetches small batches as they are read). Checks the size and SHA-256
+/// recorded in the info as the last chunk arrives, before handing it out.
 struct ChunkReader {
-    /// `None` for an empty object (no chunks, nothing to consume).
-    messages: Option<jetstream::consumer::pull::Ordered>,
+    source: ChunkSource,
     size: u64,
     received: u64,
     sha: Sha256,
@@ -595,8 +631,15 @@ struct ChunkReader {
 
 impl ChunkReader {
     async fn open(store: &JetStreamObjectStore, info: &ObjectInfo) -> Result<Self> {
-        let messages = if info.chunks == 0 {
-            None
+        let source = if info.chunks == 0 {
+            ChunkSource::Empty
+        } else if info.chunks <= DIRECT_READ_CHUNKS {
+            ChunkSource::Direct {
+                stream: store.inner.stream.clone(),
+                subject: store.chunk_subject(&info.nuid),
+                next_sequence: 1,
+                left: info.chunks,
+            }
         } else {
             let consumer = store
                 .inner
@@ -609,11 +652,11 @@ impl ChunkReader {
                 })
                 .await
                 .map_err(generic)?;
-            Some(consumer.messages().await.map_err(generic)?)
+            ChunkSource::Consumer(consumer.messages().await.map_err(generic)?)
         };
         Ok(Self {
-            finished: messages.is_none(),
-            messages,
+            finished: matches!(source, ChunkSource::Empty),
+            source,
             size: info.size as u64,
             received: 0,
             sha: Sha256::new(),
@@ -621,36 +664,59 @@ impl ChunkReader {
         })
     }
 
-    /// The next chunk; `None` after the last one, once it checked out.
-    /// `Ok(Err(Elapsed))` when nothing came within `wait`.
-    async fn next(
-        &mut self,
-        wait: std::time::Duration,
-    ) -> Result<std::result::Result<Option<Bytes>, tokio::time::error::Elapsed>> {
+    /// The next chunk; `End` after the last one, once it checked out;
+    /// `Stalled` when nothing came within `wait`.
+    async fn next(&mut self, wait: std::time::Duration) -> Result<ChunkRead> {
         if self.finished {
             // An empty object has no chunks to count.
             if self.received != self.size {
                 return Err(corrupt("object ended before its recorded size"));
             }
-            return Ok(Ok(None));
+            return Ok(ChunkRead::End);
         }
-        let Some(messages) = self.messages.as_mut() else {
-            return Ok(Ok(None));
+        let (chunk, last) = match &mut self.source {
+            ChunkSource::Empty => return Ok(ChunkRead::End),
+            ChunkSource::Direct {
+                stream,
+                subject,
+                next_sequence,
+                left,
+            } => {
+                let message = match tokio::time::timeout(
+                    wait,
+                    stream.direct_get_next_for_subject(subject.as_str(), Some(*next_sequence)),
+                )
+                .await
+                {
+                    Ok(Ok(message)) => message,
+                    Ok(Err(e)) if e.kind() == DirectGetErrorKind::NotFound => {
+                        tokio::time::sleep(DIRECT_MISS_PAUSE).await;
+                        return Ok(ChunkRead::Stalled);
+                    }
+                    Ok(Err(e)) => return Err(generic(e)),
+                    Err(_elapsed) => return Ok(ChunkRead::Stalled),
+                };
+                *next_sequence = message.sequence + 1;
+                *left -= 1;
+                (message.payload, *left == 0)
+            }
+            ChunkSource::Consumer(messages) => {
+                let message = match tokio::time::timeout(wait, messages.next()).await {
+                    Ok(Some(message)) => message.map_err(generic)?,
+                    Ok(None) => return Err(corrupt("chunk stream ended before the last chunk")),
+                    Err(_elapsed) => return Ok(ChunkRead::Stalled),
+                };
+                // The server's count of chunks after this one: 0 marks the last.
+                let pending = message.info().map_err(|e| corrupt(e.to_string()))?.pending;
+                (message.message.payload, pending == 0)
+            }
         };
-        let message = match tokio::time::timeout(wait, messages.next()).await {
-            Ok(Some(message)) => message.map_err(generic)?,
-            Ok(None) => return Err(corrupt("chunk stream ended before the last chunk")),
-            Err(elapsed) => return Ok(Err(elapsed)),
-        };
-        // The server's count of chunks after this one: 0 marks the last.
-        let pending = message.info().map_err(|e| corrupt(e.to_string()))?.pending;
-        let chunk = message.message.payload;
         self.received += chunk.len() as u64;
         self.sha.update(&chunk);
         if self.received > self.size {
             return Err(corrupt("object longer than its recorded size"));
         }
-        if pending == 0 {
+        if last {
             self.finished = true;
             if self.received < self.size {
                 return Err(corrupt("object ended before its recorded size"));
@@ -662,7 +728,7 @@ impl ChunkReader {
                 return Err(corrupt("object does not match its recorded SHA-256"));
             }
         }
-        Ok(Ok(Some(chunk)))
+        Ok(ChunkRead::Chunk(chunk))
     }
 }
 
@@ -689,14 +755,14 @@ impl WatchedRead {
                 return Ok(None);
             }
             let mut chunk = match self.chunks.next(STALL_CHECK).await {
-                Ok(Ok(Some(chunk))) => chunk,
-                Ok(Ok(None)) if self.left == 0 => return Ok(None),
-                Ok(Ok(None)) => {
+                Ok(ChunkRead::Chunk(chunk)) => chunk,
+                Ok(ChunkRead::End) if self.left == 0 => return Ok(None),
+                Ok(ChunkRead::End) => {
                     return Err(ReadError::Failed(corrupt(
                         "object ended before its recorded size",
                     )));
                 }
-                Ok(Err(_stalled)) => {
+                Ok(ChunkRead::Stalled) => {
                     // Silence: an overwrite or delete may have purged the
                     // chunks, which then never come.
                     let current = self

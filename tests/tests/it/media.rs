@@ -158,9 +158,66 @@ async fn a_dropped_multipart_upload_leaves_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_check_ranges_replacement_digest_and_size() {
     use base64::Engine as _;
-    let (server, store, _stream) = jetstream_store().await;
+    let (server, store, mut stream) = jetstream_store().await;
     let js = jetstream::new(server.client().await);
     let read = async |path: &Path| store.get(path).await?.bytes().await;
+
+    // Small objects (up to 8 chunks) are read by direct gets: reading many
+    // at once leaves no consumer behind (an ordered consumer outlives its
+    // reader by 30 s, and many of them hit the server's consumer limit).
+    let smalls: Vec<(Path, Vec<u8>)> = (0..40u32)
+        .map(|i| {
+            let len = 1000 + (i as usize) * 20_000;
+            (
+                Path::from(format!("s/{i}")),
+                (0..len).map(|b| (b % 13) as u8 ^ i as u8).collect(),
+            )
+        })
+        .collect();
+    for (path, data) in &smalls {
+        store
+            .put(path, data.clone().into())
+            .await
+            .expect("put small");
+    }
+    let reads = futures::future::join_all(smalls.iter().map(|(path, _)| read(path))).await;
+    for ((path, data), got) in smalls.iter().zip(reads) {
+        assert_eq!(got.expect("small read")[..], data[..], "{path}");
+    }
+    let got = store
+        .get_range(&smalls[39].0, 100_000..700_000)
+        .await
+        .expect("small range");
+    assert_eq!(&got[..], &smalls[39].1[100_000..700_000]);
+    assert_eq!(
+        stream
+            .info()
+            .await
+            .expect("stream info")
+            .state
+            .consumer_count,
+        0,
+        "small reads create no consumer"
+    );
+
+    // 1 MiB (8 chunks, direct gets, streamed): replaced after the first chunk.
+    let direct = Path::from("direct");
+    store
+        .put(&direct, vec![7u8; 1 << 20].into())
+        .await
+        .expect("put");
+    let mut reading = store.get(&direct).await.expect("get").into_stream();
+    let first = reading.try_next().await.expect("first").expect("bytes");
+    assert_eq!(first.len(), 128 * 1024);
+    store
+        .put(&direct, vec![1u8; 10].into())
+        .await
+        .expect("overwrite");
+    let rest = tokio::time::timeout(Duration::from_secs(30), reading.try_collect::<Vec<_>>())
+        .await
+        .expect("the read ends");
+    let err = rest.expect_err("replaced mid-read");
+    assert!(err.to_string().contains("replaced or deleted"), "{err}");
 
     // 4 MiB: streamed (not read whole up front) and more than a few batches.
     let big = Path::from("big");
