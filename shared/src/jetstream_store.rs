@@ -241,8 +241,17 @@ impl JetStreamObjectStore {
     /// sequence, then purges the chunks of the version it replaced.
     async fn commit(&self, location: &Path, info: &ObjectInfo, mode: PutMode) -> Result<PutResult> {
         let payload: Bytes = serde_json::to_vec(info).map_err(generic)?.into();
+        // Most writes are of new names (a job's inputs and outputs): the
+        // first attempt assumes one and saves the read of the last meta. The
+        // server refuses it if the name has any meta message, deleted too.
+        let mut assume_new = !matches!(mode, PutMode::Update(_));
         loop {
-            let last = self.last_meta(location).await?;
+            let guessed = std::mem::take(&mut assume_new);
+            let last = if guessed {
+                None
+            } else {
+                self.last_meta(location).await?
+            };
             let live = last.as_ref().filter(|(_, i)| !i.deleted);
             match (&mode, live) {
                 (PutMode::Create, Some(_)) => {
@@ -289,6 +298,8 @@ impl JetStreamObjectStore {
                     });
                 }
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => match mode {
+                    // The guess was wrong: read the last meta and decide.
+                    _ if guessed => continue,
                     PutMode::Create => {
                         return Err(Error::AlreadyExists {
                             path: location.to_string(),
@@ -608,13 +619,13 @@ enum ChunkSource {
     /// A small object: one direct get per chunk, each for the next message
     /// on the chunk subject at or after `next_sequence`.
     Direct {
-        stream: JsStream,
+        store: JetStreamObjectStore,
         subject: String,
         next_sequence: u64,
         left: usize,
     },
     /// A large object: an ordered pull consumer on the chunk subject.
-    Consumer(jetstream::consumer::pull::Ordered),
+    Consumer(Box<jetstream::consumer::pull::Ordered>),
 }
 
 /// The chunks of one object version, in order (flow-controlled: a consumer
@@ -635,7 +646,7 @@ impl ChunkReader {
             ChunkSource::Empty
         } else if info.chunks <= DIRECT_READ_CHUNKS {
             ChunkSource::Direct {
-                stream: store.inner.stream.clone(),
+                store: store.clone(),
                 subject: store.chunk_subject(&info.nuid),
                 next_sequence: 1,
                 left: info.chunks,
@@ -652,7 +663,7 @@ impl ChunkReader {
                 })
                 .await
                 .map_err(generic)?;
-            ChunkSource::Consumer(consumer.messages().await.map_err(generic)?)
+            ChunkSource::Consumer(Box::new(consumer.messages().await.map_err(generic)?))
         };
         Ok(Self {
             finished: matches!(source, ChunkSource::Empty),
@@ -677,14 +688,17 @@ impl ChunkReader {
         let (chunk, last) = match &mut self.source {
             ChunkSource::Empty => return Ok(ChunkRead::End),
             ChunkSource::Direct {
-                stream,
+                store,
                 subject,
                 next_sequence,
                 left,
             } => {
                 let message = match tokio::time::timeout(
                     wait,
-                    stream.direct_get_next_for_subject(subject.as_str(), Some(*next_sequence)),
+                    store
+                        .inner
+                        .stream
+                        .direct_get_next_for_subject(subject.as_str(), Some(*next_sequence)),
                 )
                 .await
                 {

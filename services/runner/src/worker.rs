@@ -310,7 +310,15 @@ impl Worker {
             cancel.clone(),
         ));
         let started = std::time::Instant::now();
-        self.report(spec, attempt, AttemptOutcome::Started).await;
+        // The started report is stored while the job goes to ComfyUI (a
+        // round trip off every dispatch); it is awaited before the attempt's
+        // last report, so the scheduler gets them in order.
+        let started_report = {
+            let (worker, spec) = (self.clone(), spec.clone());
+            tokio::spawn(
+                async move { worker.report(&spec, attempt, AttemptOutcome::Started).await },
+            )
+        };
 
         let stop = CancellationToken::new();
         let end = {
@@ -354,6 +362,9 @@ impl Worker {
             "attempt ended"
         );
 
+        if let Err(error) = started_report.await {
+            tracing::warn!(%error, "started report task failed");
+        }
         // Report before acknowledging: if this process dies in between, the
         // message is redelivered and the (deduplicated) report sent again.
         let ack = match disposition {

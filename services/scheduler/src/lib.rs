@@ -16,6 +16,7 @@ pub mod dispatcher;
 pub mod lease;
 pub mod machine;
 pub mod policy;
+mod recent;
 pub mod service;
 
 use async_nats::jetstream::consumer;
@@ -29,6 +30,10 @@ use std::sync::Arc;
 use crate::dispatcher::Dispatcher;
 use crate::lease::Lease;
 use tokio_util::sync::CancellationToken;
+
+/// Records kept for the next input of their jobs: about the jobs in flight
+/// (a few KiB each).
+const RECENT_RECORDS: usize = 4096;
 use tokio_util::task::TaskTracker;
 
 pub use config::SchedulerConfig;
@@ -117,6 +122,7 @@ pub async fn run(
         dead_letters: shared.dead_letters,
         config: config.clone(),
         names: names.clone(),
+        recent: Arc::new(recent::RecentRecords::new(RECENT_RECORDS)),
     };
     let dispatcher = Dispatcher {
         scheduler: scheduler.clone(),

@@ -46,6 +46,16 @@ pub struct Scheduler {
     /// Jobs whose attempts ran out, with their specs (`comfyq_dead_letters`).
     pub(crate) dead_letters: jetstream::kv::Store,
     pub(crate) config: std::sync::Arc<crate::SchedulerConfig>,
+    /// The records this scheduler wrote last (a read saved per input).
+    pub(crate) recent: std::sync::Arc<crate::recent::RecentRecords>,
+}
+
+/// What applying an input left.
+enum Applied {
+    /// The record changed (or the change was already stored): its event is due.
+    Changed(JobRecord),
+    /// The input did not apply.
+    Unchanged(JobRecord),
 }
 
 impl Scheduler {
@@ -58,7 +68,8 @@ impl Scheduler {
         job: &JobId,
         input: Input<'_>,
     ) -> Result<Option<JobRecord>, HandleError> {
-        self.transition_from(tenant, job, input, None).await
+        let recent = self.recent.get(job);
+        self.transition_from(tenant, job, input, recent).await
     }
 
     /// [`Self::transition`] starting from a record the caller has just read
@@ -68,13 +79,35 @@ impl Scheduler {
         tenant: &TenantId,
         job: &JobId,
         input: Input<'_>,
-        mut known: Option<Versioned>,
+        known: Option<Versioned>,
     ) -> Result<Option<JobRecord>, HandleError> {
+        match self.apply_from(tenant, job, input, known).await? {
+            Some(Applied::Changed(record)) => {
+                self.announce(&record).await?;
+                Ok(Some(record))
+            }
+            Some(Applied::Unchanged(record)) => Ok(Some(record)),
+            None => Ok(None),
+        }
+    }
+
+    /// The write of [`Self::transition_from`] without its event, which the
+    /// caller publishes ([`Self::announce`]), e.g. alongside its next write.
+    async fn apply_from(
+        &self,
+        tenant: &TenantId,
+        job: &JobId,
+        input: Input<'_>,
+        mut known: Option<Versioned>,
+    ) -> Result<Option<Applied>, HandleError> {
         loop {
-            let current = match known.take() {
-                Some(current) => current,
+            // A record handed in may be stale: a write from it is checked
+            // by its compare-and-set, but a decision not to write is only
+            // taken from a fresh read.
+            let (current, fresh) = match known.take() {
+                Some(current) => (current, false),
                 None => match self.jobs.get(tenant, job).await? {
-                    Some(current) => current,
+                    Some(current) => (current, true),
                     None => {
                         tracing::warn!(%job, "no record for job; input dropped");
                         return Ok(None);
@@ -83,24 +116,28 @@ impl Scheduler {
             };
             match machine::next(&current.record, &input, OffsetDateTime::now_utc()) {
                 Transition::Apply(new) => match self.jobs.update(&new, current.revision).await {
-                    Ok(_) => {
+                    Ok(revision) => {
                         metrics::counter!("comfyq_scheduler_transitions_total", "status" => new.status.as_str())
                             .increment(1);
-                        self.announce(&new).await?;
-                        return Ok(Some(*new));
+                        self.recent.remember(Versioned {
+                            record: (*new).clone(),
+                            revision,
+                        });
+                        return Ok(Some(Applied::Changed(*new)));
                     }
-                    Err(JobStoreError::Conflict(_)) => continue,
+                    Err(JobStoreError::Conflict(_)) => {
+                        self.recent.forget(job);
+                        continue;
+                    }
                     Err(e) => return Err(e.into()),
                 },
+                _ if !fresh => self.recent.forget(job),
                 // A crash may have come between the write and the event:
                 // publish again (deduplicated by the event's derived id).
-                Transition::AlreadyApplied => {
-                    self.announce(&current.record).await?;
-                    return Ok(Some(current.record));
-                }
+                Transition::AlreadyApplied => return Ok(Some(Applied::Changed(current.record))),
                 Transition::Ignore(reason) => {
                     tracing::debug!(%job, reason, "input ignored");
-                    return Ok(Some(current.record));
+                    return Ok(Some(Applied::Unchanged(current.record)));
                 }
             }
         }
@@ -194,19 +231,32 @@ impl Scheduler {
         }
         // The record just read (the usual case: ingress created it) saves
         // the transition a second read.
-        let Some(record) = self
-            .transition_from(&spec.tenant, &spec.id, Input::Queue, known.take())
+        let (record, changed) = match self
+            .apply_from(&spec.tenant, &spec.id, Input::Queue, known.take())
             .await?
-        else {
-            return Ok(());
+        {
+            Some(Applied::Changed(record)) => (record, true),
+            Some(Applied::Unchanged(record)) => (record, false),
+            None => return Ok(()),
         };
         if record.status != JobStatus::Queued {
+            if changed {
+                self.announce(&record).await?;
+            }
             return Ok(());
         }
         // Held back until the dispatcher gives it a slot. A redelivered
         // submission republishes it; the job id deduplicates that, and the
-        // dispatcher skips a pending job whose record has moved on.
-        self.hold(&submit, spec.id.to_string()).await
+        // dispatcher skips a pending job whose record has moved on. The
+        // `queued` event goes out at the same time: neither waits for the
+        // other's acknowledgement.
+        let hold = self.hold(&submit, spec.id.to_string());
+        if changed {
+            tokio::try_join!(self.announce(&record), hold)?;
+            Ok(())
+        } else {
+            hold.await
+        }
     }
 
     /// Puts a queued job in PENDING for the dispatcher (`message_id`
