@@ -110,6 +110,9 @@ impl Registration {
     }
 }
 
+/// How long a change of held jobs waits for more before `busy` is written.
+const BUSY_SETTLE: Duration = Duration::from_millis(20);
+
 /// Keeps the registration fresh until `shutdown`, then removes it. A change
 /// of `health` is written at once, so the scheduler stops counting a dead
 /// ComfyUI's slots within milliseconds, not at the next refresh.
@@ -125,6 +128,7 @@ pub async fn maintain(
     let key = registration.runner.to_string();
     let mut interval = tokio::time::interval(every);
     let mut generation = health.state().generation;
+    let mut written_busy = None;
     loop {
         // A change of held jobs only updates `busy` (no ComfyUI round trip).
         let ask_comfyui = tokio::select! {
@@ -133,6 +137,18 @@ pub async fn maintain(
             _ = health.changed() => true,
             _ = held.changed() => false,
         };
+        if !ask_comfyui {
+            // Jobs come and go in bursts (one ends, the next is pulled at
+            // once): one write for the burst, none if `busy` is back where it
+            // was. Every copy goes to each watcher, capabilities included.
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(BUSY_SETTLE) => {}
+            }
+            if written_busy == Some(held.len()) {
+                continue;
+            }
+        }
         registration.busy = held.len();
         if ask_comfyui {
             let state = health.state();
@@ -146,10 +162,11 @@ pub async fn maintain(
         registration.updated_at = OffsetDateTime::now_utc();
         metrics::gauge!("comfyq_runner_busy_slots").set(registration.busy as f64);
         metrics::gauge!("comfyq_runner_ready").set(f64::from(u8::from(registration.ready)));
-        if let Ok(value) = serde_json::to_vec(&registration)
-            && let Err(error) = kv.put(&key, value.into()).await
-        {
-            tracing::warn!(%error, "registration not refreshed");
+        if let Ok(value) = serde_json::to_vec(&registration) {
+            match kv.put(&key, value.into()).await {
+                Ok(_) => written_busy = Some(registration.busy),
+                Err(error) => tracing::warn!(%error, "registration not refreshed"),
+            }
         }
     }
     let _ = kv.delete(&key).await;

@@ -241,14 +241,14 @@ fn terminal_matches(status: JobStatus, outcome: &AttemptOutcome) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use comfyq_shared::ids::{JobId, PoolName, RunnerId, TenantId};
     use comfyq_shared::job::JobSpec;
     use comfyq_shared::priority::Priority;
     use proptest::prelude::*;
 
-    fn accepted() -> JobRecord {
+    pub(crate) fn accepted() -> JobRecord {
         JobRecord::accepted(&JobSpec {
             id: JobId::new(),
             tenant: TenantId::new("t").expect("valid"),

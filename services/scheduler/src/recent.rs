@@ -69,3 +69,47 @@ impl RecentRecords {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::tests::accepted;
+    use comfyq_shared::job::JobStatus;
+
+    fn versioned(revision: u64) -> Versioned {
+        Versioned {
+            record: accepted(),
+            revision,
+        }
+    }
+
+    #[test]
+    fn keeps_the_latest_write_of_each_job_and_drops_the_oldest_jobs() {
+        let recent = RecentRecords::new(2);
+        let (first, second, third) = (versioned(1), versioned(1), versioned(1));
+        let (a, b, c) = (first.record.id, second.record.id, third.record.id);
+        recent.remember(first.clone());
+        recent.remember(Versioned {
+            revision: 5,
+            ..first
+        });
+        recent.remember(second);
+        assert_eq!(recent.get(&a).map(|v| v.revision), Some(5));
+        recent.remember(third);
+        assert!(recent.get(&a).is_none(), "the oldest job went");
+        assert!(recent.get(&b).is_some() && recent.get(&c).is_some());
+        recent.forget(&b);
+        assert!(recent.get(&b).is_none());
+    }
+
+    #[test]
+    fn a_terminal_record_is_not_kept() {
+        let recent = RecentRecords::new(8);
+        let mut done = versioned(3);
+        let job = done.record.id;
+        recent.remember(done.clone());
+        done.record.status = JobStatus::Completed;
+        recent.remember(done);
+        assert!(recent.get(&job).is_none());
+    }
+}
