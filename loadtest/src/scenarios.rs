@@ -189,7 +189,9 @@ async fn queue_backlog(target: &Target, jobs: usize) -> anyhow::Result<usize> {
 }
 
 async fn latency(o: &Options) -> anyhow::Result<Report> {
-    let local = local(o, 2, 2, 2, zero_work(o));
+    // 16 slots: 100 zero-work jobs/s keep ~3 busy, so jobs do not queue
+    // for a slot and dispatch measures the queue, not a shortage of slots.
+    let local = local(o, 2, 4, 4, zero_work(o));
     let mut mix = mix(o, "normal=1", 1)?;
     let target = target(o, &local, mix.tenants).await?;
     if let Some(stack) = &target.stack {
@@ -631,13 +633,13 @@ async fn priority(o: &Options) -> anyhow::Result<Report> {
 }
 
 async fn soak(o: &Options) -> anyhow::Result<Report> {
-    let local = local(o, 2, 2, 2, zero_work(o));
+    let local = local(o, 2, 4, 4, zero_work(o));
     let mix = mix(o, "high=1,normal=8,low=1", 2)?;
     let target = Arc::new(target(o, &local, mix.tenants).await?);
     let total = o.duration.unwrap_or(Duration::from_secs(30 * 60));
     let interval = o.interval.unwrap_or(Duration::from_secs(60)).min(total);
     let spec = LoadSpec {
-        rate: rate(o, Some(50.0)),
+        rate: rate(o, Some(100.0)),
         concurrency: o.concurrency.unwrap_or(1024),
         duration: Some(interval),
         jobs: None,
@@ -663,7 +665,7 @@ async fn soak(o: &Options) -> anyhow::Result<Report> {
         let e = derived.e2e_nats.summary();
         let d = derived.dispatch.summary();
         let processes = target.processes();
-        report.series.push(json!({
+        let row = json!({
             "t_s": started.elapsed().as_secs(),
             "accepted": outcome.accepted.len(),
             "lost": derived.lost,
@@ -672,7 +674,11 @@ async fn soak(o: &Options) -> anyhow::Result<Report> {
             "dispatch_p50_ms": d.p50_ms,
             "dispatch_p99_ms": d.p99_ms,
             "rss_mib": processes.iter().map(|p| (p.process.clone(), p.rss_mib)).collect::<Vec<_>>(),
-        }));
+        });
+        // Each row as it comes, so a long run shows its trend (and leaves
+        // it behind if it is stopped).
+        eprintln!("soak: {row}");
+        report.series.push(row);
         // The tracker only needs what later intervals can still see.
         driver::lock_jobs(&tracker).clear();
     }
