@@ -47,6 +47,8 @@ pub(crate) struct Target {
     /// The ComfyUI (simulator) the `direct` baseline talks to.
     pub(crate) comfyui_url: Option<String>,
     pub(crate) stack: Option<TestStack>,
+    /// The simulators' shared data directory, removed when the target goes.
+    _sim_dir: Option<tempfile::TempDir>,
 }
 
 fn client(key: &str) -> anyhow::Result<reqwest::Client> {
@@ -81,15 +83,42 @@ impl Target {
         options: &LocalOptions,
         tenants: usize,
     ) -> anyhow::Result<Self> {
+        // One data directory for all simulators, given to the runners as
+        // `comfyui_dir` (managed mode): they point every job's files into
+        // `comfyq-<job>/` and delete them after the job, as in production.
+        // Without it outputs pile up in one folder, and ComfyUI's counter
+        // scan of that folder on every save (which the simulator does too)
+        // makes each job slower than the last: a soak's latency drifts.
+        let sim_dir = match &options.sim.data_dir {
+            Some(_) => None,
+            None => {
+                let mut builder = tempfile::Builder::new();
+                builder.prefix("comfyq-loadtest-sims-");
+                Some(match &options.sim.temp_parent {
+                    Some(parent) => builder.tempdir_in(parent)?,
+                    None => builder.tempdir()?,
+                })
+            }
+        };
+        let data_dir = options
+            .sim
+            .data_dir
+            .clone()
+            .or_else(|| sim_dir.as_ref().map(|dir| dir.path().to_path_buf()));
         // Production's runner defaults for pull requests and heartbeats, not the tests' fast ones.
         let defaults = comfyq_runner::RunnerConfig::default();
+        let comfyui_dir = data_dir.clone();
         let tweak = RunnerTweak::new(move |runner| {
             runner.pull_expires = defaults.pull_expires;
             runner.stall_timeout = defaults.stall_timeout;
             runner.reconcile_interval = defaults.reconcile_interval;
+            runner.comfyui_dir.clone_from(&comfyui_dir);
         });
         let stack = TestStack::start_with(StackOptions {
-            sim: options.sim.clone(),
+            sim: SimConfig {
+                data_dir,
+                ..options.sim.clone()
+            },
             sims: options.sims.max(1),
             runners: options.runners,
             runner_slots: options.slots,
@@ -122,6 +151,7 @@ impl Target {
             tenants,
             comfyui_url: Some(stack.sim.base_url()),
             stack: Some(stack),
+            _sim_dir: sim_dir,
         };
         target.wait_runners(options.runners).await?;
         Ok(target)
@@ -144,6 +174,7 @@ impl Target {
             }],
             comfyui_url,
             stack: None,
+            _sim_dir: None,
         })
     }
 
