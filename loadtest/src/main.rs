@@ -2,6 +2,9 @@
 //! JetStream, object store or direct-ComfyUI baseline measured in the same run.
 //! See `loadtest/README.md`.
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod analysis;
 mod baseline;
 mod driver;

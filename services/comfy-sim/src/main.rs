@@ -1,5 +1,8 @@
 //! `comfy-sim`: serve a simulated ComfyUI 0.3.64.
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

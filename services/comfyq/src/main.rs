@@ -7,6 +7,9 @@
 //! `--comfyui-url` attaches the runner to a real ComfyUI instead. Ctrl-C (or
 //! SIGTERM) stops the services gracefully, then the server.
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod nats_process;
 
 use std::net::SocketAddr;

@@ -1,5 +1,8 @@
 //! `comfyq-ingress`: configuration in, bind, serve until SIGINT/SIGTERM.
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

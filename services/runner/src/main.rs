@@ -1,6 +1,9 @@
 //! `comfyq-runner`: load configuration, run until SIGINT/SIGTERM; or
 //! `comfyq-runner verify` to check ComfyUI against a workflow.
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

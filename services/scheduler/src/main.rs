@@ -1,5 +1,8 @@
 //! `comfyq-scheduler`: configuration in, run until SIGINT/SIGTERM.
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
