@@ -155,6 +155,23 @@ async fn a_dropped_multipart_upload_leaves_nothing() {
 /// overwrite while a streamed read is under way (its chunks are purged: the
 /// read fails instead of waiting forever), and chunks that do not match the
 /// recorded digest or size.
+/// Starts reading `path`, overwrites it after the first bytes arrive, and
+/// checks that the read then fails as replaced; returns the first part's length.
+async fn fails_when_overwritten_mid_read(store: &JetStreamObjectStore, path: &Path) -> usize {
+    let mut reading = store.get(path).await.expect("get").into_stream();
+    let first = reading.try_next().await.expect("first").expect("bytes");
+    store
+        .put(path, vec![1u8; 10].into())
+        .await
+        .expect("overwrite");
+    let rest = tokio::time::timeout(Duration::from_secs(30), reading.try_collect::<Vec<_>>())
+        .await
+        .expect("the read ends");
+    let err = rest.expect_err("replaced mid-read");
+    assert!(err.to_string().contains("replaced or deleted"), "{err}");
+    first.len()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_check_ranges_replacement_digest_and_size() {
     use base64::Engine as _;
@@ -206,18 +223,8 @@ async fn reads_check_ranges_replacement_digest_and_size() {
         .put(&direct, vec![7u8; 1 << 20].into())
         .await
         .expect("put");
-    let mut reading = store.get(&direct).await.expect("get").into_stream();
-    let first = reading.try_next().await.expect("first").expect("bytes");
-    assert_eq!(first.len(), 128 * 1024);
-    store
-        .put(&direct, vec![1u8; 10].into())
-        .await
-        .expect("overwrite");
-    let rest = tokio::time::timeout(Duration::from_secs(30), reading.try_collect::<Vec<_>>())
-        .await
-        .expect("the read ends");
-    let err = rest.expect_err("replaced mid-read");
-    assert!(err.to_string().contains("replaced or deleted"), "{err}");
+    let first = fails_when_overwritten_mid_read(&store, &direct).await;
+    assert_eq!(first, 128 * 1024);
 
     // 4 MiB: streamed (not read whole up front) and more than a few batches.
     let big = Path::from("big");
@@ -230,18 +237,8 @@ async fn reads_check_ranges_replacement_digest_and_size() {
     assert_eq!(&got[..], &data[200_000..1_000_000]);
     assert_eq!(read(&big).await.expect("whole")[..], data[..]);
 
-    let mut reading = store.get(&big).await.expect("get").into_stream();
-    let first = reading.try_next().await.expect("first").expect("bytes");
-    assert!(!first.is_empty());
-    store
-        .put(&big, vec![1u8; 10].into())
-        .await
-        .expect("overwrite");
-    let rest = tokio::time::timeout(Duration::from_secs(30), reading.try_collect::<Vec<_>>())
-        .await
-        .expect("the read ends");
-    let err = rest.expect_err("replaced mid-read");
-    assert!(err.to_string().contains("replaced or deleted"), "{err}");
+    let first = fails_when_overwritten_mid_read(&store, &big).await;
+    assert!(first > 0);
 
     // A meta message (same chunks) recording another digest or size.
     let small = Path::from("small");
