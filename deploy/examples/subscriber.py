@@ -21,7 +21,7 @@ async def follow(url: str, tenant: str, job: str, prefix: str = "comfyq") -> int
     js = nc.jetstream()
     # An ordered consumer replays everything on the job's subjects, in order.
     sub = await js.subscribe(
-        f"{prefix}.events.{tenant}.{job}.*",
+        f"{prefix}.events.{tenant}.{job}.>",
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.ALL,
     )

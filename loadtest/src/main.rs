@@ -132,6 +132,14 @@ pub(crate) struct Options {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Logs go to stderr: stdout is the report (`--json` is parsed by tools).
+    let _already_installed = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
     if let Some(path) = &cli.options.nats_server
         && let Err(error) = comfyq_tests::nats_server::use_nats_server_binary(path)
     {

@@ -175,12 +175,18 @@ async fn queue_backlog(target: &Target, jobs: usize) -> anyhow::Result<usize> {
     let Some(nats) = nats_client(target).await? else {
         return Ok(held);
     };
-    // Held once in PENDING (the submit handler has moved each there).
+    // Each waits on its pool's pending subjects (written with its record).
     let js = async_nats::jetstream::new(nats);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let mut stream = js.get_stream(target.names.pending_stream()).await?;
-        let pending = stream.info().await?.state.messages;
+        let stream = js.get_stream(target.names.pending_stream()).await?;
+        let mut subjects = stream
+            .info_with_subjects(target.names.pending_filter())
+            .await?;
+        let mut pending = 0u64;
+        while let Some(entry) = futures::StreamExt::next(&mut subjects).await {
+            pending += entry?.1 as u64;
+        }
         if pending >= held as u64 || Instant::now() > deadline {
             return Ok(pending as usize);
         }

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::job::JobSpec;
+use crate::workflow::{Input, Workflow};
 
 /// Workflow inputs that name a model file, and the model folders (as the
 /// runner registers them) the file may be in. ComfyUI's loaders use these
@@ -48,39 +49,35 @@ impl Needs {
         Self::of_workflow(&spec.workflow, &spec.runner_labels)
     }
 
-    /// What an API-format `workflow` with `labels` required needs.
-    pub fn of_workflow(workflow: &serde_json::Value, labels: &BTreeMap<String, String>) -> Self {
+    /// What `workflow` with `labels` required needs.
+    pub fn of_workflow(workflow: &Workflow, labels: &BTreeMap<String, String>) -> Self {
         let mut needs = Needs {
             labels: labels.clone(),
+            node_types: workflow
+                .node_types()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
             ..Needs::default()
         };
-        let nodes = workflow.as_object().into_iter().flat_map(|n| n.values());
-        for node in nodes {
-            let class_type = node.get("class_type").and_then(|c| c.as_str());
-            if let Some(class_type) = class_type {
-                needs.node_types.insert(class_type.to_owned());
-            }
-            let Some(inputs) = node.get("inputs").and_then(|i| i.as_object()) else {
+        for (_, node, name, input) in workflow.inputs() {
+            // Only literal file names count, not links.
+            let Input::Literal(serde_json::Value::String(file)) = input else {
                 continue;
             };
-            for (name, value) in inputs {
-                // Links are arrays; only literal file names count.
-                let Some(file) = value.as_str() else { continue };
-                let folders = MODEL_INPUTS
-                    .iter()
-                    .find(|(input, _)| input == name)
-                    .map(|(_, folders)| *folders)
-                    .or_else(|| {
-                        (name == "model_name"
-                            && class_type.is_some_and(|c| UPSCALE_LOADERS.contains(&c)))
+            let folders = MODEL_INPUTS
+                .iter()
+                .find(|(input, _)| *input == name)
+                .map(|(_, folders)| *folders)
+                .or_else(|| {
+                    (name == "model_name" && UPSCALE_LOADERS.contains(&node.class_type.as_str()))
                         .then_some(UPSCALE_FOLDERS)
-                    });
-                if let Some(folders) = folders {
-                    needs.models.insert(ModelRef {
-                        folders,
-                        file: file.to_owned(),
-                    });
-                }
+                });
+            if let Some(folders) = folders {
+                needs.models.insert(ModelRef {
+                    folders,
+                    file: file.clone(),
+                });
             }
         }
         needs
@@ -180,7 +177,7 @@ mod tests {
             tenant: TenantId::new("t").expect("valid"),
             priority: Priority::Normal,
             pool: PoolName::default(),
-            workflow,
+            workflow: Workflow::parse(workflow, 100).expect("valid workflow"),
             inputs: vec![],
             webhook: None,
             metadata: None,
@@ -190,6 +187,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            every_progress_event: false,
             created_at: OffsetDateTime::UNIX_EPOCH,
         }
     }

@@ -15,6 +15,10 @@ use crate::names::Names;
 
 pub const ENV_PREFIX: &str = "COMFYQ_";
 
+/// `COMFYQ_` variables that are not settings: the configuration file's path,
+/// the log format, and the command line's server and key.
+const NOT_SETTINGS: [&str; 4] = ["config", "log_format", "url", "api_key"];
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration file {0} does not exist")]
@@ -48,7 +52,7 @@ where
         figment = figment.merge(Toml::file(file));
     }
     let config: T = figment
-        .merge(Env::prefixed(ENV_PREFIX).split("__"))
+        .merge(Env::prefixed(ENV_PREFIX).ignore(&NOT_SETTINGS).split("__"))
         .extract()?;
     config.validate()?;
     Ok(config)
@@ -285,6 +289,37 @@ mod tests {
             load::<Sample>(Some(Path::new("/nonexistent.toml"))),
             Err(ConfigError::MissingFile(_))
         ));
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Strict {
+        nats: NatsConfig,
+    }
+    impl Validate for Strict {
+        fn validate(&self) -> Result<(), ConfigError> {
+            self.nats.validate()
+        }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's test API returns its own error type
+    fn variables_that_are_not_settings_are_not_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("COMFYQ_CONFIG", "/etc/comfyq/ingress.toml");
+            jail.set_env("COMFYQ_LOG_FORMAT", "json");
+            jail.set_env("COMFYQ_URL", "http://127.0.0.1:8080");
+            jail.set_env("COMFYQ_API_KEY", "k");
+            let loaded: Strict = load(None).expect("loads");
+            assert_eq!(loaded.nats.prefix, "comfyq");
+            jail.set_env("COMFYQ_NO_SUCH_SETTING", "1");
+            assert!(
+                load::<Strict>(None).is_err(),
+                "an unknown setting is refused"
+            );
+            Ok(())
+        });
     }
 
     #[test]

@@ -54,6 +54,11 @@ pub struct Event {
     pub at: OffsetDateTime,
     #[serde(flatten)]
     pub body: EventBody,
+    /// On state events: the whole job record after the change. State events
+    /// are the records (the job's last one is the job as it stands), so
+    /// readers of the stream need no other lookup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Box<JobRecord>>,
 }
 
 impl Event {
@@ -65,6 +70,7 @@ impl Event {
             tenant,
             at: OffsetDateTime::now_utc(),
             body,
+            record: None,
         }
     }
 
@@ -95,7 +101,13 @@ impl Event {
                 },
                 error: record.error.clone(),
             }),
+            record: Some(Box::new(record.clone())),
         }
+    }
+
+    /// The record a state event carries.
+    pub fn into_record(self) -> Option<JobRecord> {
+        self.record.map(|r| *r)
     }
 
     pub fn kind(&self) -> EventKind {

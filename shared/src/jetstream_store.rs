@@ -317,9 +317,44 @@ impl JetStreamObjectStore {
         }
     }
 
+    /// `get_opts` that also returns the object's SHA-256 as its meta
+    /// records it (one meta read describes the object entirely).
+    pub async fn get_described(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> Result<(GetResult, Option<[u8; 32]>)> {
+        for _ in 0..8 {
+            if let Some((result, info)) = self.get_once_with_info(location, &options).await? {
+                let digest = info
+                    .digest
+                    .as_deref()
+                    .and_then(|d| d.strip_prefix("SHA-256="))
+                    .and_then(|d| URL_SAFE.decode(d).ok())
+                    .and_then(|d| <[u8; 32]>::try_from(d).ok());
+                return Ok((result, digest));
+            }
+        }
+        Err(Error::Generic {
+            store: STORE,
+            source: "object kept changing while being read".into(),
+        })
+    }
+
     /// One attempt of `get_opts`; `None` if the object was replaced while
     /// a small read was buffering it.
     async fn get_once(&self, location: &Path, options: &GetOptions) -> Result<Option<GetResult>> {
+        Ok(self
+            .get_once_with_info(location, options)
+            .await?
+            .map(|(result, _)| result))
+    }
+
+    async fn get_once_with_info(
+        &self,
+        location: &Path,
+        options: &GetOptions,
+    ) -> Result<Option<(GetResult, ObjectInfo)>> {
         let info = self.info(location).await?;
         // Our writer never makes links; following one would read another
         // object under this one's info.
@@ -377,13 +412,16 @@ impl JetStreamObjectStore {
             })
             .boxed(),
         };
-        Ok(Some(GetResult {
-            payload: GetResultPayload::Stream(payload),
-            meta,
-            range,
-            attributes,
-            extensions: Default::default(),
-        }))
+        Ok(Some((
+            GetResult {
+                payload: GetResultPayload::Stream(payload),
+                meta,
+                range,
+                attributes,
+                extensions: Default::default(),
+            },
+            info,
+        )))
     }
 
     async fn info(&self, location: &Path) -> Result<ObjectInfo> {

@@ -81,7 +81,7 @@ impl std::fmt::Display for JobStatus {
 }
 
 /// A media file the job brought, already stored under its input prefix.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
 pub struct InputFile {
     /// The name the workflow refers to it by (a safe file name).
     pub name: String,
@@ -178,7 +178,7 @@ impl JobError {
 }
 
 /// Where and for which events a job's webhook is sent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
 pub struct WebhookSpec {
     pub url: String,
     /// Event types (`job.completed`, …); empty means the terminal ones.
@@ -243,7 +243,7 @@ pub struct JobSpec {
     pub priority: Priority,
     pub pool: PoolName,
     /// ComfyUI API-format workflow: node id → `{class_type, inputs}`.
-    pub workflow: Value,
+    pub workflow: crate::workflow::Workflow,
     #[serde(default)]
     pub inputs: Vec<InputFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -258,13 +258,20 @@ pub struct JobSpec {
     /// Labels the runner must carry (e.g. `gpu = a100`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub runner_labels: std::collections::BTreeMap<String, String>,
+    /// Every node and step event of ComfyUI as it comes, instead of the
+    /// newest one per `progress_interval` (clients that follow ComfyUI's own
+    /// message sequence need each one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub every_progress_event: bool,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }
 
-/// The job record: the one durable truth about a job, written by the
-/// scheduler with compare-and-set on the KV revision.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The job record: the one durable truth about a job. Each change is a
+/// state event in the events stream carrying the whole record, written with
+/// compare-and-set on the job's last state event (its revision), so the
+/// job's last state event is the record as it stands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct JobRecord {
     pub v: u32,
     pub id: JobId,
@@ -275,26 +282,31 @@ pub struct JobRecord {
     /// The attempt now running or last run (1-based; 0 before dispatch).
     pub attempt: u32,
     #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String")]
     pub created_at: OffsetDateTime,
     #[serde(
         default,
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>")]
     pub queued_at: Option<OffsetDateTime>,
     #[serde(
         default,
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>")]
     pub started_at: Option<OffsetDateTime>,
     #[serde(
         default,
         with = "time::serde::rfc3339::option",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>")]
     pub finished_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String")]
     pub updated_at: OffsetDateTime,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner: Option<RunnerId>,

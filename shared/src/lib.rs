@@ -6,19 +6,22 @@
 //! - [`event`]: job events and their subject kinds.
 //! - [`capability`]: what a job needs of a runner and whether a runner offers it.
 //! - [`guard`]: SSRF guard: outbound URLs must resolve to public addresses.
-//! - [`messages`]: what services send each other on the JOBS and DISPATCH streams.
+//! - [`messages`]: pending jobs, dispatches and commands between services.
+//! - [`registry`]: runners' capability and load entries, and the live fleet.
 //! - [`names`]: every subject, stream, consumer and bucket name, from one prefix.
 //! - [`provision`]: idempotent creation of streams, buckets and consumers.
 //! - [`connection`]: connecting to NATS.
 //! - [`consume`]: running a durable pull consumer with one ack per message.
 //! - [`dead_letter`]: jobs whose attempts ran out, kept for an operator's requeue.
-//! - [`job_store`]: job records in KV with compare-and-set.
+//! - [`job_store`]: job records as state events, written with compare-and-set.
+//! - [`machine`]: the job state machine as a pure function.
 //! - [`kv_view`]: an in-memory view of a KV bucket kept by one watch.
 //! - [`media`]: inputs and outputs in the JetStream object store.
-//! - [`publisher`]: publishing job events.
+//! - [`publisher`]: publishing live job events.
 //! - [`config`]: layered configuration (file, then `COMFYQ_` environment).
 //! - [`telemetry`]: tracing and Prometheus metrics.
 //! - [`webhook`]: webhook delivery records and redelivery requests.
+//! - [`workflow`]: the ComfyUI API-format workflow, parsed once.
 //! - [`shutdown`]: the process-wide cancellation token.
 //! - [`service`]: the common `main` of every service binary.
 
@@ -34,16 +37,19 @@ pub mod jetstream_store;
 pub mod job;
 pub mod job_store;
 pub mod kv_view;
+pub mod machine;
 pub mod media;
 pub mod messages;
 pub mod names;
 pub mod priority;
 pub mod provision;
 pub mod publisher;
+pub mod registry;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod webhook;
+pub mod workflow;
 
 pub use event::{Event, EventBody, EventKind};
 pub use ids::{JobId, PoolName, RunnerId, TenantId};

@@ -7,13 +7,15 @@
 //! [`PART_CONCURRENCY`] parts) and gets are streams, so no object is ever
 //! whole in memory.
 //!
-//! Layout: `<tenant>/<job>/inputs/<name>` and `<tenant>/<job>/outputs/<name>`,
-//! plus a small JSON record per object at `<tenant>/<job>/meta/<kind>/<name>`
-//! with its size, SHA-256, content type and original name. The record is
-//! written after the bytes (the SHA-256 is known only then) and makes the
-//! object visible: bytes without a record are an incomplete write. It works
-//! the same on every backend (a local directory keeps no attributes).
-//! Reads check the size, and a whole read the SHA-256, on the way out.
+//! Layout: `<tenant>/<job>/inputs/<name>` and `<tenant>/<job>/outputs/<name>`.
+//! Each object is described by its size, SHA-256, content type and original
+//! name. The JetStream backend keeps all of it on the object itself (its
+//! meta message, written after the chunks, carries the digest), so one meta
+//! read describes an object. Other backends get a small JSON record per
+//! object at `<tenant>/<job>/meta/<kind>/<name>`, written after the bytes
+//! (the SHA-256 is known only then); there the record makes the object
+//! visible: bytes without a record are an incomplete write. Reads check the
+//! size, and a whole read the SHA-256, on the way out.
 
 use std::ops::Range;
 use std::pin::Pin;
@@ -165,6 +167,9 @@ pub struct MediaStore {
     limits: MediaLimits,
     /// Whether the backend keeps attributes (content type on the object).
     attributes: bool,
+    /// Set when the backend is the JetStream store, which records each
+    /// object's SHA-256 with it: then no separate record is written.
+    jetstream: Option<JetStreamObjectStore>,
     presign: Option<Presign>,
     description: String,
 }
@@ -198,7 +203,7 @@ impl MediaStore {
                     .await
                     .map_err(|e| MediaError::Config(e.to_string()))?;
                 let store = JetStreamObjectStore::open(js.clone(), &bucket).await?;
-                Ok(Self::new(Arc::new(store), names, limits, &config.url))
+                Ok(Self::jetstream(store, names, limits, &config.url))
             }
             MediaUrl::S3 { bucket, prefix } => {
                 ensure_tls_provider();
@@ -224,6 +229,18 @@ impl MediaStore {
         }
     }
 
+    /// The JetStream object store, which describes each object itself.
+    pub fn jetstream(
+        store: JetStreamObjectStore,
+        names: Names,
+        limits: MediaLimits,
+        description: &str,
+    ) -> Self {
+        let mut media = Self::new(Arc::new(store.clone()), names, limits, description);
+        media.jetstream = Some(store);
+        media
+    }
+
     /// Any `ObjectStore` that keeps attributes (tests, benchmarks).
     pub fn new(
         store: Arc<dyn ObjectStore>,
@@ -236,6 +253,7 @@ impl MediaStore {
             names,
             limits,
             attributes: true,
+            jetstream: None,
             presign: None,
             description: description.to_owned(),
         }
@@ -357,6 +375,9 @@ impl MediaStore {
             content_type,
             name,
         };
+        if self.jetstream.is_some() {
+            return Ok(stored);
+        }
         let record = serde_json::to_vec(&stored).map_err(|e| MediaError::Corrupt {
             key: key.to_owned(),
             reason: e.to_string(),
@@ -369,7 +390,18 @@ impl MediaStore {
     }
 
     pub async fn head(&self, key: &str) -> Result<StoredObject, MediaError> {
-        let (path, meta_path, _) = split_key(key)?;
+        let (path, meta_path, name) = split_key(key)?;
+        if let Some(store) = &self.jetstream {
+            let options = GetOptions::default().with_head(true);
+            let (result, digest) = match store.get_described(&path, options).await {
+                Ok(described) => described,
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(MediaError::NotFound(key.to_owned()));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            return described(key, name, &result, digest);
+        }
         match self.store.get(&meta_path).await {
             Ok(result) => {
                 let bytes = result.bytes().await?;
@@ -395,6 +427,9 @@ impl MediaStore {
     /// Opens the whole object; reading it fails at the end if its size or
     /// SHA-256 differ from its record.
     pub async fn get(&self, key: &str) -> Result<(StoredObject, MediaReader), MediaError> {
+        if let Some(store) = &self.jetstream {
+            return get_described(store, key, None).await;
+        }
         let info = self.head(key).await?;
         let size = info.size;
         let reader = self.open_range(key, &info, 0..size).await?;
@@ -408,6 +443,9 @@ impl MediaStore {
         key: &str,
         range: Range<u64>,
     ) -> Result<(StoredObject, MediaReader), MediaError> {
+        if let Some(store) = &self.jetstream {
+            return get_described(store, key, Some(range)).await;
+        }
         let info = self.head(key).await?;
         let reader = self.open_range(key, &info, range).await?;
         Ok((info, reader))
@@ -457,7 +495,12 @@ impl MediaStore {
     pub async fn delete(&self, key: &str) -> Result<(), MediaError> {
         let (path, meta_path, _) = split_key(key)?;
         // The record first: without it the bytes are invisible.
-        for path in [meta_path, path] {
+        let paths = if self.jetstream.is_some() {
+            vec![path]
+        } else {
+            vec![meta_path, path]
+        };
+        for path in paths {
             match self.store.delete(&path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
@@ -508,6 +551,11 @@ impl MediaStore {
         Ok(Some(url))
     }
 
+    /// Whether objects carry their own description (no record objects).
+    pub fn describes_itself(&self) -> bool {
+        self.jetstream.is_some()
+    }
+
     /// The backend, for raw access (benchmarks, conformance tests).
     pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
@@ -521,6 +569,63 @@ impl std::fmt::Debug for MediaStore {
             .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
+}
+
+/// A read of an object of the JetStream store, which describes itself:
+/// one meta read finds its description and its chunks.
+async fn get_described(
+    store: &JetStreamObjectStore,
+    key: &str,
+    range: Option<Range<u64>>,
+) -> Result<(StoredObject, MediaReader), MediaError> {
+    let (path, _, name) = split_key(key)?;
+    let options = match &range {
+        Some(range) if !range.is_empty() => {
+            GetOptions::default().with_range(Some(GetRange::Bounded(range.clone())))
+        }
+        _ => GetOptions::default(),
+    };
+    let (result, digest) = match store.get_described(&path, options).await {
+        Ok(described) => described,
+        Err(object_store::Error::NotFound { .. }) => {
+            return Err(MediaError::NotFound(key.to_owned()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let info = described(key, name, &result, digest)?;
+    let range = range.unwrap_or(0..info.size);
+    let whole = range.start == 0 && range.end == info.size;
+    let checked = Checked {
+        inner: result.into_stream().boxed(),
+        key: key.to_owned(),
+        expected: range.end.saturating_sub(range.start),
+        seen: 0,
+        sha: whole.then(Sha256::new),
+        sha256: info.sha256.clone(),
+    };
+    Ok((info, Box::pin(tokio_util::io::StreamReader::new(checked))))
+}
+
+/// What a self-describing object's meta says of it.
+fn described(
+    key: &str,
+    name: String,
+    result: &object_store::GetResult,
+    digest: Option<[u8; 32]>,
+) -> Result<StoredObject, MediaError> {
+    let attribute = |attribute: &Attribute| result.attributes.get(attribute).map(|v| v.to_string());
+    let sha256 = digest.map(hex::encode).ok_or_else(|| MediaError::Corrupt {
+        key: key.to_owned(),
+        reason: "stored without its SHA-256".to_owned(),
+    })?;
+    Ok(StoredObject {
+        key: key.to_owned(),
+        size: result.meta.size,
+        sha256,
+        content_type: attribute(&Attribute::ContentType)
+            .unwrap_or_else(|| "application/octet-stream".to_owned()),
+        name: attribute(&Attribute::Metadata("original-name".into())).unwrap_or(name),
+    })
 }
 
 /// `<tenant>/<job>/<inputs|outputs>/<name>` → the object's path, its

@@ -1,17 +1,26 @@
-//! Messages between services on the JOBS and DISPATCH streams. Each carries
-//! the schema version so a mixed-version fleet can refuse what it cannot read.
+//! Messages between services: jobs waiting for a slot (pending, in the
+//! events stream), dispatches to runners, commands on the JOBS stream. Each
+//! carries the schema version so a mixed-version fleet can refuse what it
+//! cannot read.
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::ids::{JobId, RunnerId, TenantId};
-use crate::job::{JobError, JobSpec, OutputFile};
+use crate::job::{JobError, JobRecord, JobSpec, OutputFile};
 
-/// ingress → scheduler: a new job (`Nats-Msg-Id` = job id).
+/// A job waiting for a runner slot, on its pending subject: written by
+/// ingress before the job's record (or by an operator's requeue, with it),
+/// read and deleted by the dispatcher.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SubmitJob {
     pub v: u32,
     pub spec: JobSpec,
+    /// The attempt its dispatch starts at: 1, or more after a requeue
+    /// (attempts keep counting).
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+
     /// When an operator's requeue put the job back in line: its place in
     /// FIFO order and the start of its ageing, instead of `spec.created_at`
     /// (which would send a requeued job straight to the front).
@@ -21,6 +30,10 @@ pub struct SubmitJob {
         with = "time::serde::rfc3339::option"
     )]
     pub requeued_at: Option<OffsetDateTime>,
+}
+
+fn first_attempt() -> u32 {
+    1
 }
 
 impl SubmitJob {
@@ -69,6 +82,22 @@ pub struct DispatchJob {
     /// The attempt number of the message's first delivery.
     pub attempt: u32,
     pub spec: JobSpec,
+
+    /// The revision of the job's `queued` state event as the dispatcher saw
+    /// it, and that record: the runner claims the job from them without
+    /// reading the record first (a stale one costs a failed
+    /// compare-and-set and a read). `None`: read the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_revision: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<Box<JobRecord>>,
+    /// When the dispatcher handed it to the pool (the `dispatched` event's time).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub dispatched_at: Option<OffsetDateTime>,
 }
 
 impl DispatchJob {
@@ -82,7 +111,8 @@ impl DispatchJob {
     }
 }
 
-/// runner → scheduler: what became of an attempt.
+/// What a runner says became of an attempt: the input it applies to the
+/// job's record itself ([`crate::machine::next`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunnerReport {
     pub v: u32,
@@ -93,13 +123,6 @@ pub struct RunnerReport {
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
     pub outcome: AttemptOutcome,
-}
-
-impl RunnerReport {
-    /// Deduplicates a report the runner sent twice (e.g. after a reconnect).
-    pub fn message_id(&self) -> String {
-        format!("{}:{}:{}", self.job_id, self.attempt, self.outcome.token())
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -145,15 +168,17 @@ mod tests {
                 tenant: TenantId::new("t").expect("valid"),
                 priority: Priority::Normal,
                 pool: PoolName::default(),
-                workflow: serde_json::json!({}),
+                workflow: Default::default(),
                 inputs: vec![],
                 webhook: None,
                 metadata: None,
                 inline_outputs: false,
                 timeout_s: 60,
                 runner_labels: Default::default(),
+                every_progress_event: false,
                 created_at: OffsetDateTime::UNIX_EPOCH,
             },
+            attempt: 1,
             requeued_at,
         }
     }

@@ -48,7 +48,8 @@ impl Names {
 
     // ---- streams -------------------------------------------------------
 
-    /// Commands for the scheduler: submissions, cancellations, runner reports.
+    /// Operators' and clients' commands for the scheduler: cancellations
+    /// and requeues of dead letters.
     pub fn jobs_stream(&self) -> String {
         format!("{}_JOBS", self.upper)
     }
@@ -56,7 +57,7 @@ impl Names {
         vec![format!("{}.jobs.>", self.prefix)]
     }
 
-    /// Work handed to runners, one subject per pool and priority.
+    /// Work handed to runners, one subject per pool, priority and tenant.
     pub fn dispatch_stream(&self) -> String {
         format!("{}_DISPATCH", self.upper)
     }
@@ -64,13 +65,13 @@ impl Names {
         vec![format!("{}.dispatch.>", self.prefix)]
     }
 
-    /// Jobs the scheduler holds back until a runner slot frees (decide
-    /// late), one subject per pool, priority and tenant.
+    /// Jobs waiting for a runner slot (work-queue: the dispatcher's
+    /// acknowledgement removes a job once it is dispatched).
     pub fn pending_stream(&self) -> String {
         format!("{}_PENDING", self.upper)
     }
     pub fn pending_stream_subjects(&self) -> Vec<String> {
-        vec![format!("{}.pending.>", self.prefix)]
+        vec![self.pending_filter()]
     }
 
     /// Max-deliveries advisories of the dispatch stream, kept so an
@@ -89,12 +90,17 @@ impl Names {
         )
     }
 
-    /// Every job event, for SSE, webhooks and NATS subscribers.
+    /// The job log: every job's state events (which are its records: the
+    /// last one is the job as it stands), its live events (progress, nodes,
+    /// outputs), and the webhook work those events make.
     pub fn events_stream(&self) -> String {
         format!("{}_EVENTS", self.upper)
     }
     pub fn events_stream_subjects(&self) -> Vec<String> {
-        vec![format!("{}.events.>", self.prefix)]
+        vec![
+            format!("{}.events.>", self.prefix),
+            format!("{}.hooks.>", self.prefix),
+        ]
     }
 
     /// Latest preview image per job.
@@ -115,18 +121,12 @@ impl Names {
 
     // ---- subjects ------------------------------------------------------
 
-    pub fn submit_subject(&self) -> String {
-        format!("{}.jobs.submit", self.prefix)
-    }
     pub fn cancel_subject(&self) -> String {
         format!("{}.jobs.cancel", self.prefix)
     }
     /// An operator's request to requeue a dead-lettered job.
     pub fn retry_subject(&self) -> String {
         format!("{}.jobs.retry", self.prefix)
-    }
-    pub fn report_subject(&self) -> String {
-        format!("{}.jobs.report", self.prefix)
     }
 
     pub fn webhook_redeliver_subject(&self) -> String {
@@ -167,8 +167,40 @@ impl Names {
         let tenant = TenantId::new(tokens.next()?).ok()?;
         tokens.next().is_none().then_some((pool, priority, tenant))
     }
+    /// Everything dispatched to one tenant and not yet acknowledged.
+    pub fn tenant_dispatch_filter(&self, tenant: &TenantId) -> String {
+        format!("{}.dispatch.*.*.{tenant}", self.prefix)
+    }
+    /// Every acknowledgement of every dispatch message.
+    pub fn dispatch_acks_filter(&self) -> String {
+        format!("$JS.ACK.{}.>", self.dispatch_stream())
+    }
+    /// Every acknowledgement of the dispatch messages of `pool` (core NATS
+    /// sees them on the consumer's ack subjects).
+    pub fn dispatch_ack_filter(&self, pool: &PoolName) -> String {
+        format!(
+            "$JS.ACK.{}.{}.>",
+            self.dispatch_stream(),
+            self.dispatch_consumer(pool)
+        )
+    }
 
-    /// Every held-back job of one tenant, in any pool and priority.
+    /// Jobs waiting for a runner slot (`Nats-Msg-Id` = job id). The tenant
+    /// token lets quotas and fairness count a tenant's waiting jobs from
+    /// subject counts.
+    pub fn pending_subject(
+        &self,
+        pool: &PoolName,
+        priority: Priority,
+        tenant: &TenantId,
+    ) -> String {
+        format!("{}.pending.{pool}.{priority}.{tenant}", self.prefix)
+    }
+    /// Every waiting job, all pools.
+    pub fn pending_filter(&self) -> String {
+        format!("{}.pending.>", self.prefix)
+    }
+    /// Every waiting job of one tenant, in any pool and priority.
     pub fn tenant_pending_filter(&self, tenant: &TenantId) -> String {
         format!("{}.pending.*.*.{tenant}", self.prefix)
     }
@@ -183,66 +215,117 @@ impl Names {
         let tenant = TenantId::new(tokens.next()?).ok()?;
         tokens.next().is_none().then_some((pool, priority, tenant))
     }
-    /// Every job a pool's scheduler holds back, all priorities and tenants.
+    /// Every job waiting in one pool, all priorities and tenants.
     pub fn pending_pool_filter(&self, pool: &PoolName) -> String {
         format!("{}.pending.{pool}.>", self.prefix)
     }
-    /// The jobs held back for one pool and priority, all tenants.
+    /// The jobs waiting in one pool at one priority, all tenants.
     pub fn pending_priority_filter(&self, pool: &PoolName, priority: Priority) -> String {
         format!("{}.pending.{pool}.{priority}.*", self.prefix)
     }
-    /// A job held back by the scheduler (`Nats-Msg-Id` = job id).
-    pub fn pending_subject(
-        &self,
-        pool: &PoolName,
-        priority: Priority,
-        tenant: &TenantId,
-    ) -> String {
-        format!("{}.pending.{pool}.{priority}.{tenant}", self.prefix)
-    }
 
+    /// An event of a job: a state event (the job's record after a change)
+    /// on `…events.<tenant>.<job>.<status>`, a live event (progress, node,
+    /// output) on `…events.<tenant>.<job>.live.<kind>`. Live events have one
+    /// token more, so [`Self::job_state_filter`] never matches them.
     pub fn event_subject(&self, tenant: &TenantId, job: &JobId, kind: EventKind) -> String {
-        format!("{}.events.{tenant}.{job}.{}", self.prefix, kind.token())
+        match kind {
+            EventKind::State(_) => {
+                format!("{}.events.{tenant}.{job}.{}", self.prefix, kind.token())
+            }
+            _ => format!(
+                "{}.events.{tenant}.{job}.live.{}",
+                self.prefix,
+                kind.token()
+            ),
+        }
     }
-    /// Every event of one job.
-    pub fn job_events_filter(&self, tenant: &TenantId, job: &JobId) -> String {
+    /// Every state event of one job: the last one is the job's record.
+    pub fn job_state_filter(&self, tenant: &TenantId, job: &JobId) -> String {
         format!("{}.events.{tenant}.{job}.*", self.prefix)
+    }
+    /// Every event of one job, state and live.
+    pub fn job_events_filter(&self, tenant: &TenantId, job: &JobId) -> String {
+        format!("{}.events.{tenant}.{job}.>", self.prefix)
     }
     /// Every event of one tenant.
     pub fn tenant_events_filter(&self, tenant: &TenantId) -> String {
-        format!("{}.events.{tenant}.*.*", self.prefix)
+        format!("{}.events.{tenant}.>", self.prefix)
+    }
+    /// The first state event of each of a tenant's jobs (one per job: the
+    /// index `GET /v1/jobs` lists from).
+    pub fn tenant_accepted_filter(&self, tenant: &TenantId) -> String {
+        format!(
+            "{}.events.{tenant}.*.{}",
+            self.prefix,
+            crate::job::JobStatus::Accepted
+        )
+    }
+    /// Reads `(tenant, job)` back from an event subject.
+    pub fn parse_event_subject(&self, subject: &str) -> Option<(TenantId, JobId)> {
+        let rest = subject
+            .strip_prefix(&self.prefix)?
+            .strip_prefix(".events.")?;
+        let mut tokens = rest.split('.');
+        let tenant = TenantId::new(tokens.next()?).ok()?;
+        let job = tokens.next()?.parse().ok()?;
+        Some((tenant, job))
     }
     /// One kind of event across all tenants and jobs.
     pub fn event_kind_filter(&self, kind: EventKind) -> String {
-        format!("{}.events.*.*.{}", self.prefix, kind.token())
+        match kind {
+            EventKind::State(_) => format!("{}.events.*.*.{}", self.prefix, kind.token()),
+            _ => format!("{}.events.*.*.live.{}", self.prefix, kind.token()),
+        }
+    }
+
+    /// Webhook work: an event a job's webhook wants, written with the event.
+    pub fn hook_subject(&self, tenant: &TenantId, job: &JobId, kind: EventKind) -> String {
+        format!("{}.hooks.{tenant}.{job}.{}", self.prefix, kind.token())
+    }
+    /// All webhook work (the notifier's filter).
+    pub fn hooks_filter(&self) -> String {
+        format!("{}.hooks.>", self.prefix)
     }
 
     pub fn preview_subject(&self, tenant: &TenantId, job: &JobId) -> String {
         format!("{}.previews.{tenant}.{job}", self.prefix)
     }
 
-    /// Cancellation fan-out to runners (core NATS: only a live runner holding
-    /// the job can act on it; the job record is the durable truth).
+    /// Cancellation fan-out to runners and the dispatcher (core NATS: only a
+    /// live holder can act on it; the job record is the durable truth).
     pub fn runner_cancel_subject(&self, job: &JobId) -> String {
         format!("{}.control.cancel.{job}", self.prefix)
     }
     pub fn runner_cancel_filter(&self) -> String {
         format!("{}.control.cancel.*", self.prefix)
     }
+    /// Reads the job back from a cancel nudge's subject.
+    pub fn parse_runner_cancel_subject(&self, subject: &str) -> Option<JobId> {
+        subject
+            .strip_prefix(&self.prefix)?
+            .strip_prefix(".control.cancel.")?
+            .parse()
+            .ok()
+    }
+
+    /// The JetStream API request that deletes one message of `stream`
+    /// (relative to the API prefix, as `Context::request` takes it).
+    pub fn message_delete_api(&self, stream: &str) -> String {
+        format!("STREAM.MSG.DELETE.{stream}")
+    }
 
     // ---- consumers -----------------------------------------------------
 
-    pub fn scheduler_submit_consumer(&self) -> String {
-        "scheduler-submit".to_owned()
+    /// Consumers of earlier versions that provisioning removes.
+    pub fn legacy_scheduler_consumers(&self) -> [String; 2] {
+        ["scheduler-submit".to_owned(), "scheduler-report".to_owned()]
     }
     pub fn scheduler_cancel_consumer(&self) -> String {
         "scheduler-cancel".to_owned()
     }
     pub fn scheduler_retry_consumer(&self) -> String {
         "scheduler-retry".to_owned()
-    }
-    pub fn scheduler_report_consumer(&self) -> String {
-        "scheduler-report".to_owned()
     }
     /// The one dispatch consumer of a pool, shared by its runners (FIFO:
     /// the dispatcher publishes in priority order).
@@ -258,6 +341,11 @@ impl Names {
     pub fn dispatch_priority_group(&self) -> String {
         "runners".to_owned()
     }
+    /// The dispatcher's consumer of waiting jobs (the lease holder's; a new
+    /// holder recreates it to see every job not yet dispatched).
+    pub fn dispatcher_consumer(&self) -> String {
+        "dispatcher".to_owned()
+    }
     pub fn scheduler_advisories_consumer(&self) -> String {
         "scheduler-advisories".to_owned()
     }
@@ -270,11 +358,15 @@ impl Names {
 
     // ---- KV and object store ---------------------------------------------
 
-    pub fn jobs_bucket(&self) -> String {
-        format!("{}_jobs", self.prefix)
-    }
+    /// Runners' load entries (slots, busy, ready): small, refreshed often,
+    /// expiring without a heartbeat (the bucket's age limit is the TTL).
     pub fn runners_bucket(&self) -> String {
         format!("{}_runners", self.prefix)
+    }
+    /// Runners' capability entries (node types, models, labels): written
+    /// when they change, read with the load entry of the same key.
+    pub fn capabilities_bucket(&self) -> String {
+        format!("{}_capabilities", self.prefix)
     }
     /// The scheduler's own state: the dispatcher lease.
     pub fn scheduler_bucket(&self) -> String {
@@ -311,26 +403,13 @@ impl Names {
         format!("{}_media", self.prefix)
     }
 
-    /// Key of a job record in the jobs bucket: tenant first, so one tenant's
-    /// jobs can be listed with a key filter.
+    /// Key of a job's entry in the per-job buckets (dead letters, webhook
+    /// deliveries): tenant first, so one tenant's entries can be listed.
     pub fn job_key(&self, tenant: &TenantId, job: &JobId) -> String {
         format!("{tenant}.{job}")
     }
     pub fn tenant_jobs_key_filter(&self, tenant: &TenantId) -> String {
         format!("{tenant}.*")
-    }
-    /// The stream behind the jobs bucket (JetStream names it `KV_<bucket>`).
-    pub fn jobs_kv_stream(&self) -> String {
-        format!("KV_{}", self.jobs_bucket())
-    }
-    /// The subjects of one tenant's records in the jobs bucket's stream, for
-    /// listing with a `LastPerSubject` consumer.
-    pub fn tenant_jobs_kv_subjects(&self, tenant: &TenantId) -> String {
-        format!(
-            "$KV.{}.{}",
-            self.jobs_bucket(),
-            self.tenant_jobs_key_filter(tenant)
-        )
     }
     /// Key of an idempotency entry: tenant, then the hex SHA-256 of the
     /// client's key (any bytes a client sends become a safe KV token).
@@ -380,19 +459,23 @@ mod tests {
             let job = JobId::new();
             let in_stream = |subject: &str, subjects: Vec<String>| subjects.iter().any(|f| subject_matches(f, subject));
 
-            prop_assert!(in_stream(&names.submit_subject(), names.jobs_stream_subjects()));
             prop_assert!(in_stream(&names.cancel_subject(), names.jobs_stream_subjects()));
-            prop_assert!(in_stream(&names.report_subject(), names.jobs_stream_subjects()));
             prop_assert!(in_stream(&names.retry_subject(), names.jobs_stream_subjects()));
             for priority in Priority::ALL {
                 let subject = names.dispatch_subject(&pool, priority, &tenant);
                 prop_assert!(in_stream(&subject, names.dispatch_stream_subjects()));
                 prop_assert!(subject_matches(&names.dispatch_pool_filter(&pool), &subject));
+                prop_assert!(subject_matches(&names.tenant_dispatch_filter(&tenant), &subject));
                 prop_assert_eq!(names.parse_dispatch_subject(&subject), Some((pool.clone(), priority, tenant.clone())));
                 let pending = names.pending_subject(&pool, priority, &tenant);
                 prop_assert!(in_stream(&pending, names.pending_stream_subjects()));
+                prop_assert!(!in_stream(&pending, names.events_stream_subjects()));
+                prop_assert!(subject_matches(&names.pending_filter(), &pending));
+                prop_assert!(subject_matches(&names.pending_pool_filter(&pool), &pending));
+                prop_assert!(subject_matches(&names.pending_priority_filter(&pool, priority), &pending));
                 prop_assert!(subject_matches(&names.tenant_pending_filter(&tenant), &pending));
                 prop_assert_eq!(names.parse_pending_subject(&pending), Some((pool.clone(), priority, tenant.clone())));
+                prop_assert!(!subject_matches(&names.job_state_filter(&tenant, &job), &pending));
             }
             for kind in EventKind::all() {
                 let subject = names.event_subject(&tenant, &job, kind);
@@ -400,7 +483,20 @@ mod tests {
                 prop_assert!(subject_matches(&names.job_events_filter(&tenant, &job), &subject));
                 prop_assert!(subject_matches(&names.tenant_events_filter(&tenant), &subject));
                 prop_assert!(subject_matches(&names.event_kind_filter(kind), &subject));
+                prop_assert_eq!(names.parse_event_subject(&subject), Some((tenant.clone(), job)));
+                // Only state events are the record.
+                let state = matches!(kind, EventKind::State(_));
+                prop_assert_eq!(subject_matches(&names.job_state_filter(&tenant, &job), &subject), state);
+                let accepted = kind == EventKind::State(JobStatus::Accepted);
+                prop_assert_eq!(subject_matches(&names.tenant_accepted_filter(&tenant), &subject), accepted);
+                let hook = names.hook_subject(&tenant, &job, kind);
+                prop_assert!(in_stream(&hook, names.events_stream_subjects()));
+                prop_assert!(subject_matches(&names.hooks_filter(), &hook));
+                prop_assert!(!subject_matches(&names.tenant_events_filter(&tenant), &hook));
             }
+            prop_assert_eq!(names.parse_runner_cancel_subject(&names.runner_cancel_subject(&job)), Some(job));
+            let ack = format!("$JS.ACK.{}.{}.1.2.3.4.5", names.dispatch_stream(), names.dispatch_consumer(&pool));
+            prop_assert!(subject_matches(&names.dispatch_ack_filter(&pool), &ack));
             prop_assert!(in_stream(&names.preview_subject(&tenant, &job), names.previews_stream_subjects()));
             prop_assert!(subject_matches(&names.runner_cancel_filter(), &names.runner_cancel_subject(&job)));
             prop_assert!(in_stream(&names.webhook_redeliver_subject(), names.webhooks_stream_subjects()));

@@ -27,9 +27,16 @@ fn failed(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> Provisio
 #[derive(Clone)]
 #[allow(missing_debug_implementations)] // async-nats' ObjectStore has no Debug
 pub struct Provisioned {
-    pub jobs: kv::Store,
+    /// The events stream: job records (state events), live events,
+    /// pending jobs, webhook work.
+    pub events: stream::Stream,
+    /// Jobs waiting for a runner slot.
+    pub pending: stream::Stream,
     pub scheduler: kv::Store,
+    /// Runners' load entries (expire without a heartbeat).
     pub runners: kv::Store,
+    /// Runners' capability entries.
+    pub capabilities: kv::Store,
     pub idempotency: kv::Store,
     pub webhooks: kv::Store,
     pub dead_letters: kv::Store,
@@ -46,10 +53,7 @@ pub async fn provision(
     let stream_configs = [
         stream::Config {
             name: names.jobs_stream(),
-            description: Some(
-                "comfyq: submissions, cancellations and runner reports for the scheduler"
-                    .to_owned(),
-            ),
+            description: Some("comfyq: cancellations and requeues for the scheduler".to_owned()),
             subjects: names.jobs_stream_subjects(),
             retention: stream::RetentionPolicy::WorkQueue,
             duplicate_window: Duration::from_secs(120),
@@ -72,12 +76,10 @@ pub async fn provision(
         stream::Config {
             name: names.pending_stream(),
             description: Some(
-                "comfyq: jobs held by the scheduler until a runner slot frees".to_owned(),
+                "comfyq: jobs waiting for a runner slot (removed once dispatched)".to_owned(),
             ),
             subjects: names.pending_stream_subjects(),
-            // Limits, not work-queue: the dispatcher reads it with an ordered
-            // consumer (no acks) and deletes each job once dispatched.
-            retention: stream::RetentionPolicy::Limits,
+            retention: stream::RetentionPolicy::WorkQueue,
             duplicate_window: Duration::from_secs(120),
             max_age: config.jobs_max_age,
             num_replicas: replicas,
@@ -106,11 +108,18 @@ pub async fn provision(
         },
         stream::Config {
             name: names.events_stream(),
-            description: Some("comfyq: every job event".to_owned()),
+            description: Some(
+                "comfyq: job records (state events), live events, webhook work".to_owned(),
+            ),
             subjects: names.events_stream_subjects(),
             retention: stream::RetentionPolicy::Limits,
-            max_age: config.events_max_age,
+            // State events are the records and live as long as jobs do; live
+            // events carry a shorter per-message TTL (`events_max_age`).
+            max_age: config.jobs_max_age.max(config.events_max_age),
             allow_direct: true,
+            allow_atomic_publish: true,
+            allow_message_ttl: true,
+            duplicate_window: Duration::from_secs(120),
             num_replicas: replicas,
             ..Default::default()
         },
@@ -127,6 +136,7 @@ pub async fn provision(
             ..Default::default()
         },
     ];
+    migrate_pending(js, names).await?;
     for config in stream_configs {
         let name = config.name.clone();
         js.create_or_update_stream(config)
@@ -143,21 +153,21 @@ pub async fn provision(
         num_replicas: replicas,
         ..Default::default()
     };
-    let jobs = ensure_kv(
-        js,
-        bucket(
-            names.jobs_bucket(),
-            "comfyq: job records",
-            Some(config.jobs_max_age),
-        ),
-    )
-    .await?;
     let runners = ensure_kv(
         js,
         bucket(
             names.runners_bucket(),
-            "comfyq: runner registrations (expire without heartbeat)",
+            "comfyq: runners' load (expires without heartbeat)",
             Some(config.runner_ttl),
+        ),
+    )
+    .await?;
+    let capabilities = ensure_kv(
+        js,
+        bucket(
+            names.capabilities_bucket(),
+            "comfyq: runners' node types, models and labels (rewritten on change)",
+            Some(CAPABILITIES_MAX_AGE),
         ),
     )
     .await?;
@@ -200,15 +210,80 @@ pub async fn provision(
 
     let media =
         ensure_object_store(js, &names.media_bucket(), config.media_max_age, replicas).await?;
+    let events = js
+        .get_stream(names.events_stream())
+        .await
+        .map_err(|e| failed("the events stream")(e.into()))?;
+    let pending = js
+        .get_stream(names.pending_stream())
+        .await
+        .map_err(|e| failed("the pending stream")(e.into()))?;
     Ok(Provisioned {
-        jobs,
+        events,
+        pending,
         scheduler,
         runners,
+        capabilities,
         idempotency,
         webhooks,
         dead_letters,
         media,
     })
+}
+
+/// How long a capability entry lives unless rewritten: runners rewrite
+/// theirs well within it ([`CAPABILITIES_REFRESH`]); a crashed runner's entry
+/// goes by itself (readers ignore one without a live load entry anyway).
+pub const CAPABILITIES_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// How often a runner rewrites its unchanged capability entry.
+pub const CAPABILITIES_REFRESH: Duration = Duration::from_secs(6 * 3600);
+
+/// Versions before 0.2 kept waiting jobs in a limits stream of the same
+/// name, whose retention cannot be changed in place: an empty one is
+/// recreated as a work queue; one still holding jobs is refused (drain it
+/// with the version that queued them).
+async fn migrate_pending(js: &jetstream::Context, names: &Names) -> Result<(), ProvisionError> {
+    let name = names.pending_stream();
+    let mut stream = match js.get_stream(&name).await {
+        Ok(stream) => stream,
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Ok(());
+        }
+        Err(e) => return Err(failed(format!("stream {name}"))(e.into())),
+    };
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| failed(format!("stream {name}"))(e.into()))?;
+    if info.config.retention == stream::RetentionPolicy::WorkQueue {
+        return Ok(());
+    }
+    let held = info.state.messages;
+    if held > 0 {
+        return Err(failed(format!("stream {name}"))(
+            format!(
+                "it still holds {held} jobs queued by a version before 0.2; drain them with that version first"
+            )
+            .into(),
+        ));
+    }
+    match js.delete_stream(&name).await {
+        Ok(_) => {
+            tracing::info!(stream = %name, "removed the empty limits-retention pending stream of an earlier version");
+            Ok(())
+        }
+        // Another service removed it at the same moment.
+        Err(e)
+            if matches!(e.kind(), jetstream::context::DeleteStreamErrorKind::JetStream(ref j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(failed(format!("stream {name}"))(e.into())),
+    }
 }
 
 async fn ensure_kv(

@@ -3,9 +3,9 @@
 //!   `comfyq_runner::worker` target, caught by a tracing layer here) → the
 //!   simulator's record of the `POST /prompt` request reaching it;
 //! - `execution_success` → completed: the simulator's record of sending
-//!   `execution_success` → the runner's `completed` report seen on
-//!   `comfyq.jobs.report`, and → the scheduler's `job.completed` event seen
-//!   on `comfyq.events.*.*.completed` (both core subscriptions here).
+//!   `execution_success` → the runner's `completed` record write (its
+//!   `job.completed` state event) seen on `comfyq.events.*.*.completed` (a
+//!   core subscription here).
 //!
 //! The second span covers ComfyUI's own `executing {node: null}` after
 //! success, `/history`, streaming every output from `/view` into the object
@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use comfyq_shared::event::EventKind;
 use comfyq_shared::job::JobStatus;
-use comfyq_shared::messages::{AttemptOutcome, RunnerReport};
 use comfyq_shared::names::Names;
 use comfyq_tests::stack::invert_workflow;
 use comfyq_tests::{RunnerTweak, StackOptions, TestStack};
@@ -80,7 +79,6 @@ impl<S: tracing::Subscriber> Layer<S> for PulledLayer {
 
 /// What the NATS subscriptions saw, per job.
 enum Seen {
-    Report(String, Instant),
     Completed(String, Instant),
 }
 
@@ -95,7 +93,6 @@ fn video_workflow() -> Value {
 #[derive(Default)]
 struct Samples {
     pulled_to_prompt: Vec<f64>,
-    success_to_report: Vec<f64>,
     success_to_event: Vec<f64>,
 }
 
@@ -140,7 +137,6 @@ impl Bench {
         workflow["1"]["inputs"]["color"] = json!(self.jobs);
         let job = self.stack.submit(json!({"workflow": workflow})).await;
         let id = job["id"].as_str().expect("job id").to_owned();
-        let mut reported = None;
         let completed = loop {
             let Ok(seen) = tokio::time::timeout(Duration::from_secs(60), self.seen.recv()).await
             else {
@@ -148,21 +144,10 @@ impl Bench {
             };
             let seen = seen.expect("subscriptions open");
             match seen {
-                Seen::Report(job, at) if job == id => reported = Some(at),
                 Seen::Completed(job, at) if job == id => break at,
                 _ => {}
             }
         };
-        // The report precedes the event; its message may still be queued.
-        while reported.is_none() {
-            if let Ok(Some(Seen::Report(job, at))) =
-                tokio::time::timeout(Duration::from_secs(5), self.seen.recv()).await
-                && job == id
-            {
-                reported = Some(at);
-            }
-        }
-        let reported = reported.expect("report seen");
         let pulled = PULLED
             .lock()
             .ok()
@@ -179,9 +164,6 @@ impl Bench {
         samples
             .pulled_to_prompt
             .push(ms(pulled, prompt.received_at));
-        samples
-            .success_to_report
-            .push(ms(success.sent_at, reported));
         samples
             .success_to_event
             .push(ms(success.sent_at, completed));
@@ -201,11 +183,7 @@ impl Bench {
             &mut samples.pulled_to_prompt,
         );
         report(
-            &format!("{name}: execution_success → report"),
-            &mut samples.success_to_report,
-        );
-        report(
-            &format!("{name}: execution_success → job.completed"),
+            &format!("{name}: execution_success → job.completed recorded"),
             &mut samples.success_to_event,
         );
     }
@@ -246,10 +224,6 @@ async fn main() {
 
     let names = Names::new("comfyq").expect("names");
     let client = stack.nats.client().await;
-    let mut reports = client
-        .subscribe(names.report_subject())
-        .await
-        .expect("subscribe to reports");
     let mut events = client
         .subscribe(names.event_kind_filter(EventKind::State(JobStatus::Completed)))
         .await
@@ -259,15 +233,6 @@ async fn main() {
     tokio::spawn(async move {
         loop {
             let seen = tokio::select! {
-                Some(message) = reports.next() => {
-                    let at = Instant::now();
-                    match serde_json::from_slice::<RunnerReport>(&message.payload) {
-                        Ok(report) if matches!(report.outcome, AttemptOutcome::Completed { .. }) => {
-                            Seen::Report(report.job_id.to_string(), at)
-                        }
-                        _ => continue,
-                    }
-                }
                 Some(message) = events.next() => {
                     let at = Instant::now();
                     // comfyq.events.<tenant>.<job>.completed
@@ -310,9 +275,9 @@ async fn main() {
         growth_64 as f64 / (1 << 20) as f64
     );
     println!(
-        "peak resident growth, one 1 GiB video: {:.1} MiB (execution_success → report {:.0} ms, whole job {:.1} s)",
+        "peak resident growth, one 1 GiB video: {:.1} MiB (execution_success → completed {:.0} ms, whole job {:.1} s)",
         growth_1g as f64 / (1 << 20) as f64,
-        one.success_to_report[0],
+        one.success_to_event[0],
         took.as_secs_f64()
     );
     bench.stack.stop().await;

@@ -9,7 +9,6 @@
 
 use std::time::{Duration, Instant};
 
-use comfyq_shared::event::Event;
 use comfyq_shared::job::{JobRecord, JobSpec, JobStatus, WebhookSpec};
 use comfyq_shared::job_store::JobStore;
 use comfyq_shared::{JobId, Names, PoolName, Priority, TenantId};
@@ -32,17 +31,18 @@ async fn main() {
     let shared = comfyq_shared::provision::provision(&js, &names, &config)
         .await
         .expect("provision");
-    let jobs = JobStore::new(shared.jobs, names.clone());
+    let jobs = JobStore::new(js.clone(), client.clone(), shared.events, names.clone());
     let tenant = TenantId::new(TENANT).expect("tenant");
 
-    // One completed job record with a webhook per delivery; the notifier reads it.
-    let make_event = async |i: usize| {
+    // One completed job record with a webhook per delivery: writing it
+    // writes its webhook work item with it.
+    let make_record = |i: usize| {
         let spec = JobSpec {
             id: JobId::new(),
             tenant: tenant.clone(),
             priority: Priority::Normal,
             pool: PoolName::default(),
-            workflow: serde_json::json!({}),
+            workflow: Default::default(),
             inputs: vec![],
             webhook: Some(WebhookSpec {
                 url: sink.url(&format!("/w/{i}")),
@@ -52,21 +52,18 @@ async fn main() {
             timeout_s: 60,
             inline_outputs: false,
             runner_labels: Default::default(),
+            every_progress_event: false,
             created_at: time::OffsetDateTime::now_utc(),
         };
         let mut record = JobRecord::accepted(&spec);
         record.status = JobStatus::Completed;
         record.attempt = 1;
-        jobs.create(&record).await.expect("record");
-        Event::for_state(&record)
+        record
     };
-    let publish = async |event: &Event| {
-        let subject = names.event_subject(&event.tenant, &event.job_id, event.kind());
-        js.publish(subject, serde_json::to_vec(event).expect("json").into())
+    let publish = async |record: &JobRecord| {
+        jobs.update(record, 0)
             .await
-            .expect("publish")
-            .await
-            .expect("stored");
+            .expect("record and webhook work stored");
     };
 
     let notifier = |stop: CancellationToken| {
@@ -90,10 +87,10 @@ async fn main() {
     // Latency, one at a time.
     let mut latencies = Vec::new();
     for i in 0..(200 + 20) {
-        let event = make_event(i).await;
+        let record = make_record(i);
         let before = sink.requests().len();
         let started = Instant::now();
-        publish(&event).await;
+        publish(&record).await;
         let received = sink.wait_for(before + 1, Duration::from_secs(10)).await;
         let at = received.last().expect("a request").received_at;
         if i >= 20 {
@@ -116,8 +113,7 @@ async fn main() {
     running.await.expect("task").expect("notifier");
     sink.clear();
     for i in 0..backlog {
-        let event = make_event(100_000 + i).await;
-        publish(&event).await;
+        publish(&make_record(100_000 + i)).await;
     }
     let started = Instant::now();
     let running = notifier(CancellationToken::new());

@@ -6,6 +6,8 @@
 //!   and answering from a programmable response queue.
 //! - [`stack`]: [`TestStack`](stack::TestStack), the whole stack in-process beside the
 //!   ComfyUI simulator and a webhook sink.
+//! - [`browser`]: headless Chromium over the DevTools protocol (the
+//!   dashboard test).
 //! - [`eventually`]: [`eventually()`], [`eventually_true()`] and
 //!   [`assert_eventually!`] to poll for a condition with a deadline instead of
 //!   sleeping.
@@ -14,6 +16,7 @@
 //! `<workspace>/.tools/nats/bin/nats-server` (installed by
 //! `bash deploy/dev.sh setup`), then `PATH`.
 
+pub mod browser;
 pub mod eventually;
 pub mod memory;
 pub mod moto;

@@ -486,12 +486,33 @@ impl TestStack {
     /// The job records, as the scheduler and runners read and write them.
     pub async fn job_store(&self) -> comfyq_shared::job_store::JobStore {
         let names = self.nats_config().names().expect("valid prefix");
-        let js = async_nats::jetstream::new(self.nats.client().await);
-        let kv = js
-            .get_key_value(names.jobs_bucket())
+        let client = self.nats.client().await;
+        let js = async_nats::jetstream::new(client.clone());
+        let events = js
+            .get_stream(names.events_stream())
             .await
-            .expect("jobs bucket");
-        comfyq_shared::job_store::JobStore::new(kv, names)
+            .expect("events stream");
+        comfyq_shared::job_store::JobStore::new(js, client, events, names)
+    }
+
+    /// Jobs waiting for a runner slot: messages on the pending subjects.
+    pub async fn pending_backlog(&self) -> u64 {
+        use futures::StreamExt;
+        let names = self.nats_config().names().expect("valid prefix");
+        let js = async_nats::jetstream::new(self.nats.client().await);
+        let stream = js
+            .get_stream(names.pending_stream())
+            .await
+            .expect("pending stream");
+        let mut subjects = stream
+            .info_with_subjects(names.pending_filter())
+            .await
+            .expect("pending subjects");
+        let mut total = 0;
+        while let Some(entry) = subjects.next().await {
+            total += entry.expect("pending subject count").1 as u64;
+        }
+        total
     }
 
     /// Dispatch messages still in the work queue (neither acknowledged nor
@@ -511,10 +532,11 @@ impl TestStack {
             .messages
     }
 
-    /// What is stored: the last sequence of the JOBS stream, the jobs and
-    /// idempotency buckets and the events stream, and the number of media
-    /// objects. Equal before and after a request means it queued and stored
-    /// nothing.
+    /// What is stored: the last sequence of the JOBS stream, the
+    /// idempotency bucket, the events stream (job records) and the pending
+    /// stream,
+    /// and the number of media objects. Equal before and after a request
+    /// means it queued and stored nothing.
     pub async fn stored_state(&self) -> (Vec<u64>, usize) {
         use futures::StreamExt;
         let names = self.nats_config().names().expect("valid prefix");
@@ -522,9 +544,9 @@ impl TestStack {
         let mut sequences = Vec::new();
         for stream in [
             names.jobs_stream(),
-            names.jobs_kv_stream(),
             format!("KV_{}", names.idempotency_bucket()),
             names.events_stream(),
+            names.pending_stream(),
         ] {
             let mut stream = js.get_stream(&stream).await.expect("stream");
             sequences.push(

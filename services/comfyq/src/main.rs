@@ -1,5 +1,6 @@
 //! `comfyq`: the whole stack in one process tree, the embedded default a new
-//! user starts with.
+//! user starts with, and a client of a running API (the `comfyq` library's
+//! [`comfyq::cli`]: `submit`, `jobs`, `job`, `watch`, …).
 //!
 //! `comfyq up` starts a nats-server (JetStream, a data directory) as a child
 //! process, then the scheduler, notifier, runner(s) and ingress in this
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use comfyq::cli;
 use comfyq_shared::config::{self, NatsConfig, Validate};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -27,9 +29,12 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "comfyq",
     version,
-    about = "ComfyUI workflows as a production job API on NATS JetStream"
+    about = "ComfyUI workflows as a production job API on NATS JetStream",
+    after_help = cli::EXIT_CODES_HELP
 )]
 struct Cli {
+    #[command(flatten)]
+    client: cli::ClientOptions,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,6 +43,8 @@ struct Cli {
 enum Command {
     /// Run nats-server and all comfyq services in one process tree.
     Up(UpArgs),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 #[derive(Debug, Args)]
@@ -69,19 +76,21 @@ struct UpArgs {
     /// Prompts each runner stages in ComfyUI at once.
     #[arg(long, default_value_t = 1)]
     slots: usize,
-    /// Require this API key (tenant `local`) instead of the open development mode.
-    #[arg(long, env = "COMFYQ_API_KEY")]
-    api_key: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    comfyq_shared::telemetry::init_tracing("info");
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Up(args) => up(args).await,
+    let args = match cli.command {
+        Command::Up(args) => args,
+        Command::Client(command) => {
+            let mut console = cli::Console::terminal();
+            return ExitCode::from(cli::run(&cli.client, command, &mut console).await.code());
+        }
     };
-    match result {
+    comfyq_shared::telemetry::init_tracing("info");
+    // `--api-key` (COMFYQ_API_KEY) is global: for `up` it is the key the API requires.
+    match up(args, cli.client.api_key).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("comfyq: {error:#}");
@@ -90,7 +99,8 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn up(args: UpArgs) -> anyhow::Result<()> {
+/// `api_key`: require this key (tenant `local`) instead of the open development mode.
+async fn up(args: UpArgs, api_key: Option<String>) -> anyhow::Result<()> {
     let shutdown = comfyq_shared::shutdown::on_signal();
 
     // NATS first: every service needs it.
@@ -176,7 +186,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     ingress.http_addr = args.http_addr.to_string();
     // Local development: webhooks to this machine, like the notifier allows.
     ingress.allow_private_webhooks = true;
-    match &args.api_key {
+    match &api_key {
         Some(key) => ingress.api_keys.push(comfyq_ingress::config::ApiKey {
             tenant: "local".to_owned(),
             key_sha256: None,

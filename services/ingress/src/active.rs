@@ -1,74 +1,59 @@
 //! How many unfinished jobs each tenant has, for the `max_active_jobs`
-//! limit: a view kept from a watch on the jobs bucket (every record's
-//! latest value once at start, then each change). It is derived state, not
-//! truth: until the first replay finishes the limit is not enforced, and
-//! jobs accepted in the last moments may not be counted yet, so a burst can
-//! overshoot the limit slightly.
+//! limit. An unfinished job is either waiting (its pending message, on the
+//! tenant's pending subjects) or handed to a runner (its dispatch message,
+//! on the tenant's dispatch subjects, until the runner recorded its end and
+//! acknowledged it), so the count is two subject-count requests, not a view
+//! of every record. It is kept per tenant for [`FRESH_FOR`], plus the jobs
+//! this ingress accepted since: several ingresses, or a burst within that
+//! time, can overshoot the limit slightly.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv;
-use comfyq_shared::ids::{JobId, TenantId};
-use comfyq_shared::job::JobRecord;
-use tokio_util::sync::CancellationToken;
+use comfyq_shared::ids::TenantId;
+use futures::StreamExt;
 
 use crate::problem::Problem;
+use crate::state::AppState;
+
+/// How long a counted figure is used before it is counted again.
+const FRESH_FOR: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
 pub struct ActiveJobs {
-    by_tenant: Mutex<HashMap<TenantId, HashSet<JobId>>>,
-    ready: AtomicBool,
+    /// Per tenant: when counted, the count, and jobs accepted here since.
+    counted: Mutex<HashMap<TenantId, (Instant, u64, u64)>>,
 }
 
 impl ActiveJobs {
-    /// Keeps the view up to date until `shutdown`; re-watches after errors.
-    pub async fn follow(&self, jobs: kv::Store, shutdown: CancellationToken) {
-        comfyq_shared::kv_view::follow(
-            jobs,
-            "job records for active-job counts",
-            shutdown,
-            |entry| self.apply(entry),
-            || self.ready.store(true, Ordering::Relaxed),
-        )
-        .await;
-    }
-
-    fn apply(&self, entry: &kv::Entry) {
-        let Some((tenant, job)) = entry.key.split_once('.') else {
-            return;
-        };
-        let (Ok(tenant), Ok(job)) = (TenantId::new(tenant), job.parse::<JobId>()) else {
-            return;
-        };
-        let active = entry.operation == kv::Operation::Put
-            && serde_json::from_slice::<JobRecord>(&entry.value)
-                .is_ok_and(|record| !record.status.is_terminal());
-        let Ok(mut by_tenant) = self.by_tenant.lock() else {
-            return;
-        };
-        let jobs = by_tenant.entry(tenant).or_default();
-        if active {
-            jobs.insert(job);
-        } else {
-            jobs.remove(&job);
-        }
-    }
-
-    pub fn count(&self, tenant: &TenantId) -> u64 {
-        self.by_tenant
-            .lock()
-            .map(|m| m.get(tenant).map_or(0, |jobs| jobs.len() as u64))
-            .unwrap_or(0)
-    }
-
     /// 429 `too-many-jobs` when the tenant has `limit` unfinished jobs.
-    pub fn check(&self, tenant: &TenantId, limit: u64) -> Result<(), Problem> {
-        if limit == 0 || !self.ready.load(Ordering::Relaxed) {
+    pub async fn check(
+        &self,
+        state: &AppState,
+        tenant: &TenantId,
+        limit: u64,
+    ) -> Result<(), Problem> {
+        if limit == 0 {
             return Ok(());
         }
-        let count = self.count(tenant);
+        let known = self
+            .counted
+            .lock()
+            .ok()
+            .and_then(|c| c.get(tenant).copied())
+            .filter(|(at, _, _)| at.elapsed() < FRESH_FOR)
+            .map(|(_, base, since)| base + since);
+        let count = match known {
+            Some(count) => count,
+            None => {
+                let count = count(state, tenant).await?;
+                if let Ok(mut counted) = self.counted.lock() {
+                    counted.insert(tenant.clone(), (Instant::now(), count, 0));
+                }
+                count
+            }
+        };
         if count >= limit {
             return Err(Problem::too_many(
                 "too-many-jobs",
@@ -78,4 +63,44 @@ impl ActiveJobs {
         }
         Ok(())
     }
+
+    /// A job of `tenant` was accepted here.
+    pub fn accepted(&self, tenant: &TenantId) {
+        if let Ok(mut counted) = self.counted.lock()
+            && let Some((_, _, since)) = counted.get_mut(tenant)
+        {
+            *since += 1;
+        }
+    }
+}
+
+/// Waiting plus dispatched jobs of `tenant`, from the streams' subject counts.
+async fn count(state: &AppState, tenant: &TenantId) -> Result<u64, Problem> {
+    let unavailable = |e: &dyn std::error::Error| Problem::unavailable(e);
+    let mut total = 0u64;
+    for (stream, filter) in [
+        (
+            state.names.pending_stream(),
+            state.names.tenant_pending_filter(tenant),
+        ),
+        (
+            state.names.dispatch_stream(),
+            state.names.tenant_dispatch_filter(tenant),
+        ),
+    ] {
+        let stream = state
+            .js
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let mut subjects = stream
+            .info_with_subjects(filter)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        while let Some(entry) = subjects.next().await {
+            let (_, n) = entry.map_err(|e| unavailable(&e))?;
+            total += n as u64;
+        }
+    }
+    Ok(total)
 }

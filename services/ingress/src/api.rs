@@ -1,12 +1,13 @@
 //! HTTP request and response bodies of `/v1`, and the validation that turns
 //! a request into a job specification before anything is queued.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use base64::Engine as _;
 use comfyq_shared::ids::{JobId, PoolName, RunnerId, TenantId};
 use comfyq_shared::job::{InputFile, JobError, JobRecord, JobStatus, OutputFile, WebhookSpec};
 use comfyq_shared::priority::Priority;
+use comfyq_shared::workflow::{Workflow, escape_pointer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -96,7 +97,7 @@ pub enum InputSource {
 /// A request that passed validation.
 #[derive(Debug)]
 pub struct ValidSubmission {
-    pub workflow: Value,
+    pub workflow: Workflow,
     pub inputs: Vec<(String, InputSource)>,
     pub priority: Priority,
     pub pool: PoolName,
@@ -140,8 +141,19 @@ impl SubmitRequest {
             })
         };
 
-        validate_workflow(&self.workflow, limits.max_nodes, &mut fail);
-        let referenced = referenced_strings(&self.workflow);
+        let workflow = match Workflow::parse(self.workflow, limits.max_nodes) {
+            Ok(workflow) => Some(workflow),
+            Err(problems) => {
+                for problem in problems {
+                    fail(&problem.pointer, problem.message);
+                }
+                None
+            }
+        };
+        let referenced = workflow
+            .as_ref()
+            .map(Workflow::literal_strings)
+            .unwrap_or_default();
 
         let mut inputs = Vec::new();
         let mut seen = HashSet::new();
@@ -273,9 +285,9 @@ impl SubmitRequest {
             }
         }
 
-        if errors.is_empty() {
-            Ok(ValidSubmission {
-                workflow: self.workflow,
+        match workflow {
+            Some(workflow) if errors.is_empty() => Ok(ValidSubmission {
+                workflow,
                 inputs,
                 priority,
                 pool,
@@ -284,127 +296,10 @@ impl SubmitRequest {
                 metadata: self.metadata,
                 inline_outputs: self.outputs.unwrap_or_default().inline,
                 runner_labels,
-            })
-        } else {
-            Err(errors)
+            }),
+            _ => Err(errors),
         }
     }
-}
-
-/// Checks the shape of an API-format workflow: nodes with `class_type` and
-/// `inputs`, links to existing nodes, and no cycles.
-fn validate_workflow(workflow: &Value, max_nodes: usize, fail: &mut impl FnMut(&str, String)) {
-    let Some(nodes) = workflow.as_object() else {
-        fail(
-            "/workflow",
-            "must be an object of node id → {class_type, inputs}".to_owned(),
-        );
-        return;
-    };
-    if nodes.is_empty() {
-        fail("/workflow", "has no nodes".to_owned());
-        return;
-    }
-    if nodes.len() > max_nodes {
-        fail(
-            "/workflow",
-            format!("has {} nodes; at most {max_nodes} allowed", nodes.len()),
-        );
-        return;
-    }
-    let mut edges: HashMap<&str, Vec<&str>> = HashMap::new();
-    for (id, node) in nodes {
-        let pointer = format!("/workflow/{}", escape_pointer(id));
-        let Some(node) = node.as_object() else {
-            fail(
-                &pointer,
-                "must be an object with class_type and inputs".to_owned(),
-            );
-            continue;
-        };
-        match node.get("class_type") {
-            Some(Value::String(s)) if !s.is_empty() => {}
-            _ => fail(
-                &format!("{pointer}/class_type"),
-                "must be a non-empty string".to_owned(),
-            ),
-        }
-        let Some(inputs) = node.get("inputs").and_then(Value::as_object) else {
-            fail(&format!("{pointer}/inputs"), "must be an object".to_owned());
-            continue;
-        };
-        for (name, value) in inputs {
-            // A link is `[node_id, output_index]`.
-            if let Some([Value::String(target), index]) = value.as_array().map(Vec::as_slice) {
-                let input_pointer = format!("{pointer}/inputs/{}", escape_pointer(name));
-                if !nodes.contains_key(target) {
-                    fail(
-                        &input_pointer,
-                        format!("links to node {target:?}, which does not exist"),
-                    );
-                } else if index.as_u64().is_none() {
-                    fail(
-                        &input_pointer,
-                        "link output index must be a non-negative integer".to_owned(),
-                    );
-                } else {
-                    edges.entry(id.as_str()).or_default().push(target.as_str());
-                }
-            }
-        }
-    }
-    if let Some(node) = find_cycle(nodes.keys().map(String::as_str), &edges) {
-        fail("/workflow", format!("has a cycle through node {node:?}"));
-    }
-}
-
-fn find_cycle<'a>(
-    nodes: impl Iterator<Item = &'a str>,
-    edges: &HashMap<&'a str, Vec<&'a str>>,
-) -> Option<&'a str> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mark {
-        Active,
-        Done,
-    }
-    let mut marks: HashMap<&str, Mark> = HashMap::new();
-    for start in nodes {
-        if marks.contains_key(start) {
-            continue;
-        }
-        // Iterative depth-first search: workflows can be deep.
-        let mut stack: Vec<(&str, usize)> = vec![(start, 0)];
-        marks.insert(start, Mark::Active);
-        while let Some((node, next)) = stack.pop() {
-            let targets = edges.get(node).map(Vec::as_slice).unwrap_or_default();
-            if let Some(&target) = targets.get(next) {
-                stack.push((node, next + 1));
-                match marks.get(target) {
-                    Some(Mark::Active) => return Some(target),
-                    Some(Mark::Done) => {}
-                    None => {
-                        marks.insert(target, Mark::Active);
-                        stack.push((target, 0));
-                    }
-                }
-            } else {
-                marks.insert(node, Mark::Done);
-            }
-        }
-    }
-    None
-}
-
-/// Every string value of every node's inputs: where a loader node names a file.
-fn referenced_strings(workflow: &Value) -> HashSet<&str> {
-    workflow
-        .as_object()
-        .into_iter()
-        .flat_map(|nodes| nodes.values())
-        .filter_map(|node| node.get("inputs")?.as_object())
-        .flat_map(|inputs| inputs.values())
-        .filter_map(Value::as_str)
-        .collect()
 }
 
 /// An absolute http(s) URL with a host.
@@ -414,10 +309,6 @@ pub fn parse_http_url(raw: &str) -> Result<url::Url, String> {
         Ok(_) => Err("must be an http(s) URL with a host".to_owned()),
         Err(e) => Err(format!("not a URL: {e}")),
     }
-}
-
-fn escape_pointer(token: &str) -> String {
-    token.replace('~', "~0").replace('/', "~1")
 }
 
 /// A name that is safe as a file name on any runner's disk.

@@ -1,14 +1,16 @@
 //! What the runners offer and what waits for them: `GET /v1/runners` (the
-//! `runners` KV bucket), `GET /v1/queue` (the dispatch consumers), and the
+//! registry buckets), `GET /v1/queue` (pending and dispatch subjects), and the
 //! node-type check of submissions against the target pool's runners.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use axum::Json;
 use axum::extract::State;
-use comfyq_shared::capability::{Needs, Offer};
+use comfyq_shared::capability::Needs;
 use comfyq_shared::ids::PoolName;
 use comfyq_shared::priority::Priority;
+use comfyq_shared::registry::{Fleet, LiveRunner};
+use comfyq_shared::workflow::escape_pointer;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -20,7 +22,7 @@ use crate::auth::Tenant;
 use crate::problem::{InvalidParam, Problem};
 use crate::state::AppState;
 
-/// A runner's registration, as runners write it (unknown fields ignored).
+/// A live runner: its load entry joined with its capability entry.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RunnerView {
     #[schema(value_type = String)]
@@ -30,6 +32,8 @@ pub struct RunnerView {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub slots: usize,
+    /// Jobs it holds as of its last load entry: exact when it is full,
+    /// otherwise as of its last heartbeat (`runner_ttl / 3`).
     #[serde(default)]
     pub busy: usize,
     #[serde(default)]
@@ -50,18 +54,34 @@ pub struct RunnerView {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub models: Value,
+    /// When its load entry was last written.
     #[schema(value_type = String, format = DateTime)]
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
 }
 
 impl RunnerView {
-    /// What this runner can run. Model folders come as registered
-    /// (`{folder: [file, …]}`); anything else there is left unchecked.
-    fn offer(&self) -> Offer {
-        let models: BTreeMap<String, Vec<String>> =
-            serde_json::from_value(self.models.clone()).unwrap_or_default();
-        Offer::new(&self.node_types, &models, &self.labels)
+    fn of(live: &LiveRunner) -> Self {
+        let capabilities = live.capabilities.as_deref();
+        Self {
+            runner: live.load.runner.to_string(),
+            pool: live.load.pool.clone(),
+            labels: capabilities.map(|c| c.labels.clone()).unwrap_or_default(),
+            slots: live.load.slots,
+            busy: live.load.busy,
+            comfyui_version: capabilities.and_then(|c| c.comfyui_version.clone()),
+            ready: live.load.ready,
+            vram_free: live.load.vram_free,
+            burst_min_pending: live.load.burst_min_pending,
+            dispatch_priority: live.load.dispatch_priority,
+            node_types: capabilities
+                .map(|c| c.node_types.clone())
+                .unwrap_or_default(),
+            models: capabilities
+                .and_then(|c| serde_json::to_value(&c.models).ok())
+                .unwrap_or_else(|| Value::Object(Default::default())),
+            updated_at: live.load.updated_at,
+        }
     }
 }
 
@@ -70,64 +90,61 @@ pub struct RunnerList {
     pub runners: Vec<RunnerView>,
 }
 
-/// Live runner registrations, kept from one watch on the runners bucket
-/// (reading the bucket per request would open a consumer per request).
+/// The fleet, kept from one watch on each registry bucket (reading the
+/// buckets per request would open consumers per request). Load entries
+/// change rarely (heartbeats, readiness, a runner filling up), so this
+/// costs little.
 #[derive(Debug, Default)]
 pub struct RunnerDirectory {
-    // A std mutex: held only to copy or update the map, never across an await.
-    by_key: std::sync::Mutex<BTreeMap<String, (RunnerView, OffsetDateTime)>>,
+    // A std mutex: held only to copy or update the fleet, never across an await.
+    fleet: std::sync::Mutex<Fleet>,
 }
 
 impl RunnerDirectory {
     /// Keeps the view up to date until `shutdown`; re-watches after errors.
     pub async fn follow(
         &self,
-        runners: async_nats::jetstream::kv::Store,
+        load: async_nats::jetstream::kv::Store,
+        capabilities: async_nats::jetstream::kv::Store,
         shutdown: tokio_util::sync::CancellationToken,
     ) {
-        use async_nats::jetstream::kv::Operation;
-        let apply = |entry: &async_nats::jetstream::kv::Entry| {
-            let Ok(mut by_key) = self.by_key.lock() else {
-                return;
-            };
-            match (
-                entry.operation,
-                serde_json::from_slice::<RunnerView>(&entry.value),
-            ) {
-                (Operation::Put, Ok(view)) => {
-                    by_key.insert(entry.key.clone(), (view, entry.created));
+        let loads = comfyq_shared::kv_view::follow(
+            load,
+            "runner load entries",
+            shutdown.clone(),
+            |entry| {
+                if let Ok(mut fleet) = self.fleet.lock() {
+                    fleet.apply_load(entry);
                 }
-                _ => {
-                    by_key.remove(&entry.key);
+            },
+            || {},
+        );
+        let capabilities = comfyq_shared::kv_view::follow(
+            capabilities,
+            "runner capabilities",
+            shutdown,
+            |entry| {
+                if let Ok(mut fleet) = self.fleet.lock() {
+                    fleet.apply_capabilities(entry);
                 }
-            }
-        };
-        comfyq_shared::kv_view::follow(runners, "runner registrations", shutdown, apply, || {})
-            .await;
+            },
+            || {},
+        );
+        futures::join!(loads, capabilities);
     }
 
-    /// Registrations refreshed within `ttl` (the bucket's age limit expires
-    /// entries without telling watchers, so staleness is judged here).
-    pub fn live(&self, ttl: std::time::Duration) -> Vec<RunnerView> {
+    /// Runners whose load entry was written within `ttl`.
+    pub fn live(&self, ttl: std::time::Duration) -> Vec<LiveRunner> {
         let now = OffsetDateTime::now_utc();
-        let mut runners: Vec<RunnerView> = self
-            .by_key
+        self.fleet
             .lock()
-            .map(|by_key| {
-                by_key
-                    .values()
-                    .filter(|(_, written)| (now - *written).unsigned_abs() <= ttl)
-                    .map(|(view, _)| view.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        runners.sort_by(|a, b| a.runner.cmp(&b.runner));
-        runners
+            .map(|fleet| fleet.live(ttl, now))
+            .unwrap_or_default()
     }
 }
 
-async fn registrations(state: &AppState) -> Result<Vec<RunnerView>, Problem> {
-    Ok(state.runner_directory.live(state.config.nats.runner_ttl))
+fn registrations(state: &AppState) -> Vec<LiveRunner> {
+    state.runner_directory.live(state.config.nats.runner_ttl)
 }
 
 /// Registered runners (entries expire without a heartbeat).
@@ -140,7 +157,7 @@ pub(crate) async fn list_runners(
     _tenant: Tenant,
 ) -> Result<Json<RunnerList>, Problem> {
     Ok(Json(RunnerList {
-        runners: registrations(&state).await?,
+        runners: registrations(&state).iter().map(RunnerView::of).collect(),
     }))
 }
 
@@ -154,27 +171,27 @@ pub async fn check_capability(state: &AppState, valid: &ValidSubmission) -> Resu
     if !state.config.reject_unrunnable {
         return Ok(());
     }
-    let runners: Vec<RunnerView> = registrations(state)
-        .await?
+    let runners: Vec<LiveRunner> = registrations(state)
         .into_iter()
-        .filter(|r| r.pool == valid.pool)
+        .filter(|r| r.load.pool == valid.pool)
         .collect();
     if runners.is_empty() {
         return Ok(()); // Nothing registered: nothing to check against.
     }
     let known: BTreeSet<&str> = runners
         .iter()
-        .flat_map(|r| r.node_types.iter().map(String::as_str))
+        .flat_map(|r| r.offer.node_types.iter().map(String::as_str))
         .collect();
     let mut errors = Vec::new();
-    // A runner that could not list its node types is assumed to have any.
-    let node_types_listed = runners.iter().all(|r| !r.node_types.is_empty());
-    if node_types_listed && let Some(nodes) = valid.workflow.as_object() {
-        for (id, node) in nodes {
-            let class = node["class_type"].as_str().unwrap_or_default();
+    // A runner that could not list its node types (or whose capabilities
+    // are not known yet) is assumed to have any.
+    let node_types_listed = runners.iter().all(|r| !r.offer.node_types.is_empty());
+    if node_types_listed {
+        for (id, node) in valid.workflow.nodes() {
+            let class = node.class_type.as_str();
             if !known.contains(class) {
                 errors.push(InvalidParam {
-                    pointer: format!("/workflow/{}/class_type", json_pointer_token(id)),
+                    pointer: format!("/workflow/{}/class_type", escape_pointer(id)),
                     message: format!(
                         "node type {class:?} is not available on any runner of pool {}",
                         valid.pool
@@ -189,8 +206,8 @@ pub async fn check_capability(state: &AppState, valid: &ValidSubmission) -> Resu
     let needs = Needs::of_workflow(&valid.workflow, &valid.runner_labels);
     let lacking: Vec<String> = runners
         .iter()
-        .map(|r| (r, r.offer().missing(&needs)))
-        .map(|(r, missing)| missing.map(|m| format!("{} lacks {m}", r.runner)))
+        .map(|r| (r, r.offer.missing(&needs)))
+        .map(|(r, missing)| missing.map(|m| format!("{} lacks {m}", r.load.runner)))
         .collect::<Option<Vec<_>>>()
         .unwrap_or_default();
     if lacking.is_empty() {
@@ -214,11 +231,6 @@ pub async fn check_capability(state: &AppState, valid: &ValidSubmission) -> Resu
         pointer: pointer.to_owned(),
         message,
     }]))
-}
-
-/// RFC 6901 escaping of one reference token.
-fn json_pointer_token(token: &str) -> String {
-    token.replace('~', "~0").replace('/', "~1")
 }
 
 /// Work waiting for runners in one pool at one priority.
@@ -266,13 +278,9 @@ pub(crate) async fn queue(
     // Jobs wait in PENDING until the scheduler dispatches them; once in
     // DISPATCH they wait for a runner to pull them.
     let mut levels: BTreeMap<(PoolName, Priority), QueueLevel> = BTreeMap::new();
-    let pending = state
-        .js
-        .get_stream(state.names.pending_stream())
-        .await
-        .map_err(|e| unavailable(&e))?;
+    let pending = &state.pending;
     let mut subjects = pending
-        .info_with_subjects(format!("{}.pending.>", state.names.prefix()))
+        .info_with_subjects(state.names.pending_filter())
         .await
         .map_err(|e| unavailable(&e))?;
     while let Some(entry) = subjects.next().await {

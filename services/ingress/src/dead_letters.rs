@@ -136,7 +136,8 @@ pub(crate) async fn list_dead_letters(
 
     let filter = state.names.tenant_dead_letters_kv_subjects(&tenant);
     let mut ids =
-        crate::listing::job_ids_in(&state, &state.names.dead_letters_kv_stream(), filter).await?;
+        crate::listing::job_ids_in_bucket(&state, &state.names.dead_letters_kv_stream(), filter)
+            .await?;
     ids.sort_unstable_by(|a, b| b.cmp(a));
     let candidates: Vec<JobId> = ids
         .into_iter()

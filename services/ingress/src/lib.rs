@@ -15,6 +15,7 @@
 //! - [`limits`]: per-tenant request rate limits.
 //! - [`active`]: unfinished jobs per tenant, for the active-job limit.
 //! - [`openapi`]: the generated OpenAPI document and docs page.
+//! - `ui`: the web dashboard at `/ui` (embedded HTML and JavaScript over the REST API).
 //! - [`state`]: what handlers share.
 
 pub mod active;
@@ -33,6 +34,7 @@ pub mod problem;
 pub mod routes;
 pub mod state;
 pub mod streams;
+mod ui;
 pub mod upload;
 pub mod webhooks;
 
@@ -43,7 +45,6 @@ use comfyq_shared::connection;
 use comfyq_shared::job_store::JobStore;
 use comfyq_shared::media::MediaStore;
 use comfyq_shared::provision;
-use comfyq_shared::publisher::EventPublisher;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -84,11 +85,12 @@ pub async fn serve(
     let state = state::AppState {
         auth: Arc::new(auth::Authenticator::from_config(&config)),
         client: client.clone(),
-        jobs: JobStore::new(shared.jobs, names.clone()),
+        jobs: JobStore::new(js.clone(), client.clone(), shared.events, names.clone()),
+        pending: shared.pending,
         media,
-        events: EventPublisher::new(js.clone(), names.clone()),
         idempotency: shared.idempotency,
         runners: shared.runners,
+        capabilities: shared.capabilities,
         webhooks: shared.webhooks,
         dead_letters: shared.dead_letters,
         limiter: Arc::new(limits::RateLimiter::new(
@@ -104,15 +106,9 @@ pub async fn serve(
     };
     let directory = tokio::spawn({
         let directory = state.runner_directory.clone();
-        let runners = state.runners.clone();
+        let buckets = (state.runners.clone(), state.capabilities.clone());
         let shutdown = shutdown.clone();
-        async move { directory.follow(runners, shutdown).await }
-    });
-    let follower = tokio::spawn({
-        let active = state.active.clone();
-        let jobs = state.jobs.kv().clone();
-        let shutdown = shutdown.clone();
-        async move { active.follow(jobs, shutdown).await }
+        async move { directory.follow(buckets.0, buckets.1, shutdown).await }
     });
     tracing::info!(addr = %listener.local_addr()?, "ingress listening");
     // axum 0.8 leaves Nagle on: a response's head and a streamed body's
@@ -127,7 +123,6 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await?;
     shutdown.cancel();
-    let _ = follower.await;
     let _ = directory.await;
     let _ = client.flush().await;
     tracing::info!("ingress stopped");

@@ -1,9 +1,9 @@
 //! `GET /v1/jobs`: one tenant's jobs, newest first.
 //!
-//! Job ids are UUIDv7, so ids sort by creation time and carry it. Listing
-//! reads only the tenant's *keys* — a headers-only ordered consumer with
-//! `LastPerSubject` on the jobs bucket's stream, filtered to
-//! `$KV.<bucket>.<tenant>.*` (no record bodies travel) — sorts them, applies
+//! Job ids are UUIDv7, so ids sort by creation time and carry it. Every job
+//! has exactly one `accepted` state event, so listing reads the subjects of
+//! those — a headers-only ordered consumer filtered to
+//! `…events.<tenant>.*.accepted` (no bodies travel) — sorts the ids, applies
 //! the cursor and time bounds from the ids alone, and then reads records only
 //! for the page (plus those a status filter skips). No index to keep in step.
 
@@ -100,25 +100,49 @@ fn created_at(id: &JobId) -> Option<OffsetDateTime> {
     .ok()
 }
 
-/// The ids of every record the tenant has, unordered.
+/// The ids of every job the tenant has, unordered.
 async fn tenant_job_ids(state: &AppState, tenant: &TenantId) -> Result<Vec<JobId>, Problem> {
-    let filter = state.names.tenant_jobs_kv_subjects(tenant);
-    job_ids_in(state, &state.names.jobs_kv_stream(), filter).await
+    let filter = state.names.tenant_accepted_filter(tenant);
+    let names = state.names.clone();
+    job_ids_in(
+        state,
+        &state.names.events_stream(),
+        filter,
+        move |subject| names.parse_event_subject(subject).map(|(_, job)| job),
+    )
+    .await
 }
 
 /// The job ids among the live keys of a bucket's stream under `filter`
 /// (`$KV.<bucket>.<tenant>.*`), unordered, read from headers only.
-pub(crate) async fn job_ids_in(
+pub(crate) async fn job_ids_in_bucket(
     state: &AppState,
     kv_stream: &str,
     filter: String,
 ) -> Result<Vec<JobId>, Problem> {
+    let key_prefix = filter.trim_end_matches('*').to_owned();
+    job_ids_in(state, kv_stream, filter, move |subject| {
+        subject
+            .strip_prefix(&key_prefix)
+            .and_then(|raw| raw.parse::<JobId>().ok())
+    })
+    .await
+}
+
+/// The job ids `id_of` reads from the subjects of the last message of each
+/// subject under `filter` in `stream`, unordered, from headers only.
+async fn job_ids_in(
+    state: &AppState,
+    stream: &str,
+    filter: String,
+    id_of: impl Fn(&str) -> Option<JobId>,
+) -> Result<Vec<JobId>, Problem> {
+    let kv_stream = stream;
     let stream = state
         .js
         .get_stream(kv_stream)
         .await
         .map_err(|e| Problem::unavailable(&e))?;
-    let key_prefix = filter.trim_end_matches('*').to_owned();
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: filter,
@@ -153,12 +177,7 @@ pub(crate) async fn job_ids_in(
             .as_ref()
             .and_then(|h| h.get("KV-Operation"))
             .is_some_and(|op| op.as_str() != "PUT");
-        if !removed
-            && let Some(id) = message
-                .subject
-                .strip_prefix(&key_prefix)
-                .and_then(|raw| raw.parse::<JobId>().ok())
-        {
+        if !removed && let Some(id) = id_of(message.subject.as_str()) {
             ids.push(id);
         }
         if message.info().map_or(0, |info| info.pending) == 0 {

@@ -1,11 +1,11 @@
 //! What a job record does not hold but a client wants to see: the latest
-//! progress (from the events stream), the queue position (from the pending
-//! and dispatch streams) and waiting for the end (a watch on the record's KV key).
+//! progress (its live events), the queue position (the pending and dispatch
+//! subjects) and waiting for the end (a subscription to its state events).
 
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
-use async_nats::jetstream::{kv, stream};
+use async_nats::jetstream::stream;
 use comfyq_shared::event::{Event, EventBody, EventKind};
 use comfyq_shared::job::{JobRecord, JobStatus};
 use futures::StreamExt;
@@ -24,11 +24,7 @@ pub async fn progress(state: &AppState, record: &JobRecord) -> Option<ProgressVi
     if record.status != JobStatus::Running {
         return None;
     }
-    let stream = state
-        .js
-        .get_stream(state.names.events_stream())
-        .await
-        .ok()?;
+    let stream = state.jobs.stream();
     let last = async |kind| {
         let subject = state.names.event_subject(&record.tenant, &record.id, kind);
         let message = stream.direct_get_last_for_subject(subject).await.ok()?;
@@ -73,11 +69,7 @@ pub async fn queue_position(state: &AppState, record: &JobRecord) -> Option<u64>
 }
 
 async fn pending_position(state: &AppState, record: &JobRecord) -> Option<u64> {
-    let stream = state
-        .js
-        .get_stream(state.names.pending_stream())
-        .await
-        .ok()?;
+    let stream = &state.pending;
     let mut subjects = stream
         .info_with_subjects(state.names.pending_pool_filter(&record.pool))
         .await
@@ -93,7 +85,7 @@ async fn pending_position(state: &AppState, record: &JobRecord) -> Option<u64> {
     let filter = state
         .names
         .pending_priority_filter(&record.pool, record.priority);
-    Some(ahead + scan_ahead(&stream, &filter, 1, record).await)
+    Some(ahead + scan_ahead(stream, &filter, 1, record).await)
 }
 
 async fn dispatch_position(state: &AppState, record: &JobRecord) -> Option<u64> {
@@ -116,8 +108,8 @@ async fn dispatch_position(state: &AppState, record: &JobRecord) -> Option<u64> 
     Some(scan_ahead(&stream, &filter, first, record).await)
 }
 
-/// Messages on `filter` from sequence `first` before the job's own (its
-/// `Nats-Msg-Id` starts with the job id), one message get each, capped.
+/// Messages on `filter` from sequence `first` before the job's own (named
+/// by its headers), one message get each, capped.
 async fn scan_ahead(stream: &stream::Stream, filter: &str, first: u64, record: &JobRecord) -> u64 {
     let job_prefix = record.id.to_string();
     let mut next = first;
@@ -126,10 +118,19 @@ async fn scan_ahead(stream: &stream::Stream, filter: &str, first: u64, record: &
         let Ok(message) = stream.get_first_raw_message_by_subject(filter, next).await else {
             return scanned;
         };
-        let ours = message
-            .headers
-            .get(async_nats::header::NATS_MESSAGE_ID)
-            .is_some_and(|id| id.as_str().starts_with(&job_prefix));
+        // Dispatch messages are named by their message id (`<job>:<attempt>`),
+        // pending ones by a header of their own.
+        let ours = [
+            async_nats::header::NATS_MESSAGE_ID.as_ref(),
+            comfyq_shared::job_store::JOB_ID_HEADER,
+        ]
+        .iter()
+        .any(|name| {
+            message
+                .headers
+                .get(*name)
+                .is_some_and(|id| id.as_str().starts_with(&job_prefix))
+        });
         if ours {
             return scanned;
         }
@@ -139,8 +140,10 @@ async fn scan_ahead(stream: &stream::Stream, filter: &str, first: u64, record: &
     scanned
 }
 
-/// Watches the job's record until it is terminal or `timeout` passes; the
-/// terminal record, or `None` on timeout.
+/// Waits until the job's record is terminal or `timeout` passes; the
+/// terminal record, or `None` on timeout. Live state events come on a core
+/// subscription (no consumer); the record is read once the subscription is
+/// open, so an end written in between is not missed.
 pub async fn wait_terminal(
     state: &AppState,
     record: &JobRecord,
@@ -149,20 +152,20 @@ pub async fn wait_terminal(
     if record.status.is_terminal() {
         return Ok(Some(record.clone()));
     }
-    let key = state.names.job_key(&record.tenant, &record.id);
-    let mut watch = state
-        .jobs
-        .kv()
-        .watch_with_history(key)
+    let filter = state.names.job_state_filter(&record.tenant, &record.id);
+    let mut changes = state
+        .client
+        .subscribe(filter.clone())
         .await
         .map_err(|e| Problem::unavailable(&e))?;
     let wait = async {
-        while let Some(entry) = watch.next().await {
-            let Ok(entry) = entry else { return None };
-            if entry.operation != kv::Operation::Put {
-                continue;
-            }
-            if let Ok(record) = serde_json::from_slice::<JobRecord>(&entry.value)
+        if let Ok(Some(current)) = state.jobs.get(&record.tenant, &record.id).await
+            && current.record.status.is_terminal()
+        {
+            return Some(current.record);
+        }
+        while let Some(message) = changes.next().await {
+            if let Ok(record) = comfyq_shared::job_store::decode(&filter, &message.payload)
                 && record.status.is_terminal()
             {
                 return Some(record);

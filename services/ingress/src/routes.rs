@@ -11,10 +11,10 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
-use comfyq_shared::event::Event;
 use comfyq_shared::ids::{JobId, TenantId};
 use comfyq_shared::job::{InputFile, JobRecord, JobSpec, SCHEMA_VERSION};
 use comfyq_shared::job_store::JobStoreError;
+use comfyq_shared::machine::{self, Input, Transition};
 use comfyq_shared::media::MediaError;
 use comfyq_shared::messages::{CancelJob, SubmitJob};
 use futures::StreamExt;
@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi::document))
         .merge(openapi::docs())
+        .merge(crate::ui::routes())
         .fallback(|| async { Problem::not_found("route") })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(record_request))
@@ -194,7 +195,10 @@ pub(crate) async fn submit_job(
         let valid = request
             .validate(&limits(&state), uploaded.clone())
             .map_err(Problem::validation)?;
-        state.active.check(&tenant, state.config.max_active_jobs)?;
+        state
+            .active
+            .check(&state, &tenant, state.config.max_active_jobs)
+            .await?;
         catalog::check_capability(&state, &valid).await?;
         if let Some(webhook) = &valid.webhook {
             fetch::check_webhook(&state, &webhook.url).await?;
@@ -279,45 +283,39 @@ async fn submit(
             // In the spec, so a record the scheduler creates keeps it too.
             inline_outputs: valid.inline_outputs,
             runner_labels: valid.runner_labels,
+            every_progress_event: false,
             created_at: OffsetDateTime::now_utc(),
         };
-        let mut record = JobRecord::accepted(&spec);
-
-        // Queue first: once the submission is in the stream the job cannot be
-        // lost. The record is created after; the scheduler creates it itself
-        // if this process dies in between.
-        let submit = SubmitJob {
+        // The pending message (which the dispatcher picks up) first, then the
+        // `accepted` and `queued` state events (the record): a recorded job
+        // always has its message; a message without a record (this process
+        // died in between) gets its record from the runner that pulls it.
+        let accepted = JobRecord::accepted(&spec);
+        let queued = match machine::next(&accepted, &Input::Queue, spec.created_at) {
+            Transition::Apply(queued) => *queued,
+            _ => accepted.clone(),
+        };
+        let pending = SubmitJob {
             v: SCHEMA_VERSION,
             spec,
+            attempt: 1,
             requeued_at: None,
         };
-        let payload = serde_json::to_vec(&submit).map_err(|e| Problem::internal(&e))?;
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.to_string().as_str());
-        state
-            .js
-            .publish_with_headers(state.names.submit_subject(), headers, payload.into())
-            .await
-            .map_err(|e| Problem::unavailable(&e))?
-            .await
-            .map_err(|e| Problem::unavailable(&e))?;
-        match state.jobs.create(&record).await {
-            Ok(_) => {
-                if let Err(error) = state.events.publish(&Event::for_state(&record)).await {
-                    tracing::warn!(%error, "accepted event not published");
-                }
-            }
-            // A concurrent identical request (same idempotency key) or the
-            // scheduler created it first: theirs is the record.
+        let record = match state.jobs.create_queued(&accepted, &queued, &pending).await {
+            Ok(_) => queued,
+            // A concurrent identical request (same idempotency key) created
+            // it first: theirs is the record.
             Err(JobStoreError::Conflict(_)) => {
-                if let Some(existing) = find_record(state, tenant, &id).await? {
-                    record = existing;
-                }
+                find_record(state, tenant, &id).await?.ok_or_else(|| {
+                    Problem::conflict(
+                        "the first request with this Idempotency-Key is still in progress; retry",
+                    )
+                })?
             }
-            Err(error) => {
-                tracing::warn!(%error, "record not created; the scheduler will create it")
-            }
-        }
+            Err(JobStoreError::Nats(e)) => return Err(Problem::unavailable(&*e)),
+            Err(e) => return Err(Problem::internal(&e)),
+        };
+        state.active.accepted(tenant);
         metrics::counter!("comfyq_jobs_submitted_total", "priority" => record.priority.as_str())
             .increment(1);
         tracing::info!("job accepted");
@@ -385,7 +383,15 @@ async fn respond(
         None => (StatusCode::ACCEPTED, record),
     };
     let location = format!("/v1/jobs/{}", record.id);
-    let view = full_view(state, record).await;
+    // A job accepted just now has no progress, outputs or deliveries yet,
+    // and its queue position would cost a scan of the queue on every
+    // submission: `GET` it for that.
+    let just_accepted = !replayed && wait.wait.is_none_or(|w| w == 0);
+    let view = if just_accepted {
+        JobView::from_record(record)
+    } else {
+        full_view(state, record).await
+    };
     let mut response = (status, Json(view)).into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, value);

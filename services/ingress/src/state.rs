@@ -4,7 +4,6 @@ use async_nats::jetstream::{self, kv};
 use comfyq_shared::job_store::JobStore;
 use comfyq_shared::media::MediaStore;
 use comfyq_shared::names::Names;
-use comfyq_shared::publisher::EventPublisher;
 
 use crate::auth::Authenticator;
 use crate::config::IngressConfig;
@@ -18,10 +17,14 @@ pub struct AppState {
     pub js: jetstream::Context,
     pub names: Names,
     pub jobs: JobStore,
+    /// Jobs waiting for a runner slot (for queue depths and positions).
+    pub pending: async_nats::jetstream::stream::Stream,
     pub media: MediaStore,
-    pub events: EventPublisher,
     pub idempotency: kv::Store,
+    /// Runners' load entries.
     pub runners: kv::Store,
+    /// Runners' capability entries.
+    pub capabilities: kv::Store,
     /// Webhook delivery records (written by the notifier).
     pub webhooks: kv::Store,
     /// Dead letters (written by the scheduler).

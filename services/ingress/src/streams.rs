@@ -56,12 +56,9 @@ pub async fn open(
     start: DeliverPolicy,
     until: Until,
 ) -> Result<BoxStream<'static, StoredEvent>, Problem> {
-    let stream = state
-        .js
-        .get_stream(state.names.events_stream())
-        .await
-        .map_err(|e| Problem::unavailable(&e))?;
-    let consumer = stream
+    let consumer = state
+        .jobs
+        .stream()
         .create_consumer(pull::OrderedConfig {
             filter_subject: filter,
             deliver_policy: start,

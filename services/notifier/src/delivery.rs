@@ -84,10 +84,6 @@ pub struct Notifier {
     pub config: Arc<NotifierConfig>,
     pub hosts: Arc<HostLimits>,
     pub progress: Arc<Mutex<HashMap<JobId, ProgressState>>>,
-    /// Per job: its webhook as its record has it (set at submission, never
-    /// changed), so the job's later events that no webhook wants are
-    /// acknowledged without reading the record again.
-    pub webhooks: Arc<Mutex<HashMap<JobId, Option<WebhookSpec>>>>,
 }
 
 impl Notifier {
@@ -104,11 +100,11 @@ impl Notifier {
             hosts: Arc::new(HostLimits::new(config.max_per_host)),
             config,
             progress: Arc::default(),
-            webhooks: Arc::default(),
         }
     }
 
-    /// A message from the EVENTS stream.
+    /// Webhook work from the events stream: an event the job's webhook
+    /// wants, written with the event itself.
     pub async fn on_event(&self, message: Message) {
         let outcome = match serde_json::from_slice::<Event>(&message.payload) {
             Ok(event) => {
@@ -156,42 +152,19 @@ impl Notifier {
         schedule_start: OffsetDateTime,
         redelivery: bool,
     ) -> Outcome {
-        let terminal = matches!(event.kind(), EventKind::State(status) if status.is_terminal());
-        if !redelivery {
-            let known = self
-                .webhooks
-                .lock()
-                .ok()
-                .and_then(|known| known.get(&event.job_id).cloned());
-            if let Some(webhook) = known
-                && webhook.is_none_or(|w| !w.wants(&event.type_name()))
-            {
-                if terminal && let Ok(mut known) = self.webhooks.lock() {
-                    known.remove(&event.job_id);
+        // A state event carries the record; a redelivery request may be of
+        // an older event, and reads the job as it stands now.
+        let record = match event.record.as_deref() {
+            Some(record) if !redelivery => record.clone(),
+            _ => match self.jobs.get(&event.tenant, &event.job_id).await {
+                Ok(Some(versioned)) => versioned.record,
+                Ok(None) => return Outcome::Ack, // expired or never existed: nobody to tell
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read job record; will retry");
+                    return Outcome::Retry(Some(Duration::from_secs(1)));
                 }
-                return Outcome::Ack;
-            }
-        }
-        let record = match self.jobs.get(&event.tenant, &event.job_id).await {
-            Ok(Some(versioned)) => versioned.record,
-            Ok(None) => return Outcome::Ack, // expired or never existed: nobody to tell
-            Err(error) => {
-                tracing::warn!(%error, "cannot read job record; will retry");
-                return Outcome::Retry(Some(Duration::from_secs(1)));
-            }
+            },
         };
-        if let Ok(mut known) = self.webhooks.lock() {
-            if terminal {
-                // A requeue after this reads the record again.
-                known.remove(&event.job_id);
-            } else {
-                // Jobs end; a bounded cache is enough for the ones in flight.
-                if known.len() > 50_000 {
-                    known.clear();
-                }
-                known.insert(event.job_id, record.webhook.clone());
-            }
-        }
         let Some(webhook) = record.webhook.clone() else {
             return Outcome::Ack;
         };

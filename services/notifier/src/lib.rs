@@ -6,8 +6,10 @@
 //!   the retry decision; throttled progress webhooks.
 //! - [`hosts`]: a bound on deliveries in flight per destination host.
 //!
-//! Pending deliveries live in JetStream (a durable consumer on the EVENTS
-//! stream, retried with delayed naks), so a restart loses none.
+//! Pending deliveries live in JetStream (a durable consumer on the webhook
+//! work items of the events stream, written atomically with the state
+//! events they are for, retried with delayed naks), so a restart loses none,
+//! and a job without a webhook costs the notifier nothing.
 
 pub mod config;
 pub mod delivery;
@@ -19,8 +21,6 @@ use std::sync::Arc;
 use async_nats::jetstream::consumer;
 use comfyq_shared::connection;
 use comfyq_shared::consume::run_consumer;
-use comfyq_shared::event::EventKind;
-use comfyq_shared::job::JobStatus;
 use comfyq_shared::job_store::JobStore;
 use comfyq_shared::provision::{self, ensure_pull_consumer};
 use tokio_util::sync::CancellationToken;
@@ -48,20 +48,14 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> Result<
     if let Some(addr) = config.metrics_addr {
         comfyq_shared::telemetry::serve_metrics(addr, shutdown.clone()).await?;
     }
-    // State changes and progress are what webhooks subscribe to.
-    let filters = JobStatus::ALL
-        .into_iter()
-        .map(EventKind::State)
-        .chain([EventKind::Progress])
-        .map(|kind| names.event_kind_filter(kind))
-        .collect();
     let consumer = ensure_pull_consumer(
         &js,
         &names.events_stream(),
         consumer::pull::Config {
             durable_name: Some(names.notifier_consumer()),
             description: Some("comfyq notifier: webhook deliveries".to_owned()),
-            filter_subjects: filters,
+            // Only events some job's webhook wants: written beside them.
+            filter_subjects: vec![names.hooks_filter()],
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: config.attempt_timeout * 3,
             deliver_policy: consumer::DeliverPolicy::New,
@@ -87,7 +81,7 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> Result<
     )
     .await?;
     let notifier = delivery::Notifier::new(
-        JobStore::new(shared.jobs, names.clone()),
+        JobStore::new(js.clone(), client.clone(), shared.events, names.clone()),
         shared.webhooks,
         names.clone(),
         Arc::new(config.clone()),

@@ -32,6 +32,10 @@ pub struct RunnerConfig {
     /// At most one preview per job per this interval reaches NATS.
     #[serde(with = "humantime_serde")]
     pub preview_interval: Duration,
+    /// At most one node or step progress event per job per this interval
+    /// reaches NATS (the latest one held meanwhile wins; outputs always go).
+    #[serde(with = "humantime_serde")]
+    pub progress_interval: Duration,
     /// Ask ComfyUI for previews with metadata (event 4, naming their prompt)
     /// instead of the legacy frames (event 1).
     pub preview_metadata: bool,
@@ -96,6 +100,7 @@ impl Default for RunnerConfig {
             managed: None,
             comfyui_dir: None,
             preview_interval: Duration::from_millis(250),
+            progress_interval: Duration::from_millis(25),
             preview_metadata: true,
             runner_id: None,
             pool: "default".to_owned(),

@@ -14,7 +14,6 @@ use comfyq_shared::media::{MediaError, MediaStore};
 use comfyq_shared::names::Names;
 use comfyq_shared::publisher::EventPublisher;
 use futures::StreamExt;
-use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::io::{ReaderStream, StreamReader};
 use tokio_util::sync::CancellationToken;
@@ -27,7 +26,8 @@ use crate::comfy::{
 use crate::config::RunnerConfig;
 use crate::link::{ComfyLink, PromptEvent};
 use crate::managed::ComfyHealth;
-use crate::progress::ProgressTracker;
+use crate::progress::{ProgressTracker, Throttle};
+use comfyq_shared::workflow::Workflow;
 
 /// How an attempt ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,13 +84,25 @@ fn comfy_failure(context: &str, error: &ComfyError) -> JobError {
 
 impl Executor {
     /// Runs `spec` on ComfyUI until it ends, `cancel` fires, or its time is up.
-    pub async fn execute(&self, spec: &JobSpec, cancel: &CancellationToken) -> AttemptEnd {
-        let end = self.attempt(spec, cancel).await;
+    /// Runs `spec` on ComfyUI until it ends, `cancel` fires, or its time is
+    /// up; `submitted` hears when ComfyUI accepted the prompt.
+    pub async fn execute(
+        &self,
+        spec: &JobSpec,
+        cancel: &CancellationToken,
+        submitted: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> AttemptEnd {
+        let end = self.attempt(spec, cancel, submitted).await;
         self.clean_up(spec).await;
         end
     }
 
-    async fn attempt(&self, spec: &JobSpec, cancel: &CancellationToken) -> AttemptEnd {
+    async fn attempt(
+        &self,
+        spec: &JobSpec,
+        cancel: &CancellationToken,
+        submitted: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> AttemptEnd {
         let generation = self.health.state().generation;
         let mut workflow = match self.upload_inputs(spec).await {
             Ok(workflow) => workflow,
@@ -100,7 +112,7 @@ impl Executor {
             // The job's outputs are deleted after it, so no later prompt may
             // find them in ComfyUI's cache: an identical prompt would get the
             // deleted files' names back from its cached save nodes.
-            isolate_outputs(&mut workflow, &job_folder(spec));
+            workflow.prefix_outputs(&job_folder(spec));
         }
         if cancel.is_cancelled() {
             return AttemptEnd::Cancelled;
@@ -138,6 +150,10 @@ impl Executor {
         }
         let prompt_id = accepted.prompt_id;
         tracing::info!(%prompt_id, "prompt queued in ComfyUI");
+        if let Some(submitted) = submitted {
+            // The receiver may be gone (the worker stopped waiting): fine.
+            let _ = submitted.send(());
+        }
 
         let end = self
             .follow(spec, &prompt_id, &mut events.receiver, cancel, generation)
@@ -197,7 +213,7 @@ impl Executor {
 
     /// Streams each input from the media store into ComfyUI's input folder
     /// (a per-job subfolder) and rewrites the workflow's references to it.
-    async fn upload_inputs(&self, spec: &JobSpec) -> Result<Value, JobError> {
+    async fn upload_inputs(&self, spec: &JobSpec) -> Result<Workflow, JobError> {
         let mut workflow = spec.workflow.clone();
         if spec.inputs.is_empty() {
             return Ok(workflow);
@@ -227,7 +243,7 @@ impl Executor {
                 .map_err(|e| comfy_failure(&format!("uploading input {}", input.name), &e))?;
             references.insert(input.name.clone(), uploaded.input_reference());
         }
-        rewrite_references(&mut workflow, &references);
+        workflow.rewrite_literals(&references);
         Ok(workflow)
     }
 
@@ -247,6 +263,11 @@ impl Executor {
         let mut tracker = ProgressTracker::new(&spec.workflow);
         let mut last_event = Instant::now();
         let mut last_preview: Option<Instant> = None;
+        let mut throttle = if spec.every_progress_event {
+            Throttle::passthrough()
+        } else {
+            Throttle::new(self.config.progress_interval)
+        };
         let mut reconcile = tokio::time::interval(self.config.reconcile_interval);
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut unreachable_since: Option<Instant> = None;
@@ -262,6 +283,11 @@ impl Executor {
                     return PromptEnd::Failed(infrastructure(
                         "ComfyUI exited while the prompt was queued or running",
                     ));
+                }
+                _ = tokio::time::sleep_until(throttle.due().unwrap_or(far)), if throttle.due().is_some() => {
+                    for (body, at) in throttle.flush(Instant::now()) {
+                        self.publish(spec, body, at).await;
+                    }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     self.stop_prompt(prompt_id).await;
@@ -293,7 +319,10 @@ impl Executor {
                     match event {
                         PromptEvent::Message(message) => {
                             if let Some(body) = tracker.observe(&message) {
-                                self.publish(spec, body).await;
+                                let now = (Instant::now(), time::OffsetDateTime::now_utc());
+                                for (body, at) in throttle.offer(body, now.0, now.1) {
+                                    self.publish(spec, body, at).await;
+                                }
                             }
                             match message {
                                 ServerMessage::Executing(executing) if executing.node.is_none() => return PromptEnd::Done,
@@ -417,10 +446,20 @@ impl Executor {
         let _ = self.comfy.interrupt(Some(prompt_id)).await;
     }
 
-    async fn publish(&self, spec: &JobSpec, body: EventBody) {
-        let event = Event::new(spec.id, spec.tenant.clone(), body);
-        if let Err(error) = self.events.publish_without_ack(&event).await {
+    async fn publish(&self, spec: &JobSpec, body: EventBody, at: time::OffsetDateTime) {
+        let mut event = Event::new(spec.id, spec.tenant.clone(), body);
+        event.at = at;
+        if let Err(error) = self.events.publish_live(&event).await {
             tracing::debug!(%error, "progress event not published");
+        }
+        if matches!(event.body, EventBody::Progress(_))
+            && spec
+                .webhook
+                .as_ref()
+                .is_some_and(|w| w.wants("job.progress"))
+            && let Err(error) = self.events.publish_progress_hook(&event).await
+        {
+            tracing::debug!(%error, "progress webhook work not published");
         }
     }
 
@@ -518,23 +557,6 @@ fn job_folder(spec: &JobSpec) -> String {
     format!("comfyq-{}", spec.id)
 }
 
-/// Points every node's `filename_prefix` (the save nodes', built-in and
-/// custom) into `folder`, keeping the prefix's own subfolders and name.
-fn isolate_outputs(workflow: &mut Value, folder: &str) {
-    let Some(nodes) = workflow.as_object_mut() else {
-        return;
-    };
-    for node in nodes.values_mut() {
-        if let Some(prefix) = node
-            .get_mut("inputs")
-            .and_then(|inputs| inputs.get_mut("filename_prefix"))
-            && let Some(original) = prefix.as_str()
-        {
-            *prefix = Value::String(format!("{folder}/{original}"));
-        }
-    }
-}
-
 /// How a finished prompt ended, according to its history entry.
 fn history_end(entry: &HistoryEntry) -> PromptEnd {
     if let Some(status) = &entry.status {
@@ -607,60 +629,39 @@ fn unique_name(taken: &mut HashSet<String>, node_id: &str, filename: &str) -> St
     name
 }
 
-/// Replaces every node input whose value is exactly an input's name with
-/// where ComfyUI stored it, so workflows written for a local ComfyUI
-/// (`"image": "photo.png"`) run unchanged.
-pub fn rewrite_references(workflow: &mut Value, references: &HashMap<String, String>) {
-    let Some(nodes) = workflow.as_object_mut() else {
-        return;
-    };
-    for node in nodes.values_mut() {
-        let Some(inputs) = node.get_mut("inputs").and_then(Value::as_object_mut) else {
-            continue;
-        };
-        for value in inputs.values_mut() {
-            if let Some(reference) = value.as_str().and_then(|s| references.get(s)) {
-                *value = Value::String(reference.clone());
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     #[test]
-    fn references_are_rewritten_but_links_are_not() {
-        let mut workflow = json!({
-            "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
-            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "photo.png of a cat"}}
-        });
-        let references = HashMap::from([("photo.png".to_owned(), "comfyq-x/photo.png".to_owned())]);
-        rewrite_references(&mut workflow, &references);
-        assert_eq!(workflow["1"]["inputs"]["image"], "comfyq-x/photo.png");
-        assert_eq!(workflow["2"]["inputs"]["image"], json!(["1", 0]));
-        assert_eq!(workflow["3"]["inputs"]["text"], "photo.png of a cat");
-    }
-
-    #[test]
-    fn save_nodes_write_into_the_job_folder() {
-        let mut workflow = json!({
-            "1": {"class_type": "EmptyImage", "inputs": {"width": 8}},
-            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "comfyq/x"}},
-            "3": {"class_type": "VHS_VideoCombine", "inputs": {"filename_prefix": "clip"}},
-            "4": {"class_type": "Odd", "inputs": {"filename_prefix": ["1", 0]}}
-        });
-        isolate_outputs(&mut workflow, "comfyq-j");
+    fn save_nodes_write_into_the_job_folder_and_inputs_are_referenced() {
+        let mut workflow = Workflow::parse(
+            json!({
+                "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "comfyq/x"}},
+                "3": {"class_type": "VHS_VideoCombine", "inputs": {"filename_prefix": "clip"}},
+                "4": {"class_type": "Odd", "inputs": {"filename_prefix": ["1", 0]}},
+                "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "photo.png of a cat"}}
+            }),
+            100,
+        )
+        .expect("valid");
+        workflow.rewrite_literals(&HashMap::from([(
+            "photo.png".to_owned(),
+            "comfyq-j/photo.png".to_owned(),
+        )]));
+        workflow.prefix_outputs("comfyq-j");
+        let workflow = serde_json::to_value(&workflow).expect("json");
+        assert_eq!(workflow["1"]["inputs"]["image"], "comfyq-j/photo.png");
+        assert_eq!(workflow["5"]["inputs"]["text"], "photo.png of a cat");
         assert_eq!(
             workflow["2"]["inputs"]["filename_prefix"],
             "comfyq-j/comfyq/x"
         );
         assert_eq!(workflow["3"]["inputs"]["filename_prefix"], "comfyq-j/clip");
         assert_eq!(workflow["4"]["inputs"]["filename_prefix"], json!(["1", 0]));
-        assert_eq!(workflow["1"]["inputs"], json!({"width": 8}));
+        assert_eq!(workflow["2"]["inputs"]["images"], json!(["1", 0]));
     }
 
     #[test]

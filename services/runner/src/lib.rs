@@ -5,8 +5,8 @@
 //! - [`link`]: the one WebSocket to ComfyUI, routing messages to jobs.
 //! - [`progress`]: ComfyUI messages → job events with a progress fraction.
 //! - [`execute`]: one attempt of a job, from inputs to stored outputs.
-//! - [`worker`]: the pull loop, reports and acknowledgements.
-//! - [`registration`]: the runner's entry in the runners bucket.
+//! - [`worker`]: the pull loop, the job's record writes and acknowledgements.
+//! - [`registration`]: the runner's capability and load entries.
 //! - [`managed`]: launching and supervising ComfyUI (managed mode).
 //! - [`verify`]: `comfyq-runner verify`, checking ComfyUI against a workflow.
 
@@ -147,7 +147,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         comfy: comfy.clone(),
         link,
         media,
-        events: EventPublisher::new(js.clone(), names.clone()),
+        events: EventPublisher::new(js.clone(), names.clone(), config.nats.events_max_age),
         client: client.clone(),
         names: names.clone(),
         client_id: runner.to_string(),
@@ -183,19 +183,16 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         config.slots,
     )
     .await;
-    let registration = registration::Registration {
-        burst_min_pending: config.burst_min_pending,
-        dispatch_priority: config.effective_dispatch_priority(),
-        ..registration
-    };
-    let offer = comfyq_shared::capability::Offer::new(
-        &registration.node_types,
-        &registration.models,
-        &registration.labels,
-    );
+    let mut registration = registration;
+    registration.load.burst_min_pending = config.burst_min_pending;
+    registration.load.dispatch_priority = config.effective_dispatch_priority();
+    let offer = registration.offer();
     let registration_stop = CancellationToken::new();
     let registration_task = tokio::spawn(registration::maintain(
-        shared.runners.clone(),
+        registration::Buckets {
+            load: shared.runners.clone(),
+            capabilities: shared.capabilities.clone(),
+        },
         comfy.clone(),
         registration,
         held.clone(),
@@ -207,7 +204,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
     let worker = worker::Worker {
         executor,
         js: js.clone(),
-        jobs: JobStore::new(shared.jobs, names.clone()),
+        jobs: JobStore::new(js.clone(), client.clone(), shared.events, names.clone()),
         names,
         pool,
         runner: runner.clone(),

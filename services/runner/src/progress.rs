@@ -2,11 +2,14 @@
 //! overall progress fraction (finished nodes plus the running node's share).
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use comfyq_shared::event::{EventBody, NodeUpdate, OutputProduced, ProgressUpdate};
-use serde_json::Value;
 
 use crate::comfy::ServerMessage;
+use comfyq_shared::workflow::Workflow;
 
 #[derive(Debug, Clone)]
 pub struct ProgressTracker {
@@ -16,18 +19,11 @@ pub struct ProgressTracker {
 }
 
 impl ProgressTracker {
-    pub fn new(workflow: &Value) -> Self {
+    pub fn new(workflow: &Workflow) -> Self {
         let node_types = workflow
-            .as_object()
-            .map(|nodes| {
-                nodes
-                    .iter()
-                    .filter_map(|(id, node)| {
-                        Some((id.clone(), node.get("class_type")?.as_str()?.to_owned()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+            .nodes()
+            .map(|(id, node)| (id.to_owned(), node.class_type.clone()))
+            .collect();
         Self {
             node_types,
             finished: HashSet::new(),
@@ -101,9 +97,192 @@ impl ProgressTracker {
     }
 }
 
+/// Throttles a job's node and step progress events: each kind is held for
+/// up to `interval` and only the newest one held goes out then (with the
+/// time it arrived), so a burst of nodes ComfyUI runs in a millisecond is one
+/// event. Output events go at once; a node's output supersedes its held node
+/// and step events (they would say less than the output does).
+#[derive(Debug)]
+pub struct Throttle {
+    interval: Duration,
+    node: Option<Held>,
+    step: Option<Held>,
+}
+
+/// A held event, when it arrived, and when it is due.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    pub body: EventBody,
+    pub arrived: time::OffsetDateTime,
+    due: Instant,
+}
+
+fn node_of(body: &EventBody) -> Option<&str> {
+    match body {
+        EventBody::Node(node) => node.node_id.as_deref(),
+        EventBody::Progress(progress) => Some(progress.node_id.as_str()),
+        EventBody::Output(output) => Some(output.node_id.as_str()),
+        _ => None,
+    }
+}
+
+impl Throttle {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            node: None,
+            step: None,
+        }
+    }
+
+    /// A throttle that holds nothing: every event goes at once.
+    pub fn passthrough() -> Self {
+        Self::new(Duration::ZERO)
+    }
+
+    /// The events to publish now, in order, for `body` arriving at `now`.
+    pub fn offer(
+        &mut self,
+        body: EventBody,
+        now: Instant,
+        arrived: time::OffsetDateTime,
+    ) -> Vec<(EventBody, time::OffsetDateTime)> {
+        if self.interval.is_zero() {
+            return vec![(body, arrived)];
+        }
+        let lane = match &body {
+            EventBody::Output(_) => {
+                let node = node_of(&body).map(str::to_owned);
+                let mut now_out = Vec::new();
+                for held in [self.node.take(), self.step.take()].into_iter().flatten() {
+                    if node_of(&held.body) != node.as_deref() {
+                        now_out.push((held.body, held.arrived));
+                    }
+                }
+                now_out.push((body, arrived));
+                return now_out;
+            }
+            // Nothing to report: ComfyUI's start-of-prompt cache message
+            // that names no cached node.
+            EventBody::Node(node) if node.node_id.is_none() && node.cached.is_empty() => {
+                return Vec::new();
+            }
+            EventBody::Node(_) => &mut self.node,
+            EventBody::Progress(_) => &mut self.step,
+            _ => return vec![(body, arrived)],
+        };
+        let due = lane.as_ref().map_or(now + self.interval, |held| held.due);
+        *lane = Some(Held { body, arrived, due });
+        Vec::new()
+    }
+
+    /// When the next held event is due, if one is held.
+    pub fn due(&self) -> Option<Instant> {
+        [&self.node, &self.step]
+            .into_iter()
+            .flatten()
+            .map(|held| held.due)
+            .min()
+    }
+
+    /// The held events due at `now`, node before step.
+    pub fn flush(&mut self, now: Instant) -> Vec<(EventBody, time::OffsetDateTime)> {
+        let mut out = Vec::new();
+        for lane in [&mut self.node, &mut self.step] {
+            if lane.as_ref().is_some_and(|held| held.due <= now)
+                && let Some(held) = lane.take()
+            {
+                out.push((held.body, held.arrived));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+    use comfyq_shared::event::{NodeUpdate, OutputProduced, ProgressUpdate};
+
+    fn node(id: &str) -> EventBody {
+        EventBody::Node(NodeUpdate {
+            node_id: Some(id.to_owned()),
+            node_type: None,
+            cached: Vec::new(),
+            fraction: 0.0,
+        })
+    }
+
+    fn step(id: &str, value: f64) -> EventBody {
+        EventBody::Progress(ProgressUpdate {
+            node_id: id.to_owned(),
+            value,
+            max: 10.0,
+            fraction: 0.0,
+        })
+    }
+
+    fn output(id: &str) -> EventBody {
+        EventBody::Output(OutputProduced {
+            node_id: id.to_owned(),
+            files: Vec::new(),
+            text: Vec::new(),
+        })
+    }
+
+    fn bodies(events: Vec<(EventBody, time::OffsetDateTime)>) -> Vec<EventBody> {
+        events.into_iter().map(|(body, _)| body).collect()
+    }
+
+    #[test]
+    fn a_burst_becomes_its_newest_event_per_kind_and_outputs_always_go() {
+        let start = Instant::now();
+        let ms = |n| start + Duration::from_millis(n);
+        let wall = time::OffsetDateTime::UNIX_EPOCH;
+        let mut throttle = Throttle::new(Duration::from_millis(25));
+        // A zero-work prompt: three nodes and an output within a millisecond
+        // are one event, the output.
+        assert!(throttle.offer(node("1"), ms(0), wall).is_empty());
+        assert!(throttle.offer(node("2"), ms(0), wall).is_empty());
+        assert!(throttle.offer(node("3"), ms(1), wall).is_empty());
+        assert_eq!(
+            bodies(throttle.offer(output("3"), ms(1), wall)),
+            vec![output("3")]
+        );
+        assert_eq!(throttle.due(), None);
+        // A slow node: its start and its newest step go out when due, with
+        // the time each arrived.
+        let arrived = wall + time::Duration::milliseconds(10);
+        assert!(throttle.offer(node("4"), ms(10), arrived).is_empty());
+        assert!(throttle.offer(step("4", 1.0), ms(12), wall).is_empty());
+        assert!(throttle.offer(step("4", 2.0), ms(20), wall).is_empty());
+        assert_eq!(throttle.due(), Some(ms(35)));
+        assert!(throttle.flush(ms(30)).is_empty());
+        let flushed = throttle.flush(ms(37));
+        assert_eq!(flushed[0], (node("4"), arrived));
+        assert_eq!(bodies(flushed), vec![node("4"), step("4", 2.0)]);
+        assert_eq!(throttle.due(), None);
+        // Held events of another node go out before an output.
+        assert!(throttle.offer(step("5", 1.0), ms(40), wall).is_empty());
+        assert_eq!(
+            bodies(throttle.offer(output("6"), ms(41), wall)),
+            vec![step("5", 1.0), output("6")]
+        );
+        // An empty cache message says nothing.
+        let empty = EventBody::Node(NodeUpdate {
+            node_id: None,
+            node_type: None,
+            cached: Vec::new(),
+            fraction: 0.0,
+        });
+        assert!(throttle.offer(empty, ms(200), wall).is_empty());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     /// Every recorded run maps to events whose fraction never decreases.
     #[test]
@@ -135,7 +314,9 @@ mod tests {
                         .get(2)
                         .cloned()
                 });
-            let Some(workflow) = workflow else { continue };
+            let Some(workflow) = workflow.and_then(|w| Workflow::parse(w, 10_000).ok()) else {
+                continue;
+            };
             let mut tracker = ProgressTracker::new(&workflow);
             let mut last = 0.0f64;
             let mut succeeded = false;
@@ -206,6 +387,7 @@ mod tests {
             serde_json::json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}}),
             serde_json::json!({"type": "custom.thing", "data": {}}),
         ];
+        let workflow = Workflow::parse(workflow, 100).expect("valid workflow");
         let mut tracker = ProgressTracker::new(&workflow);
         let mut kinds = Vec::new();
         for raw in messages {

@@ -1,13 +1,16 @@
-//! The runner's entry in the runners KV bucket: what it can run and how
-//! busy it is, refreshed well inside the bucket's TTL so a dead runner
-//! disappears on its own.
+//! The runner's two registry entries ([`comfyq_shared::registry`]): its
+//! capabilities (written when they change) and its load (refreshed well
+//! inside the bucket's TTL, so a dead runner disappears on its own, and
+//! rewritten when readiness changes or the runner fills up or frees its
+//! last slot, which is when the dispatcher's routing needs to know).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use comfyq_shared::ids::{PoolName, RunnerId};
-use serde::{Deserialize, Serialize};
+use comfyq_shared::provision::CAPABILITIES_REFRESH;
+use comfyq_shared::registry::{REGISTRY_VERSION, RunnerCapabilities, RunnerLoad};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -27,26 +30,11 @@ const MODEL_FOLDERS: [&str; 8] = [
     "diffusion_models",
 ];
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// Both entries as this runner last wrote (or will write) them.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Registration {
-    pub runner: RunnerId,
-    pub pool: PoolName,
-    pub labels: BTreeMap<String, String>,
-    pub slots: usize,
-    pub busy: usize,
-    /// Set on a burst runner: it pulls only while this many wait unpulled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub burst_min_pending: Option<usize>,
-    /// Its rank under the `prioritized` policy (0 is served first).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dispatch_priority: Option<u8>,
-    pub comfyui_version: Option<String>,
-    pub node_types: Vec<String>,
-    pub models: BTreeMap<String, Vec<String>>,
-    pub vram_free: Option<u64>,
-    pub ready: bool,
-    #[serde(with = "time::serde::rfc3339")]
-    pub updated_at: OffsetDateTime,
+    pub capabilities: RunnerCapabilities,
+    pub load: RunnerLoad,
 }
 
 impl Registration {
@@ -58,20 +46,30 @@ impl Registration {
         labels: BTreeMap<String, String>,
         slots: usize,
     ) -> Self {
+        let now = OffsetDateTime::now_utc();
         let mut registration = Self {
-            runner,
-            pool,
-            labels,
-            slots,
-            busy: 0,
-            burst_min_pending: None,
-            dispatch_priority: None,
-            comfyui_version: None,
-            node_types: Vec::new(),
-            models: BTreeMap::new(),
-            vram_free: None,
-            ready: true,
-            updated_at: OffsetDateTime::now_utc(),
+            capabilities: RunnerCapabilities {
+                v: REGISTRY_VERSION,
+                runner: runner.clone(),
+                pool: pool.clone(),
+                labels,
+                comfyui_version: None,
+                node_types: Vec::new(),
+                models: BTreeMap::new(),
+                updated_at: now,
+            },
+            load: RunnerLoad {
+                v: REGISTRY_VERSION,
+                runner,
+                pool,
+                slots,
+                busy: 0,
+                ready: true,
+                burst_min_pending: None,
+                dispatch_priority: None,
+                vram_free: None,
+                updated_at: now,
+            },
         };
         registration.discover_capabilities(comfy).await;
         registration.refresh_stats(comfy, true).await;
@@ -82,12 +80,14 @@ impl Registration {
     /// last known value.
     async fn discover_capabilities(&mut self, comfy: &ComfyClient) {
         match comfy.object_info().await {
-            Ok(info) => self.node_types = info.class_names().map(str::to_owned).collect(),
+            Ok(info) => {
+                self.capabilities.node_types = info.class_names().map(str::to_owned).collect()
+            }
             Err(error) => tracing::warn!(%error, "cannot list ComfyUI's node types"),
         }
         for folder in MODEL_FOLDERS {
             if let Ok(files) = comfy.models(folder).await {
-                self.models.insert(folder.to_owned(), files);
+                self.capabilities.models.insert(folder.to_owned(), files);
             }
         }
     }
@@ -96,28 +96,39 @@ impl Registration {
     /// ComfyUI that died is not ready, whatever its port answers meanwhile.
     async fn refresh_stats(&mut self, comfy: &ComfyClient, up: bool) {
         if !up {
-            self.ready = false;
+            self.load.ready = false;
             return;
         }
         match comfy.system_stats().await {
             Ok(stats) => {
-                self.ready = true;
-                self.comfyui_version = stats.system.comfyui_version.clone();
-                self.vram_free = stats.devices.iter().map(|d| d.vram_free).max().flatten();
+                self.load.ready = true;
+                self.capabilities.comfyui_version = stats.system.comfyui_version.clone();
+                self.load.vram_free = stats.devices.iter().map(|d| d.vram_free).max().flatten();
             }
-            Err(_) => self.ready = false,
+            Err(_) => self.load.ready = false,
         }
+    }
+
+    pub fn offer(&self) -> comfyq_shared::capability::Offer {
+        self.capabilities.offer()
     }
 }
 
-/// How long a change of held jobs waits for more before `busy` is written.
+/// How long a change of held jobs waits for more before it is looked at.
 const BUSY_SETTLE: Duration = Duration::from_millis(20);
+
+/// The two buckets a runner registers in.
+#[derive(Clone, Debug)]
+pub struct Buckets {
+    pub load: kv::Store,
+    pub capabilities: kv::Store,
+}
 
 /// Keeps the registration fresh until `shutdown`, then removes it. A change
 /// of `health` is written at once, so the scheduler stops counting a dead
 /// ComfyUI's slots within milliseconds, not at the next refresh.
 pub async fn maintain(
-    kv: kv::Store,
+    buckets: Buckets,
     comfy: ComfyClient,
     mut registration: Registration,
     held: HeldJobs,
@@ -125,10 +136,13 @@ pub async fn maintain(
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let key = registration.runner.to_string();
+    let key = registration.load.runner.to_string();
     let mut interval = tokio::time::interval(every);
     let mut generation = health.state().generation;
-    let mut written_busy = None;
+    // What the last load write said of free slots, and when the capability
+    // entry was last written (and with what).
+    let mut written_full: Option<bool> = None;
+    let mut capabilities_written: Option<(Instant, RunnerCapabilities)> = None;
     loop {
         // A change of held jobs only updates `busy` (no ComfyUI round trip).
         let ask_comfyui = tokio::select! {
@@ -139,17 +153,18 @@ pub async fn maintain(
         };
         if !ask_comfyui {
             // Jobs come and go in bursts (one ends, the next is pulled at
-            // once): one write for the burst, none if `busy` is back where it
-            // was. Every copy goes to each watcher, capabilities included.
+            // once): look once the burst settled, and write only when the
+            // runner turned full or stopped being full.
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(BUSY_SETTLE) => {}
             }
-            if written_busy == Some(held.len()) {
+            let full = held.len() >= registration.load.slots;
+            if written_full == Some(full) {
                 continue;
             }
         }
-        registration.busy = held.len();
+        registration.load.busy = held.len();
         if ask_comfyui {
             let state = health.state();
             if state.ready && state.generation != generation {
@@ -159,15 +174,36 @@ pub async fn maintain(
             }
             registration.refresh_stats(&comfy, state.ready).await;
         }
-        registration.updated_at = OffsetDateTime::now_utc();
-        metrics::gauge!("comfyq_runner_busy_slots").set(registration.busy as f64);
-        metrics::gauge!("comfyq_runner_ready").set(f64::from(u8::from(registration.ready)));
-        if let Ok(value) = serde_json::to_vec(&registration) {
-            match kv.put(&key, value.into()).await {
-                Ok(_) => written_busy = Some(registration.busy),
+        let now = OffsetDateTime::now_utc();
+        let stale_capabilities = capabilities_written.as_ref().is_none_or(|(at, written)| {
+            at.elapsed() >= CAPABILITIES_REFRESH
+                || RunnerCapabilities {
+                    updated_at: written.updated_at,
+                    ..registration.capabilities.clone()
+                } != *written
+        });
+        if stale_capabilities {
+            registration.capabilities.updated_at = now;
+            if let Ok(value) = serde_json::to_vec(&registration.capabilities) {
+                match buckets.capabilities.put(&key, value.into()).await {
+                    Ok(_) => {
+                        capabilities_written =
+                            Some((Instant::now(), registration.capabilities.clone()))
+                    }
+                    Err(error) => tracing::warn!(%error, "capabilities not registered"),
+                }
+            }
+        }
+        registration.load.updated_at = now;
+        metrics::gauge!("comfyq_runner_busy_slots").set(registration.load.busy as f64);
+        metrics::gauge!("comfyq_runner_ready").set(f64::from(u8::from(registration.load.ready)));
+        if let Ok(value) = serde_json::to_vec(&registration.load) {
+            match buckets.load.put(&key, value.into()).await {
+                Ok(_) => written_full = Some(registration.load.busy >= registration.load.slots),
                 Err(error) => tracing::warn!(%error, "registration not refreshed"),
             }
         }
     }
-    let _ = kv.delete(&key).await;
+    let _ = buckets.load.delete(&key).await;
+    let _ = buckets.capabilities.delete(&key).await;
 }

@@ -1,5 +1,8 @@
-//! The pull loop: take work when a slot is free, run it, report
-//! what became of it, and acknowledge the dispatch message exactly once.
+//! The pull loop: take work when a slot is free, claim it in the job's
+//! record (`dispatched` and `running`, compare-and-set, before ComfyUI sees
+//! the prompt: exactly one execution per attempt), run it, write what
+//! became of it to the record, and acknowledge the dispatch message exactly
+//! once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -7,10 +10,12 @@ use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
 use comfyq_shared::ids::{JobId, PoolName, RunnerId};
-use comfyq_shared::job::{ErrorKind, JobError, SCHEMA_VERSION};
-use comfyq_shared::job_store::JobStore;
+use comfyq_shared::job::{ErrorKind, JobError, JobRecord, JobStatus, SCHEMA_VERSION};
+use comfyq_shared::job_store::{Applied, JobStore, JobStoreError, Versioned};
+use comfyq_shared::machine::{self, Input, Transition};
 use comfyq_shared::messages::{AttemptOutcome, DispatchJob, RunnerReport};
 use comfyq_shared::names::Names;
+use comfyq_shared::registry::RunnerLoad;
 use futures::StreamExt;
 use time::OffsetDateTime;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -64,16 +69,26 @@ impl HeldJobs {
 /// What the worker does with a dispatch message once the attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Disposition {
-    /// Report, then ack.
+    /// Record the outcome, then ack.
     Done(AttemptOutcome),
-    /// Report, then hand back for redelivery after the delay.
+    /// Record the outcome, then hand back for redelivery after the delay.
     Retry(AttemptOutcome, Duration),
-    /// Report (if any), then terminate the message.
+    /// Record the outcome (if any), then terminate the message.
     Drop(Option<AttemptOutcome>),
-    /// The last delivery failed retryably: report the failure, then hand
+    /// The last delivery failed retryably: record the failure, then hand
     /// the message back so the server's max-deliveries advisory makes it a
     /// dead letter (the scheduler keeps its spec for a requeue).
     Exhausted(AttemptOutcome),
+}
+
+/// What claiming a delivered job in its record came to.
+#[derive(Debug)]
+enum Claim {
+    /// This runner runs the attempt: the record says so, at this revision.
+    Run(Box<Versioned>),
+    /// Not to be run: the job ended or was cancelled (its cancellation is
+    /// recorded), or another runner holds this attempt.
+    Drop(&'static str),
 }
 
 /// Maps an attempt's end to exactly one acknowledgement (exhaustively).
@@ -134,7 +149,7 @@ pub struct Worker {
     pub pool: PoolName,
     pub runner: RunnerId,
     pub held: HeldJobs,
-    /// Registrations of the fleet (to see whether another runner is free).
+    /// Load entries of the fleet (to see whether another runner is free).
     pub runners: async_nats::jetstream::kv::Store,
     /// No pulling before this instant: set after a retryable failure here
     /// while another runner of the pool has a free slot, so the retry goes
@@ -268,35 +283,29 @@ impl Worker {
             let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
             return;
         }
-        // Held before the record is read: a cancellation applied after the
-        // read is then announced to a job already held here and stops it,
-        // instead of falling between the read and the insert and being
+        // Held before the record is claimed: a cancellation applied after
+        // the claim is then announced to a job already held here and stops
+        // it, instead of falling between the claim and the insert and being
         // missed (the job would run to its end although cancelled).
         let cancel = CancellationToken::new();
         self.held.insert(spec.id, cancel.clone());
-        // A job cancelled (or ended) before it reached us never runs.
-        match self.jobs.get(&spec.tenant, &spec.id).await {
-            Ok(Some(current))
-                if current.record.status.is_terminal() || current.record.cancel_requested =>
-            {
-                tracing::info!(status = %current.record.status, "job already ended or cancelled; dropping it");
+        let claimed = match self.claim(&dispatch, delivery, attempt).await {
+            Ok(Claim::Run(claimed)) => *claimed,
+            Ok(Claim::Drop(why)) => {
+                tracing::info!(why, "not running the job");
                 self.held.remove(&spec.id);
-                if !current.record.status.is_terminal() {
-                    self.report(spec, attempt, AttemptOutcome::Cancelled).await;
-                }
                 let _ = message.ack_with(AckKind::Term).await;
                 return;
             }
-            Ok(_) => {}
             Err(error) => {
-                tracing::warn!(%error, "cannot read the job record; handing the job back");
+                tracing::warn!(%error, "cannot claim the job in its record; handing it back");
                 self.held.remove(&spec.id);
                 let _ = message
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await;
                 return;
             }
-        }
+        };
 
         let heartbeat = tokio::spawn(heartbeat(
             message.clone(),
@@ -310,14 +319,18 @@ impl Worker {
             cancel.clone(),
         ));
         let started = std::time::Instant::now();
-        // The started report is stored while the job goes to ComfyUI (a
-        // round trip off every dispatch); it is awaited before the attempt's
-        // last report, so the scheduler gets them in order.
-        let started_report = {
+        // `running` is recorded as soon as ComfyUI has the prompt, while it
+        // runs (not on the way to ComfyUI).
+        let (submitted, prompt_submitted) = tokio::sync::oneshot::channel();
+        let claimed_before = claimed.clone();
+        let running = {
             let (worker, spec) = (self.clone(), spec.clone());
-            tokio::spawn(
-                async move { worker.report(&spec, attempt, AttemptOutcome::Started).await },
-            )
+            tokio::spawn(async move {
+                match prompt_submitted.await {
+                    Ok(()) => worker.record_running(&spec, attempt, claimed).await,
+                    Err(_) => None,
+                }
+            })
         };
 
         let stop = CancellationToken::new();
@@ -331,10 +344,12 @@ impl Worker {
                 }
                 stop_on.cancel();
             });
-            let end = self.executor.execute(spec, &stop).await;
+            let end = self.executor.execute(spec, &stop, Some(submitted)).await;
             relay.abort();
             end
         };
+        // The outcome is written from the record `running` left, if written.
+        let claimed = running.await.ok().flatten().unwrap_or(claimed_before);
         watch.abort();
         self.held.remove(&spec.id);
         let handing_back = matches!(end, AttemptEnd::Cancelled) && !cancel.is_cancelled();
@@ -362,18 +377,20 @@ impl Worker {
             "attempt ended"
         );
 
-        if let Err(error) = started_report.await {
-            tracing::warn!(%error, "started report task failed");
-        }
-        // Report before acknowledging: if this process dies in between, the
-        // message is redelivered and the (deduplicated) report sent again.
+        // Recorded before acknowledging: if this process dies in between,
+        // the message is redelivered and the record, already ended, makes
+        // the next runner drop it.
         let ack = match disposition {
             Disposition::Done(outcome) => {
-                self.report(spec, attempt, outcome).await;
+                self.record(spec, attempt, outcome, claimed).await;
                 AckKind::Ack
             }
             Disposition::Retry(outcome, delay) => {
-                self.report(spec, attempt, outcome).await;
+                if let AttemptOutcome::Failed { error, .. } = &outcome {
+                    metrics::counter!("comfyq_job_retries_total", "kind" => error_kind(error.kind))
+                        .increment(1);
+                }
+                self.record(spec, attempt, outcome, claimed).await;
                 if !handing_back {
                     self.step_aside(delay).await;
                 }
@@ -381,20 +398,17 @@ impl Worker {
             }
             Disposition::Drop(outcome) => {
                 if let Some(outcome) = outcome {
-                    self.report(spec, attempt, outcome).await;
+                    self.record(spec, attempt, outcome, claimed).await;
                 }
                 AckKind::Term
             }
             Disposition::Exhausted(outcome) => {
-                self.report(spec, attempt, outcome).await;
+                self.record(spec, attempt, outcome, claimed).await;
                 AckKind::Nak(None)
             }
         };
         heartbeat.abort();
-        let acked = match ack {
-            AckKind::Ack => message.double_ack().await,
-            other => message.ack_with(other).await,
-        };
+        let acked = message.ack_with(ack).await;
         if let Err(error) = acked {
             tracing::warn!(%error, "acknowledgement failed; the job may be redelivered");
         }
@@ -435,28 +449,200 @@ impl Worker {
             let Ok(Some(value)) = self.runners.get(&key).await else {
                 continue;
             };
-            let Ok(other) = serde_json::from_slice::<crate::registration::Registration>(&value)
-            else {
+            let Ok(other) = serde_json::from_slice::<RunnerLoad>(&value) else {
                 continue;
             };
-            if other.pool == self.pool
-                && other.ready
-                && other.busy < other.slots
-                && now - other.updated_at < ttl
-            {
+            if other.pool == self.pool && other.has_free_slot() && now - other.updated_at < ttl {
                 return true;
             }
         }
         false
     }
 
-    /// Sends a report to the scheduler, retrying while NATS is unreachable
-    /// (the report is deduplicated by its message id).
-    async fn report(
+    /// Claims attempt `attempt` in the job's record, one compare-and-set
+    /// write from the record as read: `dispatched` on this runner (a dispatch
+    /// message's first delivery), or `running` on this runner (a later
+    /// delivery: the previous holder failed or died). Whoever loses a race
+    /// for the same attempt finds it held by another runner and drops it.
+    async fn claim(
+        &self,
+        dispatch: &DispatchJob,
+        delivery: u32,
+        attempt: u32,
+    ) -> Result<Claim, JobStoreError> {
+        let spec = &dispatch.spec;
+        let first_delivery = delivery <= 1 && attempt == dispatch.attempt.max(1);
+        let started = RunnerReport {
+            v: SCHEMA_VERSION,
+            tenant: spec.tenant.clone(),
+            job_id: spec.id,
+            attempt,
+            runner: self.runner.clone(),
+            at: OffsetDateTime::now_utc(),
+            outcome: AttemptOutcome::Started,
+        };
+        let dispatched_at = dispatch
+            .dispatched_at
+            .unwrap_or_else(OffsetDateTime::now_utc);
+        // The dispatcher saw the record the job was queued with: a claim
+        // from it needs no read (a stale one fails its compare-and-set).
+        let mut known = match (&dispatch.queued, dispatch.queued_revision) {
+            (Some(record), Some(revision)) if first_delivery => Some(Versioned {
+                record: (**record).clone(),
+                revision,
+            }),
+            _ => None,
+        };
+        loop {
+            let fresh = known.is_none();
+            let read = match known.take() {
+                Some(known) => Some(known),
+                None => self.jobs.get(&spec.tenant, &spec.id).await?,
+            };
+            let Some(current) = read else {
+                // Ingress died between the pending message and the record:
+                // the record is written now (a rare, atomic batch).
+                if !first_delivery {
+                    return Ok(Claim::Drop("the job has no record (expired?)"));
+                }
+                let mut records = vec![JobRecord::accepted(spec)];
+                for input in [Input::Queue, Input::Dispatch { attempt }] {
+                    let next = records
+                        .last()
+                        .map(|last| machine::next(last, &input, dispatched_at));
+                    if let Some(Transition::Apply(next)) = next {
+                        records.push(*next);
+                    }
+                }
+                if let Some(dispatched) = records.last_mut() {
+                    dispatched.runner = Some(self.runner.clone());
+                }
+                match self.jobs.commit(&records, 0).await {
+                    Ok(written) => {
+                        tracing::warn!("the job had no record: written from its dispatch");
+                        let record = records.pop().unwrap_or_else(|| JobRecord::accepted(spec));
+                        return Ok(Claim::Run(Box::new(Versioned {
+                            record,
+                            revision: written.revision(),
+                        })));
+                    }
+                    Err(JobStoreError::Conflict(_)) => continue,
+                    Err(error) => return Err(error),
+                }
+            };
+            let record = &current.record;
+            if !fresh && (record.status.is_terminal() || record.cancel_requested) {
+                continue;
+            }
+            if record.status.is_terminal() {
+                // Its end is recorded; make sure its webhook item is too (the
+                // writer may have died in between; a repeat is a no-op).
+                self.jobs.hook(record, current.revision).await?;
+                return Ok(Claim::Drop("the job already ended"));
+            }
+            if record.cancel_requested {
+                let cancelled = RunnerReport {
+                    outcome: AttemptOutcome::Cancelled,
+                    ..started.clone()
+                };
+                self.jobs
+                    .apply(
+                        &spec.tenant,
+                        &spec.id,
+                        &Input::Report(&cancelled),
+                        Some(current),
+                    )
+                    .await?;
+                return Ok(Claim::Drop("the job was cancelled before it ran"));
+            }
+            let transition = if first_delivery {
+                machine::next(record, &Input::Dispatch { attempt }, dispatched_at)
+            } else {
+                machine::next(record, &Input::Report(&started), OffsetDateTime::now_utc())
+            };
+            match transition {
+                Transition::Apply(mut claimed) => {
+                    claimed.runner = Some(self.runner.clone());
+                    match self.jobs.update(&claimed, current.revision).await {
+                        Ok(revision) => {
+                            return Ok(Claim::Run(Box::new(Versioned {
+                                record: *claimed,
+                                revision,
+                            })));
+                        }
+                        Err(JobStoreError::Conflict(_)) => continue,
+                        Err(error) => return Err(error),
+                    }
+                }
+                _ if !fresh => continue,
+                // Ours already (a claim whose acknowledgement was lost)?
+                Transition::AlreadyApplied
+                    if matches!(record.status, JobStatus::Dispatched | JobStatus::Running)
+                        && record.attempt == attempt
+                        && record.runner.as_ref() == Some(&self.runner) =>
+                {
+                    return Ok(Claim::Run(Box::new(current)));
+                }
+                Transition::AlreadyApplied => {
+                    return Ok(Claim::Drop("another runner holds this attempt"));
+                }
+                Transition::Ignore(why) => return Ok(Claim::Drop(why)),
+            }
+        }
+    }
+
+    /// Records `running` once ComfyUI accepted the prompt (from the claim,
+    /// while the prompt runs); the record as it then stands.
+    async fn record_running(
+        &self,
+        spec: &comfyq_shared::job::JobSpec,
+        attempt: u32,
+        claimed: Versioned,
+    ) -> Option<Versioned> {
+        if claimed.record.status == JobStatus::Running {
+            return Some(claimed);
+        }
+        let report = RunnerReport {
+            v: SCHEMA_VERSION,
+            tenant: spec.tenant.clone(),
+            job_id: spec.id,
+            attempt,
+            runner: self.runner.clone(),
+            at: OffsetDateTime::now_utc(),
+            outcome: AttemptOutcome::Started,
+        };
+        match self
+            .jobs
+            .apply(
+                &spec.tenant,
+                &spec.id,
+                &Input::Report(&report),
+                Some(claimed),
+            )
+            .await
+        {
+            Ok(Applied::Changed(current) | Applied::Already(current)) => Some(current),
+            Ok(Applied::Ignored(current, why)) => {
+                tracing::debug!(why, "running not recorded");
+                Some(current)
+            }
+            Ok(Applied::Missing) => None,
+            Err(error) => {
+                tracing::warn!(%error, "running not recorded");
+                None
+            }
+        }
+    }
+
+    /// Writes what became of the attempt to the job's record, starting from
+    /// the record this runner wrote when it claimed it; retries while NATS
+    /// is unreachable.
+    async fn record(
         &self,
         spec: &comfyq_shared::job::JobSpec,
         attempt: u32,
         outcome: AttemptOutcome,
+        claimed: Versioned,
     ) {
         let report = RunnerReport {
             v: SCHEMA_VERSION,
@@ -467,28 +653,37 @@ impl Worker {
             at: OffsetDateTime::now_utc(),
             outcome,
         };
-        let Ok(payload) = serde_json::to_vec(&report) else {
-            return;
-        };
+        let mut known = Some(claimed);
         let mut delay = Duration::from_millis(100);
         for _ in 0..20 {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(
-                async_nats::header::NATS_MESSAGE_ID,
-                report.message_id().as_str(),
-            );
-            let sent = match self
-                .js
-                .publish_with_headers(self.names.report_subject(), headers, payload.clone().into())
+            match self
+                .jobs
+                .apply(
+                    &spec.tenant,
+                    &spec.id,
+                    &Input::Report(&report),
+                    known.take(),
+                )
                 .await
             {
-                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match sent {
-                Ok(()) => return,
+                Ok(Applied::Changed(_)) => return,
+                // Written before (its ack or its webhook item was lost).
+                Ok(Applied::Already(current)) => {
+                    if let Err(error) = self.jobs.hook(&current.record, current.revision).await {
+                        tracing::warn!(%error, "webhook work item not published");
+                    }
+                    return;
+                }
+                Ok(Applied::Ignored(current, why)) => {
+                    tracing::info!(why, status = %current.record.status, outcome = report.outcome.token(), "outcome not recorded");
+                    return;
+                }
+                Ok(Applied::Missing) => {
+                    tracing::warn!("the job's record is gone; outcome not recorded");
+                    return;
+                }
                 Err(error) => {
-                    tracing::warn!(%error, outcome = report.outcome.token(), "report not stored yet; retrying");
+                    tracing::warn!(%error, outcome = report.outcome.token(), "outcome not recorded yet; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
@@ -496,8 +691,21 @@ impl Worker {
         }
         tracing::error!(
             outcome = report.outcome.token(),
-            "report could not be stored"
+            "outcome could not be recorded"
         );
+    }
+}
+
+fn error_kind(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Validation => "validation",
+        ErrorKind::Execution => "execution",
+        ErrorKind::OutOfMemory => "out_of_memory",
+        ErrorKind::Infrastructure => "infrastructure",
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::AttemptsExhausted => "attempts_exhausted",
+        ErrorKind::Rejected => "rejected",
+        ErrorKind::Internal => "internal",
     }
 }
 

@@ -1,32 +1,38 @@
-//! Decide-late dispatch. Submissions wait in the PENDING stream; the one
-//! scheduler holding the dispatcher lease keeps a view of them (rebuilt from
-//! the stream whenever it takes the lease) and moves a job to its pool's
-//! DISPATCH subjects only when a runner slot is free, choosing by
+//! Decide-late dispatch. Jobs wait on the pending subjects of the events
+//! stream (ingress writes each with its `queued` state event, atomically);
+//! the one scheduler holding the dispatcher lease keeps a view of them
+//! (rebuilt from the stream whenever it takes the lease) and moves a job to
+//! its pool's DISPATCH subjects only when a runner slot is free, choosing by
 //! [`policy::pick`]. Each pool's DISPATCH stays about as deep as its free
 //! slots (plus `dispatch_window`), so priority, ageing and fairness are
 //! decided when a slot frees, not when a job arrives.
 //!
-//! Capacity is read from NATS, never counted in memory: a pool's slots are
-//! the sum over live registrations in `comfyq_runners`, its jobs in flight
-//! the DISPATCH messages not yet acknowledged (subject counts, which carry
-//! the tenant), so any scheduler can take over and see the same numbers.
+//! Dispatching costs no record read or write: the dispatch message carries
+//! the `queued` revision (the pending message's place in the stream, right
+//! after it), and the runner that pulls it writes `dispatched` and `running`.
+//! Jobs in flight are counted in memory: each dispatch's stream sequence is
+//! noted when its publish is acknowledged, and removed when a runner's
+//! acknowledgement or termination of it passes on the consumer's ack
+//! subjects (core NATS sees them). A new leader learns what is in flight
+//! from DISPATCH itself, and every `reconcile_every` the counts are checked
+//! against the stream's subject counts (exhausted messages the scheduler
+//! deletes send no acknowledgement).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::consumer::{self, DeliverPolicy};
-use async_nats::jetstream::kv::{self, Operation};
-use async_nats::jetstream::response::Response;
+use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::Stream as JsStream;
-use comfyq_shared::capability::{Needs, Offer};
-use comfyq_shared::ids::{PoolName, TenantId};
-use comfyq_shared::job::{ErrorKind, JobStatus, WAITING_FOR_CAPABILITY};
-use comfyq_shared::job_store::Versioned;
+use comfyq_shared::capability::Needs;
+use comfyq_shared::ids::{JobId, PoolName, TenantId};
+use comfyq_shared::job::{ErrorKind, WAITING_FOR_CAPABILITY};
+use comfyq_shared::machine::Input;
 use comfyq_shared::messages::SubmitJob;
 use comfyq_shared::priority::Priority;
+use comfyq_shared::registry::{Fleet, LiveRunner};
 use futures::StreamExt;
-use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -34,7 +40,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Unroutable;
 use crate::lease::Lease;
-use crate::machine::Input;
 use crate::policy::{self, Pending, Policy, PoolQueue, Tenants};
 use crate::service::{HandleError, Scheduler};
 
@@ -52,52 +57,18 @@ fn nats<E: Into<async_nats::Error>>(error: E) -> DispatchError {
     DispatchError::Nats(error.into())
 }
 
-/// What the dispatcher reads of a runner's registration (the runner writes more).
-#[derive(Clone, Debug, Deserialize)]
-struct RunnerView {
-    pool: PoolName,
-    slots: usize,
-    #[serde(default)]
-    node_types: Vec<String>,
-    #[serde(default)]
-    models: BTreeMap<String, Vec<String>>,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    #[serde(default = "ready_default")]
-    ready: bool,
-    /// Jobs it holds (kept current by the runner on every change).
-    #[serde(default)]
-    busy: usize,
-    /// A burst runner: pulls only while this many dispatch messages wait.
-    #[serde(default)]
-    burst_min_pending: Option<usize>,
-}
-
-fn ready_default() -> bool {
-    true
-}
-
-#[derive(Clone, Debug)]
-struct LiveRunner {
-    key: String,
-    view: RunnerView,
-    offer: Offer,
-    seen_at: OffsetDateTime,
-}
-
-impl LiveRunner {
-    /// Whether this runner has every node type, model file and label the
-    /// job needs (what it could not list is assumed present).
-    fn can_run(&self, needs: &Needs) -> bool {
-        self.offer.can_run(needs)
-    }
-}
-
 enum Event {
     Pending(Box<async_nats::jetstream::Message>),
-    Runner(Box<kv::Entry>),
-    /// A dispatch message was acknowledged, terminated or handed back.
-    Freed,
+    /// A job's `queued` state event (written by ingress after its pending
+    /// message, or by a change while it waits).
+    Queued(Box<async_nats::jetstream::Message>),
+    Load(Box<kv::Entry>),
+    Capabilities(Box<kv::Entry>),
+    /// A runner acknowledged (or terminated) the dispatch message at this
+    /// stream sequence: its slot is free.
+    Freed(PoolName, u64),
+    /// A queued job was cancelled: it leaves the view.
+    Cancelled(JobId),
     Tick,
     Ended(&'static str),
 }
@@ -107,21 +78,123 @@ enum Event {
 /// workflows (beyond it, a job's message is read back when it is picked).
 const PAYLOAD_BUDGET: usize = 64 * 1024 * 1024;
 
-/// Jobs of one pass whose reads and writes are in flight at once.
+/// Jobs of one pass whose writes are in flight at once.
 const DISPATCH_CONCURRENCY: usize = 32;
 
 /// Jobs picked before their dispatches are sent (the pass picks again for
 /// what is left of the capacity).
 const MAX_BATCH: usize = 256;
 
+/// Ticks between checks of the in-flight counts against DISPATCH.
+const RECONCILE_TICKS: u32 = 10;
+
+/// How long a waiting job that arrived while this dispatcher leads is held
+/// for its `queued` state event (ingress writes it right after the pending
+/// message) before it is dispatched without (its writer died in between).
+const CONFIRM_WAIT: Duration = Duration::from_secs(1);
+
+/// How long the dispatcher holds a waiting job before the server offers it
+/// again (the view ignores a job it holds already).
+const PENDING_ACK_WAIT: Duration = Duration::from_secs(6 * 3600);
+
+/// Waiting jobs the dispatcher holds at most (the server delivers no more
+/// until some are acknowledged).
+const PENDING_MAX_HELD: i64 = 1_000_000;
+
+/// `queued` records kept at most (about 1 KiB each): a job beyond is
+/// dispatched without one, and its runner reads the record.
+const QUEUED_KEPT: usize = 16_384;
+
+/// How long a `queued` revision is kept for a job not (or no longer) waiting.
+const QUEUED_KEEP: Duration = Duration::from_secs(60);
+
+/// The dispatch messages of one pool not yet acknowledged: those this
+/// leader dispatched, by stream sequence, and a count of the others (left
+/// by an earlier leader, or whose sequence is unknown), per tenant.
+#[derive(Debug, Default)]
+struct InFlight {
+    by_seq: HashMap<u64, TenantId>,
+    per_tenant: HashMap<TenantId, usize>,
+    untracked: HashMap<TenantId, usize>,
+}
+
+impl InFlight {
+    fn add(&mut self, seq: u64, tenant: TenantId) {
+        if self.by_seq.insert(seq, tenant.clone()).is_none() {
+            *self.per_tenant.entry(tenant).or_insert(0) += 1;
+        }
+    }
+
+    /// Forgets a freed message; `false` if its sequence was not tracked.
+    fn remove(&mut self, seq: u64) -> bool {
+        let Some(tenant) = self.by_seq.remove(&seq) else {
+            return false;
+        };
+        if let Some(n) = self.per_tenant.get_mut(&tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_tenant.remove(&tenant);
+            }
+        }
+        true
+    }
+
+    fn tracked(&self, tenant: &TenantId) -> usize {
+        self.by_seq.values().filter(|t| *t == tenant).count()
+    }
+
+    /// Takes the stream's count per tenant as the truth: what it holds
+    /// beyond the tracked messages is untracked.
+    fn set_counts(&mut self, stored: &HashMap<TenantId, usize>) {
+        let mut tracked: HashMap<TenantId, usize> = HashMap::new();
+        for tenant in self.by_seq.values() {
+            *tracked.entry(tenant.clone()).or_insert(0) += 1;
+        }
+        self.untracked = stored
+            .iter()
+            .filter_map(|(tenant, n)| {
+                let extra = n.saturating_sub(tracked.get(tenant).copied().unwrap_or(0));
+                (extra > 0).then(|| (tenant.clone(), extra))
+            })
+            .collect();
+        self.per_tenant = tracked;
+        for (tenant, n) in &self.untracked {
+            *self.per_tenant.entry(tenant.clone()).or_insert(0) += n;
+        }
+    }
+
+    fn has_untracked(&self) -> bool {
+        !self.untracked.is_empty()
+    }
+
+    fn total(&self) -> usize {
+        self.per_tenant.values().sum()
+    }
+}
+
 #[derive(Default)]
 struct View {
     /// Bytes of the payloads held in `pools` (at most `PAYLOAD_BUDGET`).
     payload_bytes: usize,
     pools: BTreeMap<PoolName, PoolQueue>,
-    runners: HashMap<String, LiveRunner>,
+    /// Where each waiting job is, to drop it on a cancel: its lane, its
+    /// sequence, and where to acknowledge its pending message.
+    jobs: HashMap<JobId, (PoolName, Priority, TenantId, u64, String)>,
+    /// Waiting jobs per tenant (all pools), for `max_queued`.
+    queued_per_tenant: HashMap<TenantId, usize>,
+    fleet: Fleet,
+    in_flight: HashMap<PoolName, InFlight>,
     /// Jobs marked `waiting_for_capability` in their record.
-    marked: HashSet<comfyq_shared::JobId>,
+    marked: HashSet<JobId>,
+    /// Each job's latest `queued` state event seen while leading: its
+    /// revision and record, for the runner to claim it without a read.
+    queued: HashMap<JobId, (u64, Box<comfyq_shared::job::JobRecord>, std::time::Instant)>,
+    /// Waiting jobs that arrived while leading and whose `queued` event has
+    /// not been seen yet, since when.
+    unconfirmed: HashMap<JobId, std::time::Instant>,
+    /// Jobs to check against their tenant's `max_queued`, with how many of
+    /// the tenant's jobs waited when each arrived.
+    quota_checks: Vec<(JobId, TenantId, usize)>,
     /// Round-robin state per pool (memory only: a new dispatcher starts it afresh).
     served: HashMap<PoolName, HashMap<TenantId, u64>>,
 }
@@ -130,6 +203,7 @@ struct View {
 pub struct Dispatcher {
     pub scheduler: Scheduler,
     pub runners: kv::Store,
+    pub capabilities: kv::Store,
     pub lease: Lease,
 }
 
@@ -175,10 +249,7 @@ impl Dispatcher {
         shutdown: &CancellationToken,
     ) -> Result<(), DispatchError> {
         let s = &self.scheduler;
-        let pending =
-            s.js.get_stream(s.names.pending_stream())
-                .await
-                .map_err(nats)?;
+        let events = s.jobs.stream().clone();
         let dispatch =
             s.js.get_stream(s.names.dispatch_stream())
                 .await
@@ -186,61 +257,70 @@ impl Dispatcher {
         let (tx, mut rx) = mpsc::channel::<Event>(4096);
         let mut sources = JoinSet::new();
 
-        // Every acknowledgement of a dispatch message passes on this subject
-        // (core NATS sees it); all but in-progress ones may free a slot.
+        // Acknowledgements of dispatch messages pass on the consumers' ack
+        // subjects; acks and terminations free a slot.
         let mut acks = s
             .client
-            .subscribe(format!("$JS.ACK.{}.>", s.names.dispatch_stream()))
+            .subscribe(s.names.dispatch_acks_filter())
             .await
             .map_err(nats)?;
         let sender = tx.clone();
+        let names = s.names.clone();
         sources.spawn(async move {
             while let Some(ack) = acks.next().await {
-                if ack.payload.as_ref() != b"+WPI" && sender.send(Event::Freed).await.is_err() {
+                let frees = matches!(ack.payload.as_ref(), b"" | b"+ACK" | b"+TERM")
+                    || ack.payload.starts_with(b"+TERM ");
+                if !frees {
+                    continue;
+                }
+                if let Some((pool, seq)) = parse_ack_subject(&names, ack.subject.as_str())
+                    && sender.send(Event::Freed(pool, seq)).await.is_err()
+                {
                     return;
                 }
             }
             let _ = sender.send(Event::Ended("ack subscription")).await;
         });
 
-        // Last value of every key first, then updates.
-        let mut registrations = self.runners.watch_with_history(">").await.map_err(nats)?;
-        let sender = tx.clone();
-        sources.spawn(async move {
-            while let Some(Ok(entry)) = registrations.next().await {
-                if sender.send(Event::Runner(Box::new(entry))).await.is_err() {
-                    return;
-                }
-            }
-            let _ = sender.send(Event::Ended("registration watch")).await;
-        });
-
-        // The whole pending stream, oldest first: the view is rebuilt from it.
-        let reader = pending
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
+        // Cancellations of waiting jobs (core NATS; a missed one only means
+        // the job is dispatched and its runner drops it).
+        let mut cancels = s
+            .client
+            .subscribe(s.names.runner_cancel_filter())
             .await
             .map_err(nats)?;
-        let mut caught_up = reader.cached_info().num_pending == 0;
-        let mut messages = reader.messages().await.map_err(nats)?;
         let sender = tx.clone();
+        let names = s.names.clone();
         sources.spawn(async move {
-            while let Some(message) = messages.next().await {
-                let event = match message {
-                    Ok(message) => Event::Pending(Box::new(message)),
-                    Err(error) => {
-                        tracing::warn!(%error, "pending stream reader failed");
-                        Event::Ended("pending stream reader")
-                    }
-                };
-                if sender.send(event).await.is_err() {
+            while let Some(nudge) = cancels.next().await {
+                if let Some(job) = names.parse_runner_cancel_subject(nudge.subject.as_str())
+                    && sender.send(Event::Cancelled(job)).await.is_err()
+                {
                     return;
                 }
             }
-            let _ = sender.send(Event::Ended("pending stream reader")).await;
+            let _ = sender.send(Event::Ended("cancel subscription")).await;
         });
+
+        // Last value of every key first, then updates.
+        for (bucket, capabilities) in [(&self.runners, false), (&self.capabilities, true)] {
+            let mut watch = bucket.watch_with_history(">").await.map_err(nats)?;
+            let sender = tx.clone();
+            sources.spawn(async move {
+                while let Some(Ok(entry)) = watch.next().await {
+                    let entry = Box::new(entry);
+                    let event = if capabilities {
+                        Event::Capabilities(entry)
+                    } else {
+                        Event::Load(entry)
+                    };
+                    if sender.send(event).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = sender.send(Event::Ended("registration watch")).await;
+            });
+        }
 
         let tick = s.config.tick;
         let sender = tx.clone();
@@ -254,9 +334,70 @@ impl Dispatcher {
                 }
             }
         });
-        drop(tx);
 
         let mut view = View::default();
+        // What previous leaders dispatched and is still in flight (the ack
+        // subscription is open already, so nothing freed now is missed).
+        reconcile(s, &dispatch, &mut view).await?;
+
+        // Every waiting job, oldest first: the view is rebuilt from them. The
+        // consumer is made anew for each leadership, so it delivers every job
+        // not yet acknowledged (dispatched, or failed while waiting), also
+        // those an earlier leader had been delivered.
+        let pending =
+            s.js.get_stream(s.names.pending_stream())
+                .await
+                .map_err(nats)?;
+        let reader = recreate_pending_consumer(s, &pending).await?;
+        let mut caught_up = reader.cached_info().num_pending == 0;
+        let mut messages = reader.messages().await.map_err(nats)?;
+        // `queued` events from now on: what a job that arrives now waits for.
+        let confirmations = events
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: s.names.event_kind_filter(comfyq_shared::EventKind::State(
+                    comfyq_shared::JobStatus::Queued,
+                )),
+                deliver_policy: DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats)?;
+        let mut confirmations = confirmations.messages().await.map_err(nats)?;
+        let sender = tx.clone();
+        sources.spawn(async move {
+            while let Some(message) = confirmations.next().await {
+                let event = match message {
+                    Ok(message) => Event::Queued(Box::new(message)),
+                    Err(error) => {
+                        tracing::warn!(%error, "queued events reader failed");
+                        Event::Ended("queued events reader")
+                    }
+                };
+                if sender.send(event).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sender.send(Event::Ended("queued events reader")).await;
+        });
+        let sender = tx.clone();
+        sources.spawn(async move {
+            while let Some(message) = messages.next().await {
+                let event = match message {
+                    Ok(message) => Event::Pending(Box::new(message)),
+                    Err(error) => {
+                        tracing::warn!(%error, "pending reader failed");
+                        Event::Ended("pending reader")
+                    }
+                };
+                if sender.send(event).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sender.send(Event::Ended("pending reader")).await;
+        });
+        drop(tx);
+
+        let mut ticks = 0u32;
         loop {
             let first = tokio::select! {
                 _ = lost.cancelled() => return Ok(()),
@@ -265,21 +406,52 @@ impl Dispatcher {
             };
             let mut sweep = false;
             let mut runners_changed = false;
+            let mut recount = false;
+            let mut arrived = Vec::new();
             // Take everything already waiting, then act once.
             let mut next = Some(first);
             while let Some(event) = next.take() {
                 match event {
                     Event::Pending(message) => {
+                        let live = caught_up;
                         if message.info().map(|i| i.pending == 0).unwrap_or(false) {
                             caught_up = true;
                         }
-                        view.add_pending(&s.names, &message);
+                        // Arrived while leading: dispatched once its record
+                        // is queued (or after `CONFIRM_WAIT`), and checked
+                        // against its tenant's quota (jobs already waiting
+                        // when this dispatcher took over were checked).
+                        if let Some(job) = view.add_pending(&s.names, &message)
+                            && live
+                        {
+                            if !view.queued.contains_key(&job.0) {
+                                view.unconfirmed.insert(job.0, std::time::Instant::now());
+                            }
+                            arrived.push(job);
+                        }
                     }
-                    Event::Runner(entry) => {
-                        view.update_runner(*entry);
+                    Event::Queued(message) => view.confirm(&s.names, &message),
+                    Event::Load(entry) => {
+                        view.fleet.apply_load(&entry);
                         runners_changed = true;
                     }
-                    Event::Freed => {}
+                    Event::Capabilities(entry) => {
+                        view.fleet.apply_capabilities(&entry);
+                        runners_changed = true;
+                    }
+                    Event::Freed(pool, seq) => {
+                        if let Some(in_flight) = view.in_flight.get_mut(&pool)
+                            && !in_flight.remove(seq)
+                            && in_flight.has_untracked()
+                        {
+                            recount = true;
+                        }
+                    }
+                    Event::Cancelled(job) => {
+                        if let Some(ack) = view.remove_job(&job) {
+                            acknowledge_pending(s, &ack).await?;
+                        }
+                    }
                     Event::Tick => sweep = true,
                     Event::Ended(what) => return Err(DispatchError::Ended(what)),
                 }
@@ -288,9 +460,76 @@ impl Dispatcher {
             if !caught_up {
                 continue;
             }
-            self.pass(&mut view, &pending, &dispatch, sweep || runners_changed)
+            view.quota_checks.extend(arrived);
+            if !view.quota_checks.is_empty() {
+                self.enforce_max_queued(&mut view).await?;
+            }
+            if sweep {
+                ticks += 1;
+                recount |= ticks.is_multiple_of(RECONCILE_TICKS);
+                let jobs = &view.jobs;
+                view.queued
+                    .retain(|job, (_, _, at)| jobs.contains_key(job) || at.elapsed() < QUEUED_KEEP);
+            }
+            if recount {
+                reconcile(s, &dispatch, &mut view).await?;
+            }
+            self.pass(&mut view, &pending, sweep || runners_changed)
                 .await?;
         }
+    }
+
+    /// Fails the newest waiting jobs of tenants over their `max_queued`.
+    /// Fails jobs that arrived while their tenant had `max_queued` waiting,
+    /// once their record exists (their `queued` event was seen, or after
+    /// `CONFIRM_WAIT`): a record written after the failure would bring the
+    /// job back as queued with nothing to dispatch it.
+    async fn enforce_max_queued(&self, view: &mut View) -> Result<(), DispatchError> {
+        let s = &self.scheduler;
+        let checks = std::mem::take(&mut view.quota_checks);
+        for (job, tenant, queued) in checks {
+            if !view.jobs.contains_key(&job) {
+                continue;
+            }
+            if view
+                .unconfirmed
+                .get(&job)
+                .is_some_and(|since| since.elapsed() < CONFIRM_WAIT)
+            {
+                view.quota_checks.push((job, tenant, queued));
+                continue;
+            }
+            let Some(limit) = s.config.limits(&tenant).max_queued else {
+                continue;
+            };
+            if queued <= limit {
+                continue;
+            }
+            metrics::counter!("comfyq_scheduler_rejected_total", "reason" => "max_queued")
+                .increment(1);
+            if s.transition(
+                &tenant,
+                &job,
+                Input::FailQueued {
+                    kind: ErrorKind::Rejected,
+                    message: format!(
+                        "tenant {tenant} already has {} jobs queued (limit {limit})",
+                        queued - 1
+                    ),
+                },
+            )
+            .await?
+            .is_none()
+            {
+                // No record even now (its ingress died before writing it):
+                // the runner that pulls it writes it; no quota for it.
+                continue;
+            }
+            if let Some(ack) = view.remove_job(&job) {
+                acknowledge_pending(s, &ack).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Dispatches what the pools have room for; with `sweep`, also fails jobs
@@ -299,34 +538,40 @@ impl Dispatcher {
         &self,
         view: &mut View,
         pending: &JsStream,
-        dispatch: &JsStream,
         sweep: bool,
     ) -> Result<(), DispatchError> {
         let s = &self.scheduler;
         let now = OffsetDateTime::now_utc();
         let policy = self.policy();
-        let ttl =
-            time::Duration::try_from(s.config.nats.runner_ttl).unwrap_or(time::Duration::ZERO);
-        view.runners.retain(|_, r| now - r.seen_at < ttl);
+        let ttl = s.config.nats.runner_ttl;
+        view.fleet.expire(ttl, now);
+        let live = view.fleet.live(ttl, now);
         let pools: Vec<PoolName> = view.pools.keys().cloned().collect();
+        // Jobs that arrived while leading wait for their `queued` event.
+        let unconfirmed = std::mem::take(&mut view.unconfirmed);
+        let confirmed = |e: &Pending| {
+            unconfirmed
+                .get(&e.job)
+                .is_none_or(|since| since.elapsed() >= CONFIRM_WAIT)
+        };
         for pool in pools {
-            let runners: Vec<LiveRunner> = view
-                .runners
-                .values()
-                .filter(|r| r.view.pool == pool && r.view.ready)
-                .cloned()
+            let runners: Vec<&LiveRunner> = live
+                .iter()
+                .filter(|r| r.load.pool == pool && r.load.ready)
                 .collect();
-            let capable =
-                |e: &Pending| runners.is_empty() || runners.iter().any(|r| r.can_run(&e.needs));
+            let capable = |e: &Pending| {
+                runners.is_empty() || runners.iter().any(|r| r.offer.can_run(&e.needs))
+            };
             if sweep {
-                self.sweep(view, &pool, &capable, pending, now).await?;
+                self.sweep(view, &pool, &capable, now).await?;
             }
-            let running =
-                in_flight(dispatch, &s.names.dispatch_pool_filter(&pool), &s.names).await?;
-            for (tenant, count) in &running {
+            let in_flight = view.in_flight.entry(pool.clone()).or_default();
+            for (tenant, count) in &in_flight.per_tenant {
                 metrics::gauge!("comfyq_scheduler_running_jobs", "pool" => pool.to_string(), "tenant" => tenant.to_string())
                     .set(*count as f64);
             }
+            let running = in_flight.per_tenant.clone();
+            let running_total = in_flight.total();
             let Some(queue) = view.pools.get_mut(&pool) else {
                 continue;
             };
@@ -335,17 +580,17 @@ impl Dispatcher {
             // then DISPATCH also holds that many unpulled jobs for them to see.
             let slots: usize = runners
                 .iter()
-                .filter(|r| r.view.burst_min_pending.is_none())
-                .map(|r| r.view.slots)
+                .filter(|r| r.load.burst_min_pending.is_none())
+                .map(|r| r.load.slots)
                 .sum();
             let burst_slots: usize = runners
                 .iter()
-                .filter(|r| r.view.burst_min_pending.is_some())
-                .map(|r| r.view.slots)
+                .filter(|r| r.load.burst_min_pending.is_some())
+                .map(|r| r.load.slots)
                 .sum();
             let threshold = runners
                 .iter()
-                .filter_map(|r| r.view.burst_min_pending)
+                .filter_map(|r| r.load.burst_min_pending)
                 .max()
                 .unwrap_or(0);
             let burst = if burst_slots > 0 && queue.len() >= threshold {
@@ -353,8 +598,8 @@ impl Dispatcher {
             } else {
                 0
             };
-            let mut capacity = (slots + burst + s.config.dispatch_window)
-                .saturating_sub(running.values().sum::<usize>());
+            let mut capacity =
+                (slots + burst + s.config.dispatch_window).saturating_sub(running_total);
             let last_served = view.served.remove(&pool).unwrap_or_default();
             let mut tenants = Tenants::new(running, last_served);
             // A job only some runners can run goes out only while one of
@@ -362,23 +607,20 @@ impl Dispatcher {
             // and any of them may pull it (one that cannot hands it back).
             let mut taken: HashMap<&str, usize> = HashMap::new();
             let free_capable = |e: &Pending, taken: &HashMap<&str, usize>| {
-                runners.iter().all(|r| r.can_run(&e.needs))
+                runners.iter().all(|r| r.offer.can_run(&e.needs))
                     || runners.iter().any(|r| {
-                        r.can_run(&e.needs)
-                            && r.view.busy + taken.get(r.key.as_str()).copied().unwrap_or(0)
-                                < r.view.slots
+                        r.offer.can_run(&e.needs)
+                            && r.load.busy + taken.get(r.key.as_str()).copied().unwrap_or(0)
+                                < r.load.slots
                     })
             };
             // Pick a batch as if every pick goes out, then send it: the
-            // dispatches of one batch are published in pick order, their
-            // records and events written concurrently. A pick whose record
-            // had moved on (cancelled, dispatched by an earlier leader)
-            // gives its slot back to the next batch.
+            // dispatches of one batch are published in pick order.
             while capacity > 0 {
-                let mut batch: Vec<(Pending, Option<&str>)> = Vec::new();
+                let mut batch: Vec<Pending> = Vec::new();
                 while batch.len() < capacity.min(MAX_BATCH) {
                     let Some(next) = policy::pick(queue, now, &policy, &tenants, |e| {
-                        capable(e) && free_capable(e, &taken)
+                        confirmed(e) && capable(e) && free_capable(e, &taken)
                     })
                     .cloned() else {
                         break;
@@ -386,37 +628,44 @@ impl Dispatcher {
                     if let Some(removed) = queue.remove(next.priority, &next.tenant, next.seq) {
                         view.payload_bytes -= removed.payload.as_ref().map_or(0, |p| p.len());
                     }
+                    view.jobs.remove(&next.job);
+                    if let Some(n) = view.queued_per_tenant.get_mut(&next.tenant) {
+                        *n = n.saturating_sub(1);
+                    }
                     tenants.served(&next.tenant);
-                    let mut runner = None;
-                    if !runners.iter().all(|r| r.can_run(&next.needs))
+                    if !runners.iter().all(|r| r.offer.can_run(&next.needs))
                         && let Some(r) = runners.iter().find(|r| {
-                            r.can_run(&next.needs)
-                                && r.view.busy + taken.get(r.key.as_str()).copied().unwrap_or(0)
-                                    < r.view.slots
+                            r.offer.can_run(&next.needs)
+                                && r.load.busy + taken.get(r.key.as_str()).copied().unwrap_or(0)
+                                    < r.load.slots
                         })
                     {
                         *taken.entry(r.key.as_str()).or_insert(0) += 1;
-                        runner = Some(r.key.as_str());
                     }
-                    batch.push((next, runner));
+                    batch.push(next);
                 }
                 if batch.is_empty() {
                     break;
                 }
                 capacity -= batch.len();
-                let entries: Vec<Pending> = batch.iter().map(|(e, _)| e.clone()).collect();
-                let sent = dispatch_batch(s, pending, &entries, now).await?;
-                for ((entry, runner), went) in batch.into_iter().zip(sent) {
+                let known: Vec<Option<(u64, Box<comfyq_shared::job::JobRecord>)>> = batch
+                    .iter()
+                    .map(|e| view.queued.remove(&e.job).map(|(rev, rec, _)| (rev, rec)))
+                    .collect();
+                let sent = dispatch_batch(s, pending, &batch, known, now).await?;
+                let in_flight = view.in_flight.entry(pool.clone()).or_default();
+                for (entry, seq) in batch.iter().zip(sent) {
                     view.marked.remove(&entry.job);
-                    if went {
-                        continue;
-                    }
-                    capacity += 1;
-                    if let Some(n) = tenants.running.get_mut(&entry.tenant) {
-                        *n = n.saturating_sub(1);
-                    }
-                    if let Some(n) = runner.and_then(|key| taken.get_mut(key)) {
-                        *n = n.saturating_sub(1);
+                    match seq {
+                        Some(seq) => in_flight.add(seq, entry.tenant.clone()),
+                        // Its message was gone or unreadable: the slot is
+                        // still free for the next batch.
+                        None => {
+                            capacity += 1;
+                            if let Some(n) = tenants.running.get_mut(&entry.tenant) {
+                                *n = n.saturating_sub(1);
+                            }
+                        }
                     }
                 }
             }
@@ -424,6 +673,12 @@ impl Dispatcher {
             report_depth(&pool, queue, now);
         }
         view.pools.retain(|_, q| !q.is_empty());
+        let jobs = &view.jobs;
+        view.unconfirmed.extend(
+            unconfirmed
+                .into_iter()
+                .filter(|(job, _)| jobs.contains_key(job)),
+        );
         Ok(())
     }
 
@@ -432,7 +687,6 @@ impl Dispatcher {
         view: &mut View,
         pool: &PoolName,
         capable: &impl Fn(&Pending) -> bool,
-        pending: &JsStream,
         now: OffsetDateTime,
     ) -> Result<(), DispatchError> {
         let s = &self.scheduler;
@@ -469,13 +723,8 @@ impl Dispatcher {
                     Input::FailQueued { kind, message },
                 )
                 .await?;
-                if let Some(queue) = view.pools.get_mut(pool)
-                    && let Some(removed) = queue.remove(entry.priority, &entry.tenant, entry.seq)
-                {
-                    view.payload_bytes -= removed.payload.as_ref().map_or(0, |p| p.len());
-                }
-                view.marked.remove(&entry.job);
-                delete_pending(&s.js, pending, entry.seq).await?;
+                view.remove_job(&entry.job);
+                acknowledge_pending(s, &entry.ack).await?;
                 continue;
             }
             let waiting = !capable(&entry);
@@ -500,9 +749,11 @@ impl Dispatcher {
         pool: &PoolName,
         needs: &Needs,
     ) -> Option<comfyq_shared::capability::Missing> {
-        view.runners
-            .values()
-            .find(|r| &r.view.pool == pool && r.view.ready)
+        let now = OffsetDateTime::now_utc();
+        view.fleet
+            .live(self.scheduler.config.nats.runner_ttl, now)
+            .into_iter()
+            .find(|r| &r.load.pool == pool && r.load.ready)
             .and_then(|r| r.offer.missing(needs))
     }
 
@@ -523,98 +774,193 @@ impl Dispatcher {
 }
 
 impl View {
+    /// Adds a waiting job; returns it, with how many of its tenant's jobs
+    /// now wait, if it is new to the view.
     fn add_pending(
         &mut self,
         names: &comfyq_shared::names::Names,
         message: &async_nats::jetstream::Message,
-    ) {
-        let Ok(info) = message.info() else { return };
+    ) -> Option<(JobId, TenantId, usize)> {
+        let info = message.info().ok()?;
         let Some((pool, priority, tenant)) = names.parse_pending_subject(&message.subject) else {
             tracing::warn!(subject = %message.subject, "pending message on an unknown subject");
-            return;
+            return None;
         };
         let Ok(submit) = serde_json::from_slice::<SubmitJob>(&message.payload) else {
             tracing::warn!(seq = info.stream_sequence, "unreadable pending message");
-            return;
+            return None;
         };
+        let job = submit.spec.id;
+        let seq = info.stream_sequence;
         let entry = Pending {
-            seq: info.stream_sequence,
-            job: submit.spec.id,
-            tenant,
+            seq,
+            job,
+            tenant: tenant.clone(),
             priority,
             enqueued_at: submit.queued_since(),
             needs: std::sync::Arc::new(Needs::of(&submit.spec)),
             // A copy: the delivered payload may share a larger read buffer.
             payload: (self.payload_bytes + message.payload.len() <= PAYLOAD_BUDGET)
                 .then(|| bytes::Bytes::copy_from_slice(&message.payload)),
+            ack: message
+                .reply
+                .as_ref()
+                .map(|r| r.to_string())
+                .unwrap_or_default(),
         };
         let held = entry.payload.as_ref().map_or(0, |p| p.len());
-        if self.pools.entry(pool).or_default().push(entry) {
-            self.payload_bytes += held;
+        let entry_ack = entry.ack.clone();
+        if !self.pools.entry(pool.clone()).or_default().push(entry) {
+            return None;
         }
+        self.payload_bytes += held;
+        let ack = entry_ack;
+        self.jobs
+            .insert(job, (pool, priority, tenant.clone(), seq, ack));
+        let waiting = self.queued_per_tenant.entry(tenant.clone()).or_insert(0);
+        *waiting += 1;
+        Some((job, tenant, *waiting))
     }
 
-    fn update_runner(&mut self, entry: kv::Entry) {
-        if matches!(entry.operation, Operation::Delete | Operation::Purge) {
-            self.runners.remove(&entry.key);
+    /// Notes a `queued` state event: the job's revision to dispatch it at.
+    fn confirm(
+        &mut self,
+        names: &comfyq_shared::names::Names,
+        message: &async_nats::jetstream::Message,
+    ) {
+        let Ok(info) = message.info() else { return };
+        let Some((tenant, job)) = names.parse_event_subject(&message.subject) else {
             return;
-        }
-        match serde_json::from_slice::<RunnerView>(&entry.value) {
-            Ok(view) => {
-                let offer = Offer::new(&view.node_types, &view.models, &view.labels);
-                self.runners.insert(
-                    entry.key.clone(),
-                    LiveRunner {
-                        key: entry.key,
-                        view,
-                        offer,
-                        seen_at: entry.created,
-                    },
+        };
+        let key = names.job_state_filter(&tenant, &job);
+        match comfyq_shared::job_store::decode(&key, &message.payload) {
+            Ok(record) => {
+                self.unconfirmed.remove(&job);
+                if self.queued.len() >= QUEUED_KEPT && !self.queued.contains_key(&job) {
+                    return;
+                }
+                self.queued.insert(
+                    job,
+                    (
+                        info.stream_sequence,
+                        Box::new(record),
+                        std::time::Instant::now(),
+                    ),
                 );
             }
-            Err(error) => {
-                tracing::warn!(key = %entry.key, %error, "unreadable runner registration")
-            }
+            Err(error) => tracing::warn!(%error, "unreadable queued event"),
         }
+    }
+
+    /// Takes a waiting job out of the view; where to acknowledge its
+    /// pending message.
+    fn remove_job(&mut self, job: &JobId) -> Option<String> {
+        let (pool, priority, tenant, seq, ack) = self.jobs.remove(job)?;
+        if let Some(queue) = self.pools.get_mut(&pool)
+            && let Some(removed) = queue.remove(priority, &tenant, seq)
+        {
+            self.payload_bytes -= removed.payload.as_ref().map_or(0, |p| p.len());
+        }
+        if let Some(n) = self.queued_per_tenant.get_mut(&tenant) {
+            *n = n.saturating_sub(1);
+        }
+        self.marked.remove(job);
+        self.queued.remove(job);
+        self.unconfirmed.remove(job);
+        Some(ack)
     }
 }
 
-/// Jobs in flight per tenant: dispatch messages of the pool not yet acked.
-async fn in_flight(
-    dispatch: &JsStream,
-    filter: &str,
+/// `(pool, stream sequence)` of an acknowledgement's subject:
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.…`, or the newer
+/// form with domain and account hash before the stream.
+fn parse_ack_subject(
     names: &comfyq_shared::names::Names,
-) -> Result<HashMap<TenantId, usize>, DispatchError> {
-    let mut subjects = dispatch.info_with_subjects(filter).await.map_err(nats)?;
-    let mut running = HashMap::new();
+    subject: &str,
+) -> Option<(PoolName, u64)> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let stream = names.dispatch_stream();
+    let at = tokens.iter().position(|t| *t == stream)?;
+    let pool = PoolName::new(tokens.get(at + 1)?.strip_prefix("dispatch-")?).ok()?;
+    let seq = tokens.get(at + 3)?.parse().ok()?;
+    Some((pool, seq))
+}
+
+/// What DISPATCH holds per pool and tenant (its subject counts).
+async fn stored_in_flight(
+    s: &Scheduler,
+    dispatch: &JsStream,
+) -> Result<HashMap<PoolName, HashMap<TenantId, usize>>, DispatchError> {
+    let mut subjects = dispatch
+        .info_with_subjects(format!("{}.dispatch.>", s.names.prefix()))
+        .await
+        .map_err(nats)?;
+    let mut stored: HashMap<PoolName, HashMap<TenantId, usize>> = HashMap::new();
     while let Some(item) = subjects.next().await {
         let (subject, count) = item.map_err(nats)?;
-        if let Some((_, _, tenant)) = names.parse_dispatch_subject(&subject) {
-            *running.entry(tenant).or_insert(0) += count;
+        if let Some((pool, _, tenant)) = s.names.parse_dispatch_subject(&subject) {
+            *stored.entry(pool).or_default().entry(tenant).or_insert(0) += count;
         }
     }
-    Ok(running)
+    Ok(stored)
 }
 
-/// What a picked job needs before its dispatch is sent.
-enum Prepared {
-    /// Its record still waits: dispatch it as attempt `attempt`.
-    Dispatch {
-        spec: Box<comfyq_shared::job::JobSpec>,
-        attempt: u32,
-        known: Box<Versioned>,
-    },
-    /// Gone, unreadable, or its record moved on: only delete the message.
-    Skip,
-}
-
-/// Its payload (kept in the view, else read back) and its record.
-async fn prepare(
+/// Counts what is in flight from DISPATCH: at the start of a leadership,
+/// after an acknowledgement of a message this leader did not track, and
+/// every `RECONCILE_TICKS` (a message the scheduler deleted as exhausted
+/// sends no acknowledgement). A tracked message DISPATCH no longer holds is
+/// found by reading it back (only when the counts disagree).
+async fn reconcile(
     s: &Scheduler,
+    dispatch: &JsStream,
+    view: &mut View,
+) -> Result<(), DispatchError> {
+    let stored = stored_in_flight(s, dispatch).await?;
+    let pools: HashSet<PoolName> = stored
+        .keys()
+        .chain(view.in_flight.keys())
+        .cloned()
+        .collect();
+    let none = HashMap::new();
+    for pool in pools {
+        let counts = stored.get(&pool).unwrap_or(&none);
+        let in_flight = view.in_flight.entry(pool).or_default();
+        let over: Vec<TenantId> = in_flight
+            .per_tenant
+            .keys()
+            .filter(|t| in_flight.tracked(t) > counts.get(*t).copied().unwrap_or(0))
+            .cloned()
+            .collect();
+        if !over.is_empty() {
+            let suspects: Vec<u64> = in_flight
+                .by_seq
+                .iter()
+                .filter(|(_, t)| over.contains(t))
+                .map(|(seq, _)| *seq)
+                .collect();
+            for seq in suspects {
+                match dispatch.get_raw_message(seq).await {
+                    Ok(_) => {}
+                    Err(e)
+                        if e.kind()
+                            == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+                    {
+                        in_flight.remove(seq);
+                    }
+                    Err(e) => return Err(nats(e)),
+                }
+            }
+        }
+        in_flight.set_counts(counts);
+    }
+    Ok(())
+}
+
+/// The `SubmitJob` of a picked job: kept in the view, else read back.
+async fn payload_of(
     pending: &JsStream,
     entry: &Pending,
-    now: OffsetDateTime,
-) -> Result<Prepared, DispatchError> {
+) -> Result<Option<SubmitJob>, DispatchError> {
     let payload = match &entry.payload {
         Some(payload) => payload.clone(),
         None => match pending.get_raw_message(entry.seq).await {
@@ -623,88 +969,59 @@ async fn prepare(
                 if e.kind()
                     == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
             {
-                return Ok(Prepared::Skip);
+                return Ok(None);
             }
             Err(e) => return Err(nats(e)),
         },
     };
-    let Ok(submit) = serde_json::from_slice::<SubmitJob>(&payload) else {
-        return Ok(Prepared::Skip);
-    };
-    // Attempts keep counting after an operator's requeue.
-    match s
-        .jobs
-        .get(&entry.tenant, &entry.job)
-        .await
-        .map_err(HandleError::from)?
-    {
-        Some(current)
-            if matches!(
-                current.record.status,
-                JobStatus::Accepted | JobStatus::Queued
-            ) =>
-        {
-            let waited = (now - entry.enqueued_at).as_seconds_f64().max(0.0);
-            metrics::histogram!("comfyq_scheduler_queue_wait_seconds", "priority" => entry.priority.as_str())
-                .record(waited);
-            Ok(Prepared::Dispatch {
-                attempt: current.record.attempt + 1,
-                spec: Box::new(submit.spec),
-                known: Box::new(current),
-            })
-        }
-        _ => Ok(Prepared::Skip),
-    }
+    Ok(serde_json::from_slice::<SubmitJob>(&payload).ok())
 }
 
-/// Moves held jobs to DISPATCH if their records still wait; returns, per
-/// entry, whether it took a slot. Each pending message goes either way,
-/// after its dispatch is stored and recorded.
+/// Moves picked jobs to DISPATCH; returns, per entry, the stream sequence
+/// of its dispatch message (`None`: its pending message was gone or
+/// unreadable). Each pending message is acknowledged once its dispatch is stored.
 async fn dispatch_batch(
     s: &Scheduler,
     pending: &JsStream,
     entries: &[Pending],
+    known: Vec<Option<(u64, Box<comfyq_shared::job::JobRecord>)>>,
     now: OffsetDateTime,
-) -> Result<Vec<bool>, DispatchError> {
+) -> Result<Vec<Option<u64>>, DispatchError> {
     use futures::TryStreamExt;
-    // Futures collected first: a lazy `map` closure here trips the
-    // compiler's `Send` inference for the spawned dispatcher task.
-    let reads: Vec<_> = entries
-        .iter()
-        .map(|e| Box::pin(prepare(s, pending, e, now)))
-        .collect();
-    let prepared: Vec<Prepared> = futures::stream::iter(reads)
-        .buffered(DISPATCH_CONCURRENCY)
-        .try_collect()
-        .await?;
     // Sent in pick order without waiting for each ack: one connection keeps
     // the order, so DISPATCH holds them as picked.
-    let mut started = Vec::with_capacity(prepared.len());
-    for job in prepared {
-        started.push(match job {
-            Prepared::Dispatch {
-                spec,
-                attempt,
-                known,
-            } => Some((s.start_dispatch(*spec, attempt).await?, *known)),
-            Prepared::Skip => None,
-        });
+    let mut started = Vec::with_capacity(entries.len());
+    for (entry, known) in entries.iter().zip(known) {
+        let Some(submit) = payload_of(pending, entry).await? else {
+            started.push(None);
+            continue;
+        };
+        let waited = (now - entry.enqueued_at).as_seconds_f64().max(0.0);
+        metrics::histogram!("comfyq_scheduler_queue_wait_seconds", "priority" => entry.priority.as_str())
+            .record(waited);
+        let created_at = submit.spec.created_at;
+        let ack = s.start_dispatch(submit, known).await?;
+        started.push(Some((ack, created_at)));
     }
     let writes: Vec<_> = entries
         .iter()
         .zip(started)
         .map(|(entry, job)| {
             Box::pin(async move {
-                let went = match job {
-                    Some(((dispatch, ack), known)) => {
-                        ack.await.map_err(nats)?;
-                        s.dispatched(&dispatch, Some(known)).await?;
-                        true
+                let seq = match job {
+                    Some((ack, created_at)) => {
+                        let ack = ack.await.map_err(nats)?;
+                        let latency = (OffsetDateTime::now_utc() - created_at)
+                            .as_seconds_f64()
+                            .max(0.0);
+                        metrics::histogram!("comfyq_scheduler_dispatch_latency_seconds", "priority" => entry.priority.as_str())
+                            .record(latency);
+                        Some(ack.sequence)
                     }
-                    None => false,
+                    None => None,
                 };
-                delete_pending(&s.js, pending, entry.seq).await?;
-                Ok::<bool, DispatchError>(went)
+                acknowledge_pending(s, &entry.ack).await?;
+                Ok::<Option<u64>, DispatchError>(seq)
             })
         })
         .collect();
@@ -714,25 +1031,50 @@ async fn dispatch_batch(
         .await
 }
 
-async fn delete_pending(
-    js: &async_nats::jetstream::Context,
-    pending: &JsStream,
-    seq: u64,
-) -> Result<(), DispatchError> {
-    // async-nats' `delete_message` asks for the server's default secure erase,
-    // which rewrites the message block on disk for every delete: in a profile of
-    // the throughput load test it was the largest single cost of nats-server.
-    // The pending message holds nothing secret, so a plain delete.
-    let subject = format!("STREAM.MSG.DELETE.{}", pending.cached_info().config.name);
-    let request = serde_json::json!({"seq": seq, "no_erase": true});
-    let response: Response<serde_json::Value> =
-        js.request(subject, &request).await.map_err(nats)?;
-    match response {
-        Response::Ok(_) => Ok(()),
-        // Already deleted (by an earlier leader, or a retried pass).
-        Response::Err { error } if error.error_code() == ErrorCode::NO_MESSAGE_FOUND => Ok(()),
-        Response::Err { error } => Err(nats(error)),
+/// Acknowledges a pending message: the work queue removes it. One message,
+/// no reply: if it is lost (a reconnect), the next leader dispatches the job
+/// again, which DISPATCH's deduplication and the runner's claim absorb.
+async fn acknowledge_pending(s: &Scheduler, ack: &str) -> Result<(), DispatchError> {
+    if ack.is_empty() {
+        return Ok(());
     }
+    s.client
+        .publish(ack.to_owned(), "+ACK".into())
+        .await
+        .map_err(nats)
+}
+
+/// The dispatcher's consumer of the pending stream, made anew: it delivers
+/// every job not yet acknowledged. Jobs wait as long as they must, so they
+/// stay unacknowledged for long (a redelivery after `PENDING_ACK_WAIT` is
+/// recognised by its sequence and ignored).
+async fn recreate_pending_consumer(
+    s: &Scheduler,
+    pending: &JsStream,
+) -> Result<consumer::PullConsumer, DispatchError> {
+    let name = s.names.dispatcher_consumer();
+    match pending.delete_consumer(&name).await {
+        Ok(_) => {}
+        Err(error)
+            if matches!(
+                error.kind(),
+                async_nats::jetstream::stream::ConsumerErrorKind::JetStream(ref e)
+                    if e.error_code() == ErrorCode::CONSUMER_NOT_FOUND
+            ) => {}
+        Err(error) => return Err(nats(error)),
+    }
+    pending
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name),
+            description: Some("comfyq dispatcher: jobs waiting for a slot".to_owned()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: PENDING_ACK_WAIT,
+            max_ack_pending: PENDING_MAX_HELD,
+            num_replicas: s.config.nats.replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(nats)
 }
 
 fn report_depth(pool: &PoolName, queue: &PoolQueue, now: OffsetDateTime) {
@@ -746,5 +1088,56 @@ fn report_depth(pool: &PoolName, queue: &PoolQueue, now: OffsetDateTime) {
         metrics::gauge!("comfyq_scheduler_queue_depth", &labels).set(count as f64);
         let oldest = oldest.map_or(0.0, |o| (now - o).as_seconds_f64().max(0.0));
         metrics::gauge!("comfyq_scheduler_oldest_wait_seconds", &labels).set(oldest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_subjects_of_both_forms_name_pool_and_sequence() {
+        let names = comfyq_shared::names::Names::default();
+        let pool = PoolName::new("gpu").expect("valid");
+        assert_eq!(
+            parse_ack_subject(
+                &names,
+                "$JS.ACK.COMFYQ_DISPATCH.dispatch-gpu.1.42.7.1700000000.0"
+            ),
+            Some((pool.clone(), 42))
+        );
+        assert_eq!(
+            parse_ack_subject(
+                &names,
+                "$JS.ACK.hub.ACCHASH.COMFYQ_DISPATCH.dispatch-gpu.2.43.8.1700000000.0.token"
+            ),
+            Some((pool, 43))
+        );
+        assert_eq!(parse_ack_subject(&names, "$JS.ACK.OTHER.x.1.2.3.4.5"), None);
+    }
+
+    #[test]
+    fn in_flight_counts_follow_adds_and_removals() {
+        let mut in_flight = InFlight::default();
+        let a = TenantId::new("a").expect("valid");
+        let b = TenantId::new("b").expect("valid");
+        in_flight.add(1, a.clone());
+        in_flight.add(1, a.clone());
+        in_flight.add(2, a.clone());
+        assert_eq!(
+            (in_flight.total(), in_flight.per_tenant.get(&a)),
+            (2, Some(&2))
+        );
+        assert!(in_flight.remove(1));
+        assert!(!in_flight.remove(1));
+        // The stream holds one of a's (tracked) and three of b's (an
+        // earlier leader's).
+        in_flight.set_counts(&HashMap::from([(a.clone(), 1), (b.clone(), 3)]));
+        assert!(in_flight.has_untracked());
+        assert_eq!(in_flight.total(), 4);
+        assert!(in_flight.remove(2));
+        assert_eq!(in_flight.per_tenant.get(&a), None);
+        in_flight.set_counts(&HashMap::new());
+        assert!(in_flight.per_tenant.is_empty() && !in_flight.has_untracked());
     }
 }

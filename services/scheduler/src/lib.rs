@@ -1,12 +1,15 @@
 //! comfyq scheduler: the one writer of job records.
 //!
 //! - [`config`]: typed configuration.
-//! - [`machine`]: the job state machine as a pure function.
 //! - [`policy`]: which held job goes next (priority, ageing, fairness, limits), pure.
-//! - [`service`]: message handlers (submit, report, cancel, exhausted deliveries
-//!   and dead letters, operators' requeues).
-//! - [`dispatcher`]: decide-late dispatch from the PENDING stream, by the lease holder.
+//! - [`service`]: command handlers (cancel, exhausted deliveries and dead
+//!   letters, operators' requeues).
+//! - [`dispatcher`]: decide-late dispatch of waiting jobs, by the lease holder.
 //! - [`lease`]: the KV lease that elects one dispatching scheduler.
+//!
+//! The job state machine itself is `comfyq_shared::machine`: ingress and
+//! runners write a job's record themselves, so the scheduler is off the
+//! path of a job that meets no trouble, except for dispatching it.
 //!
 //! [`run`] provisions NATS, consumes the JOBS stream and the captured
 //! advisories, and competes for the dispatcher lease, until shutdown.
@@ -14,9 +17,7 @@
 pub mod config;
 pub mod dispatcher;
 pub mod lease;
-pub mod machine;
 pub mod policy;
-mod recent;
 pub mod service;
 
 use async_nats::jetstream::consumer;
@@ -24,16 +25,12 @@ use comfyq_shared::connection;
 use comfyq_shared::consume::run_consumer;
 use comfyq_shared::job_store::JobStore;
 use comfyq_shared::provision::{self, ensure_pull_consumer};
-use comfyq_shared::publisher::EventPublisher;
 use std::sync::Arc;
 
 use crate::dispatcher::Dispatcher;
 use crate::lease::Lease;
 use tokio_util::sync::CancellationToken;
 
-/// Records kept for the next input of their jobs: about the jobs in flight
-/// (a few KiB each).
-const RECENT_RECORDS: usize = 4096;
 use tokio_util::task::TaskTracker;
 
 pub use config::SchedulerConfig;
@@ -75,18 +72,14 @@ pub async fn run(
         ..Default::default()
     };
     let jobs_stream = names.jobs_stream();
-    let submit = ensure_pull_consumer(
-        &js,
-        &jobs_stream,
-        consumer_for(names.scheduler_submit_consumer(), names.submit_subject()),
-    )
-    .await?;
-    let report = ensure_pull_consumer(
-        &js,
-        &jobs_stream,
-        consumer_for(names.scheduler_report_consumer(), names.report_subject()),
-    )
-    .await?;
+    // Submissions and reports went through the scheduler before 0.2.
+    if let Ok(stream) = js.get_stream(&jobs_stream).await {
+        for legacy in names.legacy_scheduler_consumers() {
+            if stream.delete_consumer(&legacy).await.is_ok() {
+                tracing::info!(consumer = %legacy, "deleted a consumer of an earlier version");
+            }
+        }
+    }
     let cancel = ensure_pull_consumer(
         &js,
         &jobs_stream,
@@ -117,16 +110,15 @@ pub async fn run(
     let scheduler = Scheduler {
         js: js.clone(),
         client: client.clone(),
-        jobs: JobStore::new(shared.jobs, names.clone()),
-        events: EventPublisher::new(js.clone(), names.clone()),
+        jobs: JobStore::new(js.clone(), client.clone(), shared.events, names.clone()),
         dead_letters: shared.dead_letters,
         config: config.clone(),
         names: names.clone(),
-        recent: Arc::new(recent::RecentRecords::new(RECENT_RECORDS)),
     };
     let dispatcher = Dispatcher {
         scheduler: scheduler.clone(),
         runners: shared.runners,
+        capabilities: shared.capabilities,
         lease: Lease {
             kv: shared.scheduler,
             key: names.dispatcher_lease_key(),
@@ -138,32 +130,6 @@ pub async fn run(
 
     let tasks = TaskTracker::new();
     let concurrency = config.concurrency;
-    {
-        let s = scheduler.clone();
-        tasks.spawn(run_consumer(
-            "scheduler-submit",
-            submit,
-            concurrency,
-            shutdown.clone(),
-            move |m| {
-                let s = s.clone();
-                async move { s.on_submit(m).await }
-            },
-        ));
-    }
-    {
-        let s = scheduler.clone();
-        tasks.spawn(run_consumer(
-            "scheduler-report",
-            report,
-            concurrency,
-            shutdown.clone(),
-            move |m| {
-                let s = s.clone();
-                async move { s.on_report(m).await }
-            },
-        ));
-    }
     {
         let s = scheduler.clone();
         tasks.spawn(run_consumer(

@@ -40,6 +40,8 @@ pub struct Pending {
     /// delivered it, kept while the dispatcher's payload budget lasts so the
     /// dispatch need not read the message back; `None`: read it by `seq`.
     pub payload: Option<bytes::Bytes>,
+    /// Where to acknowledge the pending message (which removes it).
+    pub ack: String,
 }
 
 /// The pending jobs of one pool, one FIFO lane per priority and tenant.
@@ -237,6 +239,7 @@ mod tests {
             enqueued_at: now - time::Duration::seconds(age_s),
             needs: Default::default(),
             payload: None,
+            ack: String::new(),
         }
     }
 

@@ -1,28 +1,23 @@
-//! The scheduler's message handlers: submissions, runner reports,
-//! cancellations, exhausted deliveries (dead letters) and operators'
-//! requeues, each turned into a state transition written with
-//! compare-and-set and announced as an event.
+//! The scheduler's command handlers: cancellations, exhausted deliveries
+//! (dead letters) and operators' requeues, each turned into a state change
+//! of the job's record (compare-and-set, [`JobStore::apply`]). Submissions
+//! and runners' reports do not come here: ingress and runners write the
+//! record themselves.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, Message};
 use comfyq_shared::consume::{Outcome, acknowledge};
 use comfyq_shared::dead_letter::DeadLetter;
-use comfyq_shared::event::Event;
-use comfyq_shared::job::{ErrorKind, JobRecord, JobSpec, JobStatus, SCHEMA_VERSION};
-use comfyq_shared::job_store::{JobStore, JobStoreError, Versioned};
-use comfyq_shared::messages::{
-    AttemptOutcome, CancelJob, DispatchJob, RetryJob, RunnerReport, SubmitJob,
-};
+use comfyq_shared::job::{ErrorKind, JobRecord, JobStatus, SCHEMA_VERSION};
+use comfyq_shared::job_store::{Applied, JobStore, JobStoreError};
+use comfyq_shared::machine::{self, Input, Transition};
+use comfyq_shared::messages::{CancelJob, DispatchJob, RetryJob, SubmitJob};
 use comfyq_shared::names::Names;
-use comfyq_shared::publisher::EventPublisher;
 use comfyq_shared::{JobId, TenantId};
-use futures::StreamExt;
 use serde::Deserialize;
 use time::OffsetDateTime;
 use tracing::Instrument;
-
-use crate::machine::{self, Input, Transition};
 
 /// Retry delay after a transient NATS failure while handling a message.
 const TRANSIENT_RETRY: Duration = Duration::from_millis(500);
@@ -42,117 +37,40 @@ pub struct Scheduler {
     pub(crate) client: async_nats::Client,
     pub(crate) names: Names,
     pub(crate) jobs: JobStore,
-    pub(crate) events: EventPublisher,
     /// Jobs whose attempts ran out, with their specs (`comfyq_dead_letters`).
     pub(crate) dead_letters: jetstream::kv::Store,
     pub(crate) config: std::sync::Arc<crate::SchedulerConfig>,
-    /// The records this scheduler wrote last (a read saved per input).
-    pub(crate) recent: std::sync::Arc<crate::recent::RecentRecords>,
-}
-
-/// What applying an input left.
-enum Applied {
-    /// The record changed (or the change was already stored): its event is due.
-    Changed(JobRecord),
-    /// The input did not apply.
-    Unchanged(JobRecord),
 }
 
 impl Scheduler {
-    /// Applies `input` to the job's record until the write wins or the
-    /// input no longer applies; publishes the resulting state's event.
-    /// Returns the record as it now stands.
+    /// Applies `input` to the job's record (reading it first); returns the
+    /// record as it now stands, if the job exists. A change that leaves a
+    /// cancel to carry out tells the runner holding the job, and the
+    /// dispatcher holding it back.
     pub async fn transition(
         &self,
         tenant: &TenantId,
         job: &JobId,
         input: Input<'_>,
     ) -> Result<Option<JobRecord>, HandleError> {
-        let recent = self.recent.get(job);
-        self.transition_from(tenant, job, input, recent).await
-    }
-
-    /// [`Self::transition`] starting from a record the caller has just read
-    /// (saving a read); a stale one only costs a CAS conflict and a re-read.
-    pub(crate) async fn transition_from(
-        &self,
-        tenant: &TenantId,
-        job: &JobId,
-        input: Input<'_>,
-        known: Option<Versioned>,
-    ) -> Result<Option<JobRecord>, HandleError> {
-        match self.apply_from(tenant, job, input, known).await? {
-            Some(Applied::Changed(record)) => {
-                self.announce(&record).await?;
-                Ok(Some(record))
-            }
-            Some(Applied::Unchanged(record)) => Ok(Some(record)),
-            None => Ok(None),
+        let applied = self.jobs.apply(tenant, job, &input, None).await?;
+        match &applied {
+            Applied::Changed(current) => self.nudge(&current.record).await?,
+            // A redelivered command: the write is there, its webhook item
+            // may not be (a repeat is deduplicated).
+            Applied::Already(current) => self.jobs.hook(&current.record, current.revision).await?,
+            Applied::Ignored(..) | Applied::Missing => {}
         }
+        Ok(applied.current().map(|v| v.record.clone()))
     }
 
-    /// The write of [`Self::transition_from`] without its event, which the
-    /// caller publishes ([`Self::announce`]), e.g. alongside its next write.
-    async fn apply_from(
-        &self,
-        tenant: &TenantId,
-        job: &JobId,
-        input: Input<'_>,
-        mut known: Option<Versioned>,
-    ) -> Result<Option<Applied>, HandleError> {
-        loop {
-            // A record handed in may be stale: a write from it is checked
-            // by its compare-and-set, but a decision not to write is only
-            // taken from a fresh read.
-            let (current, fresh) = match known.take() {
-                Some(current) => (current, false),
-                None => match self.jobs.get(tenant, job).await? {
-                    Some(current) => (current, true),
-                    None => {
-                        tracing::warn!(%job, "no record for job; input dropped");
-                        return Ok(None);
-                    }
-                },
-            };
-            match machine::next(&current.record, &input, OffsetDateTime::now_utc()) {
-                Transition::Apply(new) => match self.jobs.update(&new, current.revision).await {
-                    Ok(revision) => {
-                        metrics::counter!("comfyq_scheduler_transitions_total", "status" => new.status.as_str())
-                            .increment(1);
-                        self.recent.remember(Versioned {
-                            record: (*new).clone(),
-                            revision,
-                        });
-                        return Ok(Some(Applied::Changed(*new)));
-                    }
-                    Err(JobStoreError::Conflict(_)) => {
-                        self.recent.forget(job);
-                        continue;
-                    }
-                    Err(e) => return Err(e.into()),
-                },
-                _ if !fresh => self.recent.forget(job),
-                // A crash may have come between the write and the event:
-                // publish again (deduplicated by the event's derived id).
-                Transition::AlreadyApplied => return Ok(Some(Applied::Changed(current.record))),
-                Transition::Ignore(reason) => {
-                    tracing::debug!(%job, reason, "input ignored");
-                    return Ok(Some(Applied::Unchanged(current.record)));
-                }
-            }
-        }
-    }
-
-    async fn announce(&self, record: &JobRecord) -> Result<(), HandleError> {
-        self.events
-            .publish(&Event::for_state(record))
-            .await
-            .map_err(|e| HandleError::Nats(e.into()))?;
+    async fn nudge(&self, record: &JobRecord) -> Result<(), HandleError> {
         if record.cancel_requested
             && matches!(record.status, JobStatus::Running | JobStatus::Cancelled)
         {
-            // Tell whichever runner holds it; the record stays the truth if
-            // nobody hears this (the runner checks it while running).
+            // Tell whichever runner holds it (or the dispatcher, if it still
+            // waits); the record stays the truth if nobody hears this (the
+            // runner checks it while running, and before running).
             self.client
                 .publish(
                     self.names.runner_cancel_subject(&record.id),
@@ -164,154 +82,24 @@ impl Scheduler {
         Ok(())
     }
 
-    pub async fn on_submit(&self, message: Message) {
-        let outcome = match parse::<SubmitJob>(&message) {
-            Some(submit) => {
-                let span = tracing::info_span!("submit", job_id = %submit.spec.id, tenant = %submit.spec.tenant);
-                self.handle_submit(submit).instrument(span).await
-            }
-            None => Outcome::Reject,
-        };
-        acknowledge(&message, outcome).await;
-    }
-
-    async fn handle_submit(&self, submit: SubmitJob) -> Outcome {
-        match self.submit(submit).await {
-            Ok(()) => Outcome::Ack,
-            Err(error) => {
-                tracing::warn!(error = %error, "submission not handled yet; will retry");
-                Outcome::Retry(Some(TRANSIENT_RETRY))
-            }
-        }
-    }
-
-    async fn submit(&self, submit: SubmitJob) -> Result<(), HandleError> {
-        let spec = &submit.spec;
-        // Ingress normally creates the record; create it here if it could not.
-        let (before, mut known) = match self.jobs.get(&spec.tenant, &spec.id).await? {
-            Some(current) => (current.record.clone(), Some(current)),
-            None => {
-                let record = JobRecord::accepted(spec);
-                let known = match self.jobs.create(&record).await {
-                    Ok(revision) => {
-                        self.announce(&record).await?;
-                        Some(Versioned {
-                            record: record.clone(),
-                            revision,
-                        })
-                    }
-                    Err(JobStoreError::Conflict(_)) => None,
-                    Err(e) => return Err(e.into()),
-                };
-                (record, known)
-            }
-        };
-        if before.status == JobStatus::Accepted
-            && let Some(limit) = self.config.limits(&spec.tenant).max_queued
-        {
-            let queued = self.tenant_pending(&spec.tenant).await?;
-            if queued >= limit {
-                metrics::counter!("comfyq_scheduler_rejected_total", "reason" => "max_queued")
-                    .increment(1);
-                self.transition_from(
-                    &spec.tenant,
-                    &spec.id,
-                    Input::FailQueued {
-                        kind: ErrorKind::Rejected,
-                        message: format!(
-                            "tenant {} already has {queued} jobs queued (limit {limit})",
-                            spec.tenant
-                        ),
-                    },
-                    known,
-                )
-                .await?;
-                return Ok(());
-            }
-        }
-        // The record just read (the usual case: ingress created it) saves
-        // the transition a second read.
-        let (record, changed) = match self
-            .apply_from(&spec.tenant, &spec.id, Input::Queue, known.take())
-            .await?
-        {
-            Some(Applied::Changed(record)) => (record, true),
-            Some(Applied::Unchanged(record)) => (record, false),
-            None => return Ok(()),
-        };
-        if record.status != JobStatus::Queued {
-            if changed {
-                self.announce(&record).await?;
-            }
-            return Ok(());
-        }
-        // Held back until the dispatcher gives it a slot. A redelivered
-        // submission republishes it; the job id deduplicates that, and the
-        // dispatcher skips a pending job whose record has moved on. The
-        // `queued` event goes out at the same time: neither waits for the
-        // other's acknowledgement.
-        let hold = self.hold(&submit, spec.id.to_string());
-        if changed {
-            tokio::try_join!(self.announce(&record), hold)?;
-            Ok(())
-        } else {
-            hold.await
-        }
-    }
-
-    /// Puts a queued job in PENDING for the dispatcher (`message_id`
-    /// deduplicates a republish).
-    async fn hold(&self, submit: &SubmitJob, message_id: String) -> Result<(), HandleError> {
-        let spec = &submit.spec;
-        let subject = self
-            .names
-            .pending_subject(&spec.pool, spec.priority, &spec.tenant);
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
-        let payload = serde_json::to_vec(submit).map_err(|e| HandleError::Nats(e.into()))?;
-        self.js
-            .publish_with_headers(subject, headers, payload.into())
-            .await
-            .map_err(|e| HandleError::Nats(e.into()))?
-            .await
-            .map_err(|e| HandleError::Nats(e.into()))?;
-        Ok(())
-    }
-
-    /// Jobs of `tenant` held in the pending stream, in any pool.
-    async fn tenant_pending(&self, tenant: &TenantId) -> Result<usize, HandleError> {
-        let stream = self
-            .js
-            .get_stream(self.names.pending_stream())
-            .await
-            .map_err(|e| HandleError::Nats(e.into()))?;
-        let mut subjects = stream
-            .info_with_subjects(self.names.tenant_pending_filter(tenant))
-            .await
-            .map_err(|e| HandleError::Nats(e.into()))?;
-        let mut total = 0;
-        while let Some(item) = subjects.next().await {
-            let (_, count) = item.map_err(|e| HandleError::Nats(e.into()))?;
-            total += count;
-        }
-        Ok(total)
-    }
-
     /// Starts publishing a held job to its pool's runners, its next
     /// delivery being attempt `attempt` (1, or more after a requeue). The
     /// message id makes a second publish by another scheduler a no-op.
     /// Publishes queue on the connection in call order, so a batch started
-    /// in pick order reaches DISPATCH in that order; await the returned ack,
-    /// then [`Self::dispatched`].
+    /// in pick order reaches DISPATCH in that order; await the returned ack.
     pub(crate) async fn start_dispatch(
         &self,
-        spec: JobSpec,
-        attempt: u32,
-    ) -> Result<(DispatchJob, jetstream::context::PublishAckFuture), HandleError> {
+        submit: SubmitJob,
+        queued: Option<(u64, Box<JobRecord>)>,
+    ) -> Result<jetstream::context::PublishAckFuture, HandleError> {
+        let (queued_revision, queued) = queued.unzip();
         let dispatch = DispatchJob {
             v: SCHEMA_VERSION,
-            attempt,
-            spec,
+            attempt: submit.attempt,
+            spec: submit.spec,
+            queued_revision,
+            queued,
+            dispatched_at: Some(OffsetDateTime::now_utc()),
         };
         let subject = self.names.dispatch_subject(
             &dispatch.spec.pool,
@@ -324,73 +112,10 @@ impl Scheduler {
             dispatch.message_id().as_str(),
         );
         let payload = serde_json::to_vec(&dispatch).map_err(|e| HandleError::Nats(e.into()))?;
-        let ack = self
-            .js
+        self.js
             .publish_with_headers(subject, headers, payload.into())
             .await
-            .map_err(|e| HandleError::Nats(e.into()))?;
-        Ok((dispatch, ack))
-    }
-
-    /// The dispatch message is stored (runners with a free slot have a pull
-    /// request waiting, so the server hands it to one): record `dispatched`
-    /// (CAS, from `known` if given), then its event.
-    pub(crate) async fn dispatched(
-        &self,
-        dispatch: &DispatchJob,
-        known: Option<Versioned>,
-    ) -> Result<(), HandleError> {
-        self.transition_from(
-            &dispatch.spec.tenant,
-            &dispatch.spec.id,
-            Input::Dispatch {
-                attempt: dispatch.attempt,
-            },
-            known,
-        )
-        .await?;
-        let wait = (OffsetDateTime::now_utc() - dispatch.spec.created_at)
-            .as_seconds_f64()
-            .max(0.0);
-        metrics::histogram!("comfyq_scheduler_dispatch_latency_seconds", "priority" => dispatch.spec.priority.as_str())
-            .record(wait);
-        Ok(())
-    }
-
-    pub async fn on_report(&self, message: Message) {
-        let outcome = match parse::<RunnerReport>(&message) {
-            Some(report) => {
-                let span = tracing::info_span!(
-                    "report",
-                    job_id = %report.job_id,
-                    attempt = report.attempt,
-                    outcome = report.outcome.token()
-                );
-                match self
-                    .transition(&report.tenant, &report.job_id, Input::Report(&report))
-                    .instrument(span)
-                    .await
-                {
-                    Ok(_) => {
-                        if let AttemptOutcome::Failed {
-                            retrying: true,
-                            error,
-                        } = &report.outcome
-                        {
-                            metrics::counter!("comfyq_scheduler_retries_total", "kind" => error_kind(error.kind))
-                                .increment(1);
-                        }
-                        Outcome::Ack
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "report not applied yet; will retry");
-                        Outcome::Retry(Some(TRANSIENT_RETRY))
-                    }
-                }
-            }
-            None => Outcome::Reject,
-        };
-        acknowledge(&message, outcome).await;
+            .map_err(|e| HandleError::Nats(e.into()))
     }
 
     pub async fn on_cancel(&self, message: Message) {
@@ -454,6 +179,7 @@ impl Scheduler {
         };
         let Ok(dispatch) = serde_json::from_slice::<DispatchJob>(&raw.payload) else {
             tracing::warn!(seq = advisory.stream_seq, "unreadable dispatch message");
+            // Malformed: nothing to fail, and it must leave the work queue.
             let _ = stream.delete_message(advisory.stream_seq).await;
             return Ok(());
         };
@@ -467,7 +193,7 @@ impl Scheduler {
             )
             .instrument(span)
             .await?;
-        // Failed now, or already by the runner's report of its last
+        // Failed now, or already by the runner's own write of its last
         // (retryable) attempt: keep the spec for an operator's requeue.
         if let Some(record) = record
             && record.status == JobStatus::Failed
@@ -545,29 +271,41 @@ impl Scheduler {
             // Requeued already (a redelivered request), or never dead-lettered.
             None => return Ok(()),
         };
-        let Some(record) = self
-            .transition(
-                &retry.tenant,
-                &retry.job_id,
-                Input::Requeue {
-                    from: retry.requeues,
-                },
-            )
-            .await?
-        else {
-            return Ok(());
+        let input = Input::Requeue {
+            from: retry.requeues,
         };
-        if record.status == JobStatus::Queued && record.requeues == retry.requeues + 1 {
-            let submit = SubmitJob {
-                v: SCHEMA_VERSION,
-                spec: letter.spec,
-                requeued_at: Some(OffsetDateTime::now_utc()),
+        // Its pending message first (named by the requeue, so a retried
+        // request stores it once): a requeued job is never left queued with
+        // nothing to dispatch it. A pending message whose requeue then does
+        // not apply is dropped by the runner that pulls it.
+        let requeued = loop {
+            let Some(current) = self.jobs.get(&retry.tenant, &retry.job_id).await? else {
+                return Ok(());
             };
-            self.hold(&submit, format!("{}:r{}", retry.job_id, record.requeues))
-                .await?;
-            metrics::counter!("comfyq_scheduler_requeues_total").increment(1);
-        }
-        if record.requeues > retry.requeues {
+            match machine::next(&current.record, &input, OffsetDateTime::now_utc()) {
+                Transition::Apply(new) => {
+                    let pending = SubmitJob {
+                        v: SCHEMA_VERSION,
+                        spec: letter.spec.clone(),
+                        attempt: new.attempt + 1,
+                        requeued_at: Some(OffsetDateTime::now_utc()),
+                    };
+                    self.jobs
+                        .publish_pending(&pending, &format!("{}:r{}", retry.job_id, new.requeues))
+                        .await?;
+                    match self.jobs.update(&new, current.revision).await {
+                        Ok(_) => {
+                            metrics::counter!("comfyq_scheduler_requeues_total").increment(1);
+                            break *new;
+                        }
+                        Err(JobStoreError::Conflict(_)) => continue,
+                        Err(error) => return Err(error.into()),
+                    }
+                }
+                Transition::AlreadyApplied | Transition::Ignore(_) => break current.record,
+            }
+        };
+        if requeued.requeues > retry.requeues {
             self.dead_letters
                 .delete(&key)
                 .await
@@ -582,19 +320,6 @@ struct Advisory {
     stream: String,
     stream_seq: u64,
     deliveries: u32,
-}
-
-fn error_kind(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::Validation => "validation",
-        ErrorKind::Execution => "execution",
-        ErrorKind::OutOfMemory => "out_of_memory",
-        ErrorKind::Infrastructure => "infrastructure",
-        ErrorKind::Timeout => "timeout",
-        ErrorKind::AttemptsExhausted => "attempts_exhausted",
-        ErrorKind::Rejected => "rejected",
-        ErrorKind::Internal => "internal",
-    }
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(message: &Message) -> Option<T> {

@@ -48,13 +48,7 @@ async fn finished(stack: &TestStack, tenant: &str, ids: &[String]) -> Vec<JobRec
 }
 
 async fn pending_backlog(stack: &TestStack) -> u64 {
-    let names = stack.nats_config().names().expect("names");
-    let js = async_nats::jetstream::new(stack.nats.client().await);
-    let mut stream = js
-        .get_stream(names.pending_stream())
-        .await
-        .expect("pending stream");
-    stream.info().await.expect("info").state.messages
+    stack.pending_backlog().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -367,16 +367,16 @@ async fn a_notifier_killed_mid_backlog_loses_nothing() {
     ));
     // Its durable consumer starts at new events: wait for it before submitting.
     let js = async_nats::jetstream::new(stack.nats.client().await);
+    let names = stack.nats_config().names().expect("names");
     eventually(
         Duration::from_secs(10),
         "the notifier's consumer exists",
         async || {
-            let mut stream = js.get_stream("COMFYQ_EVENTS").await.ok()?;
+            let stream = js.get_stream(names.events_stream()).await.ok()?;
             stream
-                .info()
+                .consumer_info(names.notifier_consumer())
                 .await
                 .ok()
-                .filter(|info| info.state.consumer_count > 0)
                 .map(|_| ())
         },
     )

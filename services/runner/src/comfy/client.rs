@@ -323,7 +323,7 @@ impl ComfyClient {
     /// sets `front`. A 200 may still carry `node_errors` (those outputs will not run).
     pub async fn submit_prompt(
         &self,
-        prompt: &Value,
+        prompt: &(impl serde::Serialize + ?Sized),
         client_id: &str,
         prompt_id: Uuid,
         extra_data: Option<&Value>,

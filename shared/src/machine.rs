@@ -3,8 +3,8 @@
 //! forward (attempt, then state rank), so a redelivered message, a late
 //! report or a second scheduler can never move a job backwards.
 
-use comfyq_shared::job::{ErrorKind, JobError, JobRecord, JobStatus};
-use comfyq_shared::messages::{AttemptOutcome, RunnerReport};
+use crate::job::{ErrorKind, JobError, JobRecord, JobStatus};
+use crate::messages::{AttemptOutcome, RunnerReport};
 use time::OffsetDateTime;
 
 /// Something that happened to a job.
@@ -214,7 +214,7 @@ pub fn next(record: &JobRecord, input: &Input<'_>, now: OffsetDateTime) -> Trans
 
 /// Remembers a runner an attempt failed on (infrastructure trouble), so a
 /// retry can prefer another one. Bounded: the oldest are forgotten.
-fn note_failed_runner(record: &mut JobRecord, runner: Option<&comfyq_shared::ids::RunnerId>) {
+fn note_failed_runner(record: &mut JobRecord, runner: Option<&crate::ids::RunnerId>) {
     const KEEP: usize = 8;
     let Some(runner) = runner else { return };
     if !record.failed_runners.contains(runner) {
@@ -243,9 +243,9 @@ fn terminal_matches(status: JobStatus, outcome: &AttemptOutcome) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use comfyq_shared::ids::{JobId, PoolName, RunnerId, TenantId};
-    use comfyq_shared::job::JobSpec;
-    use comfyq_shared::priority::Priority;
+    use crate::ids::{JobId, PoolName, RunnerId, TenantId};
+    use crate::job::JobSpec;
+    use crate::priority::Priority;
     use proptest::prelude::*;
 
     pub(crate) fn accepted() -> JobRecord {
@@ -254,13 +254,14 @@ pub(crate) mod tests {
             tenant: TenantId::new("t").expect("valid"),
             priority: Priority::Normal,
             pool: PoolName::default(),
-            workflow: serde_json::json!({}),
+            workflow: Default::default(),
             inputs: vec![],
             webhook: None,
             metadata: None,
             timeout_s: 60,
             inline_outputs: false,
             runner_labels: Default::default(),
+            every_progress_event: false,
             created_at: OffsetDateTime::UNIX_EPOCH,
         })
     }
