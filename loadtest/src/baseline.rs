@@ -38,6 +38,7 @@ fn unique(prefix: &str) -> String {
 /// A work-queue stream and a pull consumer of its own, deleted at the end.
 async fn raw_stream(
     js: &jetstream::Context,
+    replicas: usize,
 ) -> anyhow::Result<(String, String, jetstream::consumer::Consumer<pull::Config>)> {
     let name = unique("LOADTEST_RAW_");
     let subject = format!("loadtest.raw.{name}");
@@ -46,6 +47,7 @@ async fn raw_stream(
             name: name.clone(),
             subjects: vec![subject.clone()],
             retention: stream::RetentionPolicy::WorkQueue,
+            num_replicas: replicas,
             ..stream::Config::default()
         })
         .await?;
@@ -136,11 +138,12 @@ pub(crate) async fn fanout(
 /// One message at a time: the latency floor of a JetStream work queue here.
 pub(crate) async fn jetstream_latency(
     client: &async_nats::Client,
+    replicas: usize,
     messages: usize,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let js = jetstream::new(client.clone());
-    let (name, subject, consumer) = raw_stream(&js).await?;
+    let (name, subject, consumer) = raw_stream(&js, replicas).await?;
     let mut pulled = consumer.messages().await?;
     let payload = Bytes::from(vec![b'x'; 512]);
     let (mut publish, mut received, mut acked) = (Latency::new(), Latency::new(), Latency::new());
@@ -181,11 +184,12 @@ pub(crate) async fn jetstream_latency(
 /// consumer acks them: messages per second from the first publish to the last ack.
 pub(crate) async fn jetstream_throughput(
     client: &async_nats::Client,
+    replicas: usize,
     messages: u64,
     report: &mut Report,
 ) -> anyhow::Result<f64> {
     let js = jetstream::new(client.clone());
-    let (name, subject, consumer) = raw_stream(&js).await?;
+    let (name, subject, consumer) = raw_stream(&js, replicas).await?;
     let mut pulled = consumer.messages().await?;
     let payload = Bytes::from(vec![b'x'; 512]);
     let started = Instant::now();

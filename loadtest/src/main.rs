@@ -128,6 +128,18 @@ pub(crate) struct Options {
     /// Skip the baselines.
     #[arg(long, global = true)]
     pub(crate) no_baseline: bool,
+    /// Run NATS as a local cluster of this many nodes (three nats-server
+    /// processes on free ports, every stream replicated on each); with
+    /// `--url`, the replicas of the remote stack (for the baselines' streams).
+    #[arg(long, global = true, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub(crate) cluster: Option<u8>,
+}
+
+impl Options {
+    /// Replicas of every stream: the cluster's size.
+    pub(crate) fn replicas(&self) -> usize {
+        self.cluster.map_or(1, usize::from)
+    }
 }
 
 fn main() -> std::process::ExitCode {

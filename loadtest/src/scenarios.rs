@@ -62,6 +62,7 @@ fn local(o: &Options, sims: usize, runners: usize, slots: usize, sim: SimConfig)
         runners: o.runners.unwrap_or(runners),
         slots: o.slots.unwrap_or(slots),
         sim,
+        cluster: o.cluster.map(usize::from),
     }
 }
 
@@ -117,6 +118,7 @@ fn settings(o: &Options, local: &LocalOptions, mix: &Mix, spec: &LoadSpec) -> Va
         "concurrency": spec.concurrency,
         "duration_s": spec.duration.map(|d| d.as_secs_f64()),
         "jobs": spec.jobs,
+        "nats_nodes": o.replicas(),
         "sims": local.sims,
         "runners": local.runners,
         "slots": local.slots,
@@ -233,7 +235,7 @@ async fn latency(o: &Options) -> anyhow::Result<Report> {
     }
     let client = nats_client(&target).await?;
     if let (Some(client), false) = (&client, o.no_baseline) {
-        baseline::jetstream_latency(client, 1000, &mut report).await?;
+        baseline::jetstream_latency(client, o.replicas(), 1000, &mut report).await?;
     }
     analysis::add_job_rows(&target, &outcome, &mut report, false);
     analysis::add_message_rows(&mut report, &before, &messages, outcome.accepted.len());
@@ -294,7 +296,7 @@ async fn throughput(o: &Options) -> anyhow::Result<Report> {
     let mut report = Report::new("throughput", settings(o, &local, &mix, &spec));
     let client = nats_client(&target).await?;
     if let (Some(client), false) = (&client, o.no_baseline) {
-        baseline::jetstream_throughput(client, 50_000, &mut report).await?;
+        baseline::jetstream_throughput(client, o.replicas(), 50_000, &mut report).await?;
     }
     let tracker = driver::listen(&target, false).await?;
     warm_up(&target, &tracker, &mix).await?;
@@ -713,8 +715,8 @@ async fn baselines(o: &Options) -> anyhow::Result<Report> {
     let Some(client) = nats_client(&target).await? else {
         bail!("the baselines need NATS (--nats-url with --url)");
     };
-    baseline::jetstream_latency(&client, 1000, &mut report).await?;
-    baseline::jetstream_throughput(&client, 50_000, &mut report).await?;
+    baseline::jetstream_latency(&client, o.replicas(), 1000, &mut report).await?;
+    baseline::jetstream_throughput(&client, o.replicas(), 50_000, &mut report).await?;
     baseline::object_store(&client, 64 * MIB, 3, &mut report).await?;
     report.processes = target.processes();
     target.stop().await;

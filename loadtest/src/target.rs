@@ -11,7 +11,7 @@ use comfyq_ingress::config::ApiKey;
 use comfyq_shared::config::Secret;
 use comfyq_shared::names::Names;
 use comfyq_tests::stack::{API_KEY, OTHER_API_KEY, OTHER_TENANT, TENANT};
-use comfyq_tests::{RunnerTweak, StackOptions, TestStack};
+use comfyq_tests::{ClusterOptions, RunnerTweak, StackOptions, TestStack};
 use futures::StreamExt;
 
 use crate::procstat::{self, ProcStat};
@@ -36,6 +36,8 @@ pub(crate) struct LocalOptions {
     pub(crate) runners: usize,
     pub(crate) slots: usize,
     pub(crate) sim: SimConfig,
+    /// Nodes of a local NATS cluster; `None` is one server.
+    pub(crate) cluster: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -124,6 +126,13 @@ impl Target {
             runner_slots: options.slots,
             runner_tweak: Some(tweak),
             configure_ingress: Some(configure_ingress),
+            cluster: options
+                .cluster
+                .filter(|nodes| *nodes > 1)
+                .map(|nodes| ClusterOptions {
+                    nodes,
+                    ..ClusterOptions::default()
+                }),
             ..StackOptions::default()
         })
         .await;
@@ -230,8 +239,16 @@ impl Target {
             "loadtest client"
         };
         out.extend(procstat::this(what));
-        if let Some(pid) = self.stack.as_ref().and_then(|s| s.nats.pid()) {
-            out.extend(procstat::read("nats-server", pid));
+        if let Some(stack) = &self.stack {
+            let pids = stack.nats.pids();
+            for (index, pid) in pids.iter().enumerate() {
+                let name = if pids.len() == 1 {
+                    "nats-server".to_owned()
+                } else {
+                    format!("nats-server node {}", index + 1)
+                };
+                out.extend(procstat::read(&name, *pid));
+            }
         }
         out
     }

@@ -121,6 +121,11 @@ pub struct NatsConfig {
     pub credentials_file: Option<String>,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How often the client pings its server. A server that stops answering
+    /// without closing the connection (frozen, partitioned) is left after
+    /// about three intervals, for another node of the cluster.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
     /// How long job events stay replayable.
     #[serde(with = "humantime_serde")]
     pub events_max_age: Duration,
@@ -165,6 +170,7 @@ impl Default for NatsConfig {
             replicas: 1,
             credentials_file: None,
             connect_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(2),
             events_max_age: Duration::from_secs(7 * 24 * 3600),
             jobs_max_age: Duration::from_secs(30 * 24 * 3600),
             media_max_age: Duration::from_secs(7 * 24 * 3600),

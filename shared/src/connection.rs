@@ -58,6 +58,7 @@ pub async fn connect(
     let mut options = async_nats::ConnectOptions::new()
         .name(format!("comfyq-{service}"))
         .connection_timeout(config.connect_timeout)
+        .ping_interval(config.ping_interval)
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),

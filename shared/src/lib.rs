@@ -41,6 +41,7 @@ pub mod machine;
 pub mod media;
 pub mod messages;
 pub mod names;
+pub mod nats_cluster;
 pub mod priority;
 pub mod provision;
 pub mod publisher;

@@ -359,7 +359,7 @@ impl MediaStore {
                 }
                 pending = buffer[..n].to_vec();
             }
-            writer.shutdown().await.map_err(io_store)
+            Ok(())
         }
         .await;
         if let Err(error) = written {
@@ -368,6 +368,10 @@ impl MediaStore {
             }
             return Err(error);
         }
+        // Not aborted when it fails: `BufWriter::abort` panics once shutdown
+        // has begun, and a multipart upload that never completed leaves no
+        // visible object (the store's own cleanup removes its parts).
+        writer.shutdown().await.map_err(io_store)?;
         let stored = StoredObject {
             key: key.to_owned(),
             size,

@@ -43,8 +43,41 @@ pub struct Provisioned {
     pub media: object_store::ObjectStore,
 }
 
+/// Attempts of [`provision`] when the server does not answer in time.
+const PROVISION_ATTEMPTS: u32 = 6;
+
 /// Creates or updates all streams and buckets.
+///
+/// On a cluster, several services provisioning at once (or a meta leader
+/// election) can leave a request unanswered though it took effect; every
+/// step is idempotent, so a timed-out round is simply run again.
 pub async fn provision(
+    js: &jetstream::Context,
+    names: &Names,
+    config: &NatsConfig,
+) -> Result<Provisioned, ProvisionError> {
+    let mut backoff = Duration::from_millis(250);
+    for attempt in 1.. {
+        match provision_once(js, names, config).await {
+            Err(error) if attempt < PROVISION_ATTEMPTS && error.is_timeout() => {
+                tracing::warn!(attempt, %error, "provisioning timed out; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            result => return result,
+        }
+    }
+    unreachable!("the loop returns on its last attempt")
+}
+
+impl ProvisionError {
+    fn is_timeout(&self) -> bool {
+        let text = self.source.to_string();
+        text.contains("timed out") || text.contains("no responders")
+    }
+}
+
+async fn provision_once(
     js: &jetstream::Context,
     names: &Names,
     config: &NatsConfig,

@@ -17,13 +17,16 @@
 //! `bash deploy/dev.sh setup`), then `PATH`.
 
 pub mod browser;
+pub mod cluster;
 pub mod eventually;
+pub mod fault_load;
 pub mod memory;
 pub mod moto;
 pub mod nats_server;
 pub mod stack;
 pub mod webhook_sink;
 
+pub use cluster::{ClusterOptions, NatsCluster};
 pub use eventually::{eventually, eventually_true};
 pub use moto::MotoServer;
 pub use nats_server::NatsServer;

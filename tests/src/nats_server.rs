@@ -45,6 +45,12 @@ const BASE_CONFIG: &str = "max_payload: 8MB\n";
 pub struct NatsServer {
     child: Option<Child>,
     port: u16,
+    /// Monitoring port (cluster nodes only: leaders and health are read there).
+    http_port: Option<u16>,
+    /// A cluster node's whole configuration is its config file (generated
+    /// from `nats/cluster/n1.conf`); a single server gets its port, store and
+    /// name as flags.
+    config_only: bool,
     name: String,
     binary: PathBuf,
     config_path: PathBuf,
@@ -90,6 +96,8 @@ impl NatsServer {
         let mut server = NatsServer {
             child: None,
             port: 0,
+            http_port: None,
+            config_only: false,
             name,
             binary,
             config_path,
@@ -113,6 +121,83 @@ impl NatsServer {
             }
         }
         server.fail("nats-server did not start: no free port found")
+    }
+
+    /// A cluster node configured entirely by `config` (which names it
+    /// `name` and listens on `port`), spawned but not yet waited for: the
+    /// nodes of a cluster start together (see [`crate::cluster::NatsCluster`]).
+    pub(crate) fn spawn_node(
+        name: &str,
+        port: u16,
+        http_port: u16,
+        config: &str,
+        store_dir: PathBuf,
+        dir: TempDir,
+    ) -> NatsServer {
+        let binary = nats_server_binary().to_path_buf();
+        let log_path = dir.path().join("nats-server.log");
+        let config_path = dir.path().join("nats-server.conf");
+        std::fs::write(&config_path, format!("{BASE_CONFIG}{config}\n"))
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
+        let mut server = NatsServer {
+            child: None,
+            port,
+            http_port: Some(http_port),
+            config_only: true,
+            name: name.to_owned(),
+            binary,
+            config_path,
+            store_dir,
+            log_path,
+            dir,
+        };
+        server.spawn();
+        server
+    }
+
+    /// Starts a stopped node again without waiting (the nodes of a cluster
+    /// restart together: none is ready before a quorum is back).
+    pub(crate) fn respawn(&mut self) {
+        self.kill();
+        self.append_log_marker("restart");
+        self.spawn();
+    }
+
+    /// Waits until a spawned node accepts clients.
+    pub(crate) async fn wait_started(&mut self) -> Result<(), String> {
+        self.wait_ready().await.map_err(|e| e.to_string())
+    }
+
+    /// The server name (unique per test process; a cluster node's name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `http://127.0.0.1:<monitoring port>` of a cluster node.
+    pub fn monitoring_url(&self) -> Option<String> {
+        self.http_port
+            .map(|port| format!("http://127.0.0.1:{port}"))
+    }
+
+    /// Freezes the process (SIGSTOP): it holds its connections and answers
+    /// nothing, like a node stuck in a long GC pause or a hung disk.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen process go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(pid) = self.pid() {
+            let status = Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run kill {signal} {pid}: {e}"));
+            assert!(status.success(), "kill {signal} {pid} failed: {status}");
+        }
     }
 
     /// The server's process id while it runs (for its RSS and CPU time).
@@ -193,15 +278,18 @@ impl NatsServer {
         let log_err = log
             .try_clone()
             .unwrap_or_else(|e| panic!("cannot clone log handle: {e}"));
-        let child = Command::new(&self.binary)
-            .arg("-c")
-            .arg(&self.config_path)
-            .args(["-js", "-a", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .arg("-sd")
-            .arg(&self.store_dir)
-            .arg("-n")
-            .arg(&self.name)
+        let mut command = Command::new(&self.binary);
+        command.arg("-c").arg(&self.config_path);
+        if !self.config_only {
+            command
+                .args(["-js", "-a", "127.0.0.1", "-p"])
+                .arg(self.port.to_string())
+                .arg("-sd")
+                .arg(&self.store_dir)
+                .arg("-n")
+                .arg(&self.name);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -310,7 +398,7 @@ async fn read_info(port: u16, deadline: Instant) -> Option<String> {
     tokio::time::timeout_at(limit, attempt).await.ok().flatten()
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -2,6 +2,7 @@
 //! simulator, and the four services started from their libraries, each with
 //! its own NATS connection, exactly as separate processes would run.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use comfy_sim::{SimConfig, SimHandle, Simulator};
@@ -15,7 +16,7 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{NatsServer, WebhookSink, eventually};
+use crate::{ClusterOptions, NatsCluster, WebhookSink, eventually};
 
 /// The tenant and API key every stack is configured with.
 pub const TENANT: &str = "acme";
@@ -45,6 +46,9 @@ impl std::fmt::Debug for RunnerTweak {
 /// Changes to the defaults before the stack starts.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
+    /// `None`: one JetStream server; `Some`: a local cluster, every stream
+    /// replicated on up to 3 nodes, services given every node's URL.
+    pub cluster: Option<ClusterOptions>,
     pub sim: SimConfig,
     /// Simulators started (at least one); runner `i` drives simulator `i % sims`.
     pub sims: usize,
@@ -70,6 +74,7 @@ pub struct StackOptions {
 impl Default for StackOptions {
     fn default() -> Self {
         Self {
+            cluster: None,
             sim: SimConfig::default(),
             sims: 1,
             runners: 1,
@@ -91,7 +96,8 @@ impl Default for StackOptions {
 
 #[derive(Debug)]
 pub struct TestStack {
-    pub nats: NatsServer,
+    /// One server, or every node of a cluster ([`StackOptions::cluster`]).
+    pub nats: NatsCluster,
     pub sim: SimHandle,
     /// Simulators beyond the first (`StackOptions::sims`).
     pub more_sims: Vec<SimHandle>,
@@ -158,7 +164,10 @@ impl TestStack {
 
     pub async fn start_with(options: StackOptions) -> Self {
         comfyq_shared::telemetry::init_test_tracing();
-        let nats = NatsServer::start().await;
+        let nats = match options.cluster {
+            None => NatsCluster::single().await,
+            Some(cluster) => NatsCluster::start_with(cluster).await,
+        };
         let sim = Simulator::start(options.sim.clone())
             .await
             .expect("simulator starts");
@@ -171,7 +180,20 @@ impl TestStack {
             );
         }
         let webhooks = WebhookSink::start().await;
-        let nats_config = nats_config(&nats.url());
+        let nats_config = NatsConfig {
+            replicas: nats.replicas(),
+            ..nats_config(&nats.url())
+        };
+        if nats.replicas() > 1 {
+            // One provisioning step before the services, as an operator's
+            // admin step would: services creating the same replicated
+            // streams at once keep the meta leader busy for many seconds.
+            let js = async_nats::jetstream::new(nats.client().await);
+            let names = nats_config.names().expect("valid prefix");
+            comfyq_shared::provision::provision(&js, &names, &nats_config)
+                .await
+                .expect("provisioning the cluster");
+        }
         let shutdown = CancellationToken::new();
         let mut services = Vec::new();
 
@@ -369,7 +391,10 @@ impl TestStack {
     }
 
     pub fn nats_config(&self) -> NatsConfig {
-        nats_config(&self.nats.url())
+        NatsConfig {
+            replicas: self.nats.replicas(),
+            ..nats_config(&self.nats.url())
+        }
     }
 
     /// `POST /v1/jobs`; panics unless the answer is 202. Returns the job.
@@ -432,20 +457,44 @@ impl TestStack {
     /// [`TENANT`] stored in the events stream so far, oldest first, as JSON.
     /// Progress, node and output events are left out.
     pub async fn state_events(&self, id: &str) -> Vec<Value> {
+        self.state_events_of(TENANT, id).await
+    }
+
+    /// [`TestStack::state_events`] of a job of `tenant`.
+    pub async fn state_events_of(&self, tenant: &str, id: &str) -> Vec<Value> {
+        let names = self.nats_config().names().expect("valid prefix");
+        let tenant = comfyq_shared::TenantId::new(tenant).expect("valid tenant");
+        let job: comfyq_shared::JobId = id.parse().expect("valid job id");
+        self.replay_state_events(names.job_events_filter(&tenant, &job))
+            .await
+            .remove(id)
+            .unwrap_or_default()
+    }
+
+    /// The state events of every job of `tenant`, by job id, oldest first:
+    /// one replay for many jobs (the fault suite checks hundreds).
+    pub async fn state_events_by_job(&self, tenant: &str) -> BTreeMap<String, Vec<Value>> {
+        let names = self.nats_config().names().expect("valid prefix");
+        let tenant = comfyq_shared::TenantId::new(tenant).expect("valid tenant");
+        self.replay_state_events(names.tenant_events_filter(&tenant))
+            .await
+    }
+
+    /// Replays the events stream on `filter` (an ephemeral consumer, deleted
+    /// afterwards) and keeps the state events, grouped by job id.
+    async fn replay_state_events(&self, filter: String) -> BTreeMap<String, Vec<Value>> {
         use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
         use futures::StreamExt;
 
         let names = self.nats_config().names().expect("valid prefix");
-        let tenant = comfyq_shared::TenantId::new(TENANT).expect("valid tenant");
-        let job: comfyq_shared::JobId = id.parse().expect("valid job id");
         let js = async_nats::jetstream::new(self.nats.client().await);
         let stream = js
             .get_stream(names.events_stream())
             .await
             .expect("events stream");
-        let consumer = stream
+        let mut consumer = stream
             .create_consumer(pull::Config {
-                filter_subject: names.job_events_filter(&tenant, &job),
+                filter_subject: filter,
                 deliver_policy: DeliverPolicy::All,
                 ack_policy: AckPolicy::None,
                 inactive_threshold: Duration::from_secs(30),
@@ -453,9 +502,9 @@ impl TestStack {
             })
             .await
             .expect("events consumer");
-        let mut consumer = consumer;
-        let pending = consumer.info().await.expect("consumer info").num_pending;
-        let mut events = Vec::new();
+        let info = consumer.info().await.expect("consumer info");
+        let (pending, consumer_name) = (info.num_pending, info.name.clone());
+        let mut events: BTreeMap<String, Vec<Value>> = BTreeMap::new();
         let mut seen = 0;
         while seen < pending {
             let mut batch = consumer
@@ -467,19 +516,24 @@ impl TestStack {
                 .expect("fetch events");
             let before = seen;
             while let Some(message) = batch.next().await {
-                let message = message.expect("event message");
+                // A fetch can end in a transient error (a cluster node just
+                // back from a fault): the next fetch goes on from there.
+                let Ok(message) = message else { break };
                 seen += 1;
                 let event: Value = serde_json::from_slice(&message.payload).expect("event JSON");
                 let is_state = event["data"]["status"].is_string()
                     && event["type"].as_str().is_some_and(|t| {
                         t.strip_prefix("job.") == event["data"]["status"].as_str()
                     });
-                if is_state {
-                    events.push(event);
+                let job = event["job_id"].as_str().map(str::to_owned);
+                if let (true, Some(job)) = (is_state, job) {
+                    events.entry(job).or_default().push(event);
                 }
             }
             assert!(seen > before, "events stream stopped short of {pending}");
         }
+        // Best effort: the inactive threshold removes it otherwise.
+        let _ = stream.delete_consumer(&consumer_name).await;
         events
     }
 

@@ -1,6 +1,7 @@
 //! comfyq integration tests: one test binary, one module per topic.
 
 mod cli;
+mod cluster;
 mod dashboard;
 mod e2e;
 mod events;
