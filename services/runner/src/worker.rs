@@ -289,7 +289,10 @@ impl Worker {
         // missed (the job would run to its end although cancelled).
         let cancel = CancellationToken::new();
         self.held.insert(spec.id, cancel.clone());
-        let claimed = match self.claim(&dispatch, delivery, attempt).await {
+        let claimed = match self
+            .claim_while_nats_recovers(&message, &dispatch, delivery, attempt)
+            .await
+        {
             Ok(Claim::Run(claimed)) => *claimed,
             Ok(Claim::Drop(why)) => {
                 tracing::info!(why, "not running the job");
@@ -464,6 +467,36 @@ impl Worker {
     /// message's first delivery), or `running` on this runner (a later
     /// delivery: the previous holder failed or died). Whoever loses a race
     /// for the same attempt finds it held by another runner and drops it.
+    /// [`Self::claim`], retried while NATS cannot answer (a cluster electing
+    /// leaders, a server restarting) for up to `dispatch_ack_wait`, the
+    /// message kept with progress acks: handing it back at once would spend a
+    /// delivery of its budget per failed try, and a fault of a few seconds
+    /// would then exhaust it. The claim is idempotent (a retry after a lost
+    /// acknowledgement finds the attempt already ours).
+    async fn claim_while_nats_recovers(
+        &self,
+        message: &Message,
+        dispatch: &DispatchJob,
+        delivery: u32,
+        attempt: u32,
+    ) -> Result<Claim, JobStoreError> {
+        let give_up = tokio::time::Instant::now() + self.config.nats.dispatch_ack_wait;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.claim(dispatch, delivery, attempt).await {
+                Err(error @ JobStoreError::Nats(_))
+                    if tokio::time::Instant::now() + backoff < give_up =>
+                {
+                    tracing::warn!(%error, "cannot claim the job in its record yet; retrying");
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                result => return result,
+            }
+        }
+    }
+
     async fn claim(
         &self,
         dispatch: &DispatchJob,
