@@ -4,8 +4,9 @@
 //! - [`cli`]: the client subcommands (`submit`, `jobs`, `job`, `watch`,
 //!   `cancel`, `retry`, `outputs`, `queue`, `runners`, `dead-letters`), which
 //!   talk only to the public REST API.
-//!
-//! `comfyq up` (the whole stack in one process tree) lives in the binary
-//! (`main.rs`, `nats_process.rs`).
+//! - [`up`]: `comfyq up`, the whole stack in one process tree.
+//! - `nats_process`: the nats-server child of `up`, which dies with it.
 
 pub mod cli;
+mod nats_process;
+pub mod up;
