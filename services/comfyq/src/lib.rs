@@ -6,7 +6,9 @@
 //!   talk only to the public REST API.
 //! - [`up`]: `comfyq up`, the whole stack in one process tree.
 //! - `nats_process`: the nats-server child of `up`, which dies with it.
+//! - `webhook_secret`: the signing secret `up` makes once and keeps.
 
 pub mod cli;
 mod nats_process;
 pub mod up;
+mod webhook_secret;

@@ -18,7 +18,7 @@ use comfyq_shared::config::{self, NatsConfig, Validate};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::nats_process;
+use crate::{nats_process, webhook_secret};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -108,13 +108,30 @@ pub async fn run(
         comfyq_scheduler::run(scheduler, services.child_token()),
     ));
 
-    let notifier = comfyq_notifier::NotifierConfig {
+    let mut notifier = comfyq_notifier::NotifierConfig {
         nats: nats.clone(),
         // Local development posts to local receivers.
         allow_private_destinations: true,
         public_base_url: Some(format!("http://{}", args.http_addr)),
         ..config::load(None)?
     };
+    // No webhook goes out unsigned: without configured secrets, the one
+    // kept in the data directory signs.
+    if notifier.default_secrets.is_empty() {
+        let (secret, origin) = webhook_secret::load_or_create(&args.data_dir)?;
+        let path = args.data_dir.join(webhook_secret::FILE);
+        if origin == webhook_secret::Origin::Created {
+            // Shown once, for the receiver to verify with; it stays in the file.
+            eprintln!(
+                "comfyq: webhooks are signed with {} (kept in {})",
+                secret.expose(),
+                path.display()
+            );
+        }
+        tracing::info!(file = %path.display(), "webhooks signed with the development secret");
+        notifier.default_secrets.push(secret);
+    }
+    notifier.validate()?;
     tasks.spawn(service(
         "notifier",
         comfyq_notifier::run(notifier, services.child_token()),
