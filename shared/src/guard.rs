@@ -1,5 +1,7 @@
 //! Server-side request forgery guard: webhook destinations and fetched inputs must resolve to
-//! public addresses unless configuration allows private ones.
+//! public addresses unless configuration allows private ones. Link-local and cloud metadata
+//! addresses are refused even then: allowing private destinations is for receivers on this
+//! machine or network (development), never for the instance's credentials.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -12,6 +14,42 @@ pub enum Refusal {
     NonPublic { host: String, addr: IpAddr },
     #[error("destination {0} does not resolve")]
     Unresolvable(String),
+    #[error(
+        "destination {host} resolves to {addr}, a link-local or cloud metadata address, \
+         which is never allowed"
+    )]
+    LinkLocal { host: String, addr: IpAddr },
+    #[error("destination {0} is a cloud metadata service, which is never allowed")]
+    MetadataHost(String),
+}
+
+/// Names of metadata services, refused before any lookup (where they do not
+/// resolve, a later lookup might).
+const METADATA_HOSTS: &[&str] = &["metadata.google.internal", "metadata.goog"];
+
+/// Link-local and cloud metadata addresses: refused in every configuration.
+pub fn is_never_allowed(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(v4) => is_never_allowed_v4(v4),
+        IpAddr::V6(v6) => {
+            let [first, second, ..] = v6.segments();
+            // IPv4-mapped, IPv4-compatible and NAT64 forms reach the IPv4 address.
+            let embedded = if first == 0x64 && second == 0xff9b {
+                let [.., a, b, c, d] = v6.octets();
+                Some(Ipv4Addr::new(a, b, c, d))
+            } else {
+                v6.to_ipv4()
+            };
+            (first & 0xffc0) == 0xfe80 // link local
+                || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) // AWS metadata
+                || embedded.is_some_and(is_never_allowed_v4)
+        }
+    }
+}
+
+fn is_never_allowed_v4(addr: Ipv4Addr) -> bool {
+    addr.is_link_local() // 169.254.0.0/16, with 169.254.169.254 (AWS, GCP, Azure, …)
+        || addr == Ipv4Addr::new(100, 100, 100, 200) // Alibaba Cloud metadata
 }
 
 pub fn is_public(addr: IpAddr) -> bool {
@@ -63,6 +101,9 @@ pub async fn check_destination(
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
+    if METADATA_HOSTS.contains(&host.to_ascii_lowercase().trim_end_matches('.')) {
+        return Err(Refusal::MetadataHost(host));
+    }
     let port = url
         .port_or_known_default()
         .ok_or_else(|| Refusal::InvalidUrl(url.to_string()))?;
@@ -72,6 +113,12 @@ pub async fn check_destination(
         .collect();
     if addrs.is_empty() {
         return Err(Refusal::Unresolvable(host));
+    }
+    if let Some(bad) = addrs.iter().find(|a| is_never_allowed(a.ip())) {
+        return Err(Refusal::LinkLocal {
+            host,
+            addr: bad.ip(),
+        });
     }
     if !allow_private && let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
         return Err(Refusal::NonPublic {
@@ -110,6 +157,49 @@ mod tests {
             let ip: IpAddr = addr.parse().expect("valid address");
             assert!(is_public(ip), "{addr} judged private");
         }
+    }
+
+    #[test]
+    fn link_local_and_metadata_forms_are_never_allowed() {
+        for addr in [
+            "169.254.169.254",
+            "169.254.0.1",
+            "100.100.100.200",
+            "fe80::1",
+            "febf::1",
+            "fd00:ec2::254",
+            "::ffff:169.254.169.254",
+            "::169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+        ] {
+            let ip: IpAddr = addr.parse().expect("valid address");
+            assert!(is_never_allowed(ip), "{addr} allowed");
+        }
+        for addr in ["127.0.0.1", "::1", "10.0.0.1", "fd00::1", "8.8.8.8"] {
+            let ip: IpAddr = addr.parse().expect("valid address");
+            assert!(!is_never_allowed(ip), "{addr} never allowed");
+        }
+    }
+
+    #[tokio::test]
+    async fn metadata_is_refused_even_where_private_is_allowed() {
+        for (url, metadata_host) in [
+            ("http://169.254.169.254/latest/meta-data/", false),
+            ("http://[fd00:ec2::254]/latest/meta-data/", false),
+            ("http://[fe80::1]:8080/hook", false),
+            ("http://metadata.google.internal/computeMetadata/v1/", true),
+            ("http://METADATA.google.internal./computeMetadata/v1/", true),
+        ] {
+            let url = url::Url::parse(url).expect("valid url");
+            let refusal = check_destination(&url, true).await.expect_err(url.as_str());
+            match refusal {
+                Refusal::MetadataHost(_) => assert!(metadata_host, "{url}: {refusal}"),
+                Refusal::LinkLocal { .. } => assert!(!metadata_host, "{url}: {refusal}"),
+                other => panic!("{url}: {other}"),
+            }
+        }
+        let loopback = url::Url::parse("http://127.0.0.1:9/hook").expect("valid url");
+        assert!(check_destination(&loopback, true).await.is_ok());
     }
 
     #[tokio::test]

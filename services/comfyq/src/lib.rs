@@ -4,8 +4,11 @@
 //! - [`cli`]: the client subcommands (`submit`, `jobs`, `job`, `watch`,
 //!   `cancel`, `retry`, `outputs`, `queue`, `runners`, `dead-letters`), which
 //!   talk only to the public REST API.
-//!
-//! `comfyq up` (the whole stack in one process tree) lives in the binary
-//! (`main.rs`, `nats_process.rs`).
+//! - [`up`]: `comfyq up`, the whole stack in one process tree.
+//! - `nats_process`: the nats-server child of `up`, which dies with it.
+//! - `webhook_secret`: the signing secret `up` makes once and keeps.
 
 pub mod cli;
+mod nats_process;
+pub mod up;
+mod webhook_secret;

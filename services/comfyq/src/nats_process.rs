@@ -1,16 +1,38 @@
 //! A nats-server child process with JetStream and a data directory.
+//!
+//! The child dies with `comfyq`: on Linux it gets SIGKILL when its parent
+//! dies (`PR_SET_PDEATHSIG`), so a SIGKILLed `comfyq up` leaves no server
+//! behind holding the port and the store. It is only used once it proves to
+//! be the server answering on the port (its unique `server_name` in the INFO
+//! line), so a foreign server is never mistaken for ours.
 
+use std::io;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::process::{Child, Command};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::sync::watch;
+
+/// How long the server may take to load its store and accept clients.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a connection may take to send its INFO line.
+const INFO_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub(crate) struct NatsProcess {
-    child: Child,
+    pid: Pid,
     port: u16,
+    /// `true` once the child has exited (set before it is reaped, so a
+    /// signal sent while this is `false` cannot reach a recycled pid).
+    exited: Arc<Mutex<bool>>,
+    status: watch::Receiver<Option<io::Result<ExitStatus>>>,
 }
 
 impl NatsProcess {
@@ -19,63 +41,206 @@ impl NatsProcess {
         let binary = resolve(binary)?;
         let store =
             std::path::absolute(store).with_context(|| format!("resolving {}", store.display()))?;
+        // Unique per start: how the readiness check tells our server from
+        // another one answering on the same port.
+        let server_name = format!(
+            "comfyq-local-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
         // Settings without a command-line flag go in a generated config file.
         let config = store.join("comfyq-local.conf");
         let contents = format!(
-            "server_name: comfyq-local\nlisten: \"127.0.0.1:{port}\"\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n}}\n",
+            "server_name: {server_name}\nlisten: \"127.0.0.1:{port}\"\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n}}\n",
             store.display().to_string()
         );
         std::fs::write(&config, contents)
             .with_context(|| format!("writing {}", config.display()))?;
-        let child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        command
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
             // Its own process group: Ctrl-C reaches comfyq, which stops the
             // services first and the server last.
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("running {}", binary.display()))?;
-        let mut process = Self { child, port };
-        // Ready once it accepts connections (JetStream has loaded its store by then).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            .process_group(0);
+        die_with_parent(&mut command);
+        let mut process =
+            Self::spawn(command, port).with_context(|| format!("running {}", binary.display()))?;
+
+        // Ready once our server accepts connections (JetStream has loaded its
+        // store by then).
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(status) = process.child.try_wait()? {
-                bail!("nats-server exited with {status} (is port {port} in use?)");
+            if let Some(status) = process.exit_status() {
+                // Most often the port is taken; say by what, if it answers.
+                return Err(match answering_server(port).await {
+                    Some(name) => foreign_server(port, &name),
+                    None => anyhow::anyhow!(
+                        "nats-server exited with {status} (its log above says why; \
+                         if port {port} is in use, stop what holds it or pass --nats-port)"
+                    ),
+                });
             }
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Ok(process);
+            match answering_server(port).await {
+                Some(name) if name == server_name => return Ok(process),
+                Some(name) => {
+                    process.stop().await;
+                    return Err(foreign_server(port, &name));
+                }
+                None => {}
             }
             if tokio::time::Instant::now() > deadline {
+                process.stop().await;
                 bail!("nats-server did not accept connections on port {port} within 30 s");
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::select! {
+                _ = process.status.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
         }
+    }
+
+    /// Spawns and waits for the child on a thread of its own: the
+    /// parent-death signal fires when the *thread* that forked exits, and
+    /// this one lives exactly as long as the child.
+    fn spawn(mut command: Command, port: u16) -> io::Result<Self> {
+        let exited = Arc::new(Mutex::new(false));
+        let (status_tx, status) = watch::channel(None);
+        let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+        let waiter_exited = exited.clone();
+        std::thread::Builder::new()
+            .name("nats-server".to_owned())
+            .spawn(move || {
+                let mut child = match command.spawn() {
+                    Ok(child) => child,
+                    Err(error) => {
+                        // The receiver is there until it hears from us.
+                        let _ = pid_tx.send(Err(error));
+                        return;
+                    }
+                };
+                let pid = Pid::from_raw(child.id().cast_signed());
+                let _ = pid_tx.send(Ok(pid));
+                // Wait without reaping first, so the pid is still ours while
+                // `exited` is false.
+                let waited = nix::sys::wait::waitid(
+                    nix::sys::wait::Id::Pid(pid),
+                    nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT,
+                );
+                if let Err(error) = waited {
+                    tracing::warn!(%error, "waiting for nats-server");
+                }
+                if let Ok(mut exited) = waiter_exited.lock() {
+                    *exited = true;
+                }
+                // Nobody may be listening any more (comfyq is stopping).
+                let _ = status_tx.send(Some(child.wait()));
+            })?;
+        let pid = pid_rx
+            .recv()
+            .map_err(|_| io::Error::other("the nats-server thread ended early"))??;
+        Ok(Self {
+            pid,
+            port,
+            exited,
+            status,
+        })
     }
 
     pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    fn exit_status(&self) -> Option<String> {
+        match &*self.status.borrow() {
+            Some(Ok(status)) => Some(status.to_string()),
+            Some(Err(error)) => Some(format!("an unknown status ({error})")),
+            None => None,
+        }
+    }
+
+    /// Sends `signal` unless the child is gone.
+    fn signal(&self, signal: Signal) {
+        let Ok(exited) = self.exited.lock() else {
+            return;
+        };
+        if !*exited && let Err(error) = kill(self.pid, signal) {
+            tracing::warn!(%error, ?signal, "signalling nats-server");
+        }
+    }
+
     /// SIGTERM lets the server flush its store; kill if it lingers.
     pub(crate) async fn stop(mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .arg(pid.to_string())
-                .status();
-        }
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+        self.signal(Signal::SIGTERM);
+        let exited = self.status.wait_for(Option::is_some);
+        if tokio::time::timeout(Duration::from_secs(10), exited)
             .await
             .is_err()
         {
-            let _ = self.child.kill().await;
+            self.signal(Signal::SIGKILL);
         }
     }
 }
+
+impl Drop for NatsProcess {
+    /// Never leave a server behind (like `kill_on_drop`): `up` failing
+    /// half-way drops it without `stop`.
+    fn drop(&mut self) {
+        self.signal(Signal::SIGKILL);
+    }
+}
+
+fn foreign_server(port: u16, name: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "another nats-server (server_name {name:?}) is on port {port}, not the one comfyq \
+         started; stop it or pass --nats-port (or use it with --nats-url nats://127.0.0.1:{port})"
+    )
+}
+
+/// The `server_name` of whatever NATS server answers on `port`, from the
+/// INFO line it sends first; `None` if nothing answers (yet) like NATS.
+async fn answering_server(port: u16) -> Option<String> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream).take(64 * 1024);
+    tokio::time::timeout(INFO_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .ok()?
+        .ok()?;
+    let info: serde_json::Value = serde_json::from_str(line.strip_prefix("INFO ")?.trim()).ok()?;
+    // A server without a name is named by its id.
+    info.get("server_name")
+        .or_else(|| info.get("server_id"))
+        .and_then(|name| name.as_str())
+        .map(str::to_owned)
+}
+
+/// Asks the kernel to SIGKILL the child when this thread dies (Linux).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the hook runs between fork and exec, where only
+    // async-signal-safe calls are allowed: prctl and getppid are plain
+    // syscalls, and the error paths do not allocate.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The parent may have died before the signal was armed.
+            if nix::unistd::getppid() != parent {
+                return Err(nix::errno::Errno::ESRCH.into());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Elsewhere the server outlives a killed `comfyq`; Ctrl-C still stops it.
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_command: &mut Command) {}
 
 /// The binary as given, or found in the project's `.tools` or on `PATH`.
 fn resolve(binary: &Path) -> anyhow::Result<PathBuf> {

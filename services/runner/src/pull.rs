@@ -12,7 +12,10 @@
 //! ready, shutting down) goes back at once (`Nak`), so another waiting
 //! runner gets it instead of it waiting out `ack_wait`. Each request has
 //! its own reply subject, so a late status (408/409) of an earlier one is
-//! told apart.
+//! told apart. On shutdown the reply subscription is drained: once the
+//! server has seen the unsubscribe it drops the waiting request (no
+//! interest left), and what it sent before that still arrives and goes
+//! back, so stopping does not wait for the request's expiry.
 
 use std::time::Duration;
 
@@ -29,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
 /// Pause before a new request after the server refused one (409/503…).
 const REFUSED_BACKOFF: Duration = Duration::from_secs(1);
+/// On shutdown, how long to wait for the server to confirm the drain (it
+/// does within a round trip; a connection that is down never does).
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 /// How a pull request is shaped: the priority-group fields by policy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -92,8 +98,9 @@ impl DispatchPull {
 
     /// Waits for a dispatch message with one request waiting at a time.
     /// `can_take` is asked before a request is sent and when a message
-    /// arrives. On `shutdown` an outstanding request is left to expire
-    /// (what it brings goes back) before [`Pulled::Stopped`].
+    /// arrives. On `shutdown` an outstanding request is withdrawn (what it
+    /// brought goes back) before [`Pulled::Stopped`]; no request is sent
+    /// after that.
     pub async fn next(
         &mut self,
         shutdown: &CancellationToken,
@@ -111,8 +118,12 @@ impl DispatchPull {
                 self.send().await;
                 continue;
             };
+            if stopping {
+                self.withdraw(deadline).await;
+                return Pulled::Stopped;
+            }
             let reply = tokio::select! {
-                _ = shutdown.cancelled(), if !stopping => continue,
+                _ = shutdown.cancelled() => continue,
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::debug!("pull request unanswered past its expiry; renewing");
                     self.outstanding = None;
@@ -161,6 +172,38 @@ impl DispatchPull {
                 }
                 // The end of an earlier request we had given up on.
                 Some(_) => {}
+            }
+        }
+    }
+
+    /// Drains the reply subscription: the server drops the waiting request
+    /// once it has processed the unsubscribe, and every message it sent
+    /// before that is read here and handed back.
+    async fn withdraw(&mut self, deadline: Instant) {
+        self.outstanding = None;
+        if let Err(error) = self.replies.drain().await {
+            // The connection is gone, and the request with it.
+            tracing::debug!(%error, "could not drain the pull subscription");
+            return;
+        }
+        let limit = deadline.min(Instant::now() + DRAIN_LIMIT);
+        loop {
+            let reply = match tokio::time::timeout_at(limit, self.replies.next()).await {
+                Ok(Some(reply)) => reply,
+                // Drained (the server confirmed), or no confirmation in time.
+                Ok(None) | Err(_) => return,
+            };
+            if matches!(reply.status, None | Some(StatusCode::OK)) {
+                let message = Message {
+                    message: reply,
+                    context: self.context.clone(),
+                };
+                match message.ack_with(AckKind::Nak(None)).await {
+                    Ok(()) => tracing::debug!("handed back a message pulled while stopping"),
+                    Err(error) => {
+                        tracing::warn!(%error, "could not hand back a message pulled while stopping");
+                    }
+                }
             }
         }
     }

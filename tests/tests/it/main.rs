@@ -13,4 +13,5 @@ mod rest_catalogue;
 mod rest_fuzz;
 mod runner;
 mod scheduling;
+mod up;
 mod webhooks;
