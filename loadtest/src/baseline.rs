@@ -77,7 +77,7 @@ pub(crate) async fn fanout(
     let received = Arc::new(Mutex::new(Latency::new()));
     let mut tasks = Vec::new();
     for _ in 0..receivers {
-        let client = async_nats::connect(nats_url).await?;
+        let client = crate::target::connect_nats(nats_url).await?;
         let mut subscription = client.subscribe(subject.clone()).await?;
         client.flush().await?;
         let received = received.clone();
@@ -93,7 +93,7 @@ pub(crate) async fn fanout(
             }
         }));
     }
-    let publisher = async_nats::connect(nats_url).await?;
+    let publisher = crate::target::connect_nats(nats_url).await?;
     let job = uuid::Uuid::now_v7();
     let mut ticks = tokio::time::interval(interval);
     for step in 0..messages {

@@ -491,7 +491,7 @@ async fn fanout(o: &Options) -> anyhow::Result<Report> {
     let filter = target.names.event_kind_filter(EventKind::Progress);
     let mut tasks = Vec::new();
     for _ in 0..receivers {
-        let client = async_nats::connect(nats_url.as_str()).await?;
+        let client = crate::target::connect_nats(&nats_url).await?;
         let mut subscription = client.subscribe(filter.clone()).await?;
         client.flush().await?;
         let hist = nats_hist.clone();

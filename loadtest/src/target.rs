@@ -189,7 +189,7 @@ impl Target {
 
     pub(crate) async fn nats(&self) -> anyhow::Result<Option<async_nats::Client>> {
         match &self.nats_url {
-            Some(url) => Ok(Some(async_nats::connect(url.as_str()).await?)),
+            Some(url) => Ok(Some(connect_nats(url).await?)),
             None => Ok(None),
         }
     }
@@ -258,4 +258,10 @@ impl Target {
             stack.stop().await;
         }
     }
+}
+
+/// Connects to a NATS URL or a comma-separated list of them (a cluster).
+pub(crate) async fn connect_nats(urls: &str) -> anyhow::Result<async_nats::Client> {
+    let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
+    Ok(async_nats::connect(urls).await?)
 }

@@ -143,7 +143,9 @@ impl JobStore {
             .await
         {
             Ok(message) => message,
-            Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => return Ok(None),
+            Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => {
+                return self.get_from_leader(&filter).await;
+            }
             Err(error) => return Err(JobStoreError::Nats(error.into())),
         };
         let record = decode(&filter, &message.payload)?;
@@ -151,6 +153,23 @@ impl JobStore {
             record,
             revision: message.sequence,
         }))
+    }
+
+    /// A "not found" from a direct get is confirmed by the stream leader:
+    /// on a cluster any replica answers direct gets, and one that is behind
+    /// (just back from a fault) does not have a new job yet. Acting on that
+    /// answer (a runner dropping the job as expired) would lose the job.
+    async fn get_from_leader(&self, filter: &str) -> Result<Option<Versioned>, JobStoreError> {
+        match self.events.get_last_raw_message_by_subject(filter).await {
+            Ok(message) => Ok(Some(Versioned {
+                record: decode(filter, &message.payload)?,
+                revision: message.sequence,
+            })),
+            Err(error) if error.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(error) => Err(JobStoreError::Nats(error.into())),
+        }
     }
 
     /// Creates a new job: its pending message first (so the spec is safe),

@@ -230,8 +230,9 @@ pub async fn verify(stack: &TestStack, outcome: &LoadOutcome, timeout: Duration)
                 records.get(&job.id).cloned().unwrap_or(Value::Null)
             ));
         }
+        let streams = queue_state(stack).await;
         panic!(
-            "{} of {} accepted jobs not terminal after {timeout:?}: {stuck:#?}",
+            "{} of {} accepted jobs not terminal after {timeout:?}: {stuck:#?}\nqueues: {streams:#?}",
             waiting.len(),
             outcome.accepted.len()
         );
@@ -353,4 +354,40 @@ async fn check_replayable(stack: &TestStack, outcome: &LoadOutcome) {
             job.id
         );
     }
+}
+
+/// What the pending and dispatch streams and their consumers hold: the
+/// evidence for a job that never finished.
+async fn queue_state(stack: &TestStack) -> Vec<String> {
+    let names = stack.nats_config().names().expect("valid prefix");
+    let js = async_nats::jetstream::new(stack.nats.client().await);
+    let mut lines = Vec::new();
+    for name in [names.pending_stream(), names.dispatch_stream()] {
+        let Ok(mut stream) = js.get_stream(&name).await else {
+            lines.push(format!("{name}: not readable"));
+            continue;
+        };
+        match stream.info().await {
+            Ok(info) => lines.push(format!(
+                "{name}: {} messages, first {} last {}",
+                info.state.messages, info.state.first_sequence, info.state.last_sequence
+            )),
+            Err(error) => lines.push(format!("{name}: {error}")),
+        }
+        let mut consumers = stream.consumers();
+        use futures::StreamExt;
+        while let Some(Ok(info)) = consumers.next().await {
+            lines.push(format!(
+                "  consumer {}: pending {} ack pending {} redelivered {} waiting {} delivered {:?} ack floor {:?}",
+                info.name,
+                info.num_pending,
+                info.num_ack_pending,
+                info.num_redelivered,
+                info.num_waiting,
+                info.delivered,
+                info.ack_floor
+            ));
+        }
+    }
+    lines
 }

@@ -1053,28 +1053,49 @@ async fn recreate_pending_consumer(
     pending: &JsStream,
 ) -> Result<consumer::PullConsumer, DispatchError> {
     let name = s.names.dispatcher_consumer();
-    match pending.delete_consumer(&name).await {
-        Ok(_) => {}
-        Err(error)
-            if matches!(
-                error.kind(),
-                async_nats::jetstream::stream::ConsumerErrorKind::JetStream(ref e)
-                    if e.error_code() == ErrorCode::CONSUMER_NOT_FOUND
-            ) => {}
-        Err(error) => return Err(nats(error)),
+    for attempt in 1u32..=20 {
+        match pending.delete_consumer(&name).await {
+            Ok(_) => {}
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    async_nats::jetstream::stream::ConsumerErrorKind::JetStream(ref e)
+                        if e.error_code() == ErrorCode::CONSUMER_NOT_FOUND
+                ) => {}
+            Err(error) => return Err(nats(error)),
+        }
+        let created = pending
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                description: Some("comfyq dispatcher: jobs waiting for a slot".to_owned()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: PENDING_ACK_WAIT,
+                max_ack_pending: PENDING_MAX_HELD,
+                num_replicas: s.config.nats.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(nats)?;
+        // Creating a durable that exists with the same configuration
+        // returns it as it is. On a cluster a node that just came back can
+        // answer "not found" to the deletion of one that still exists: the
+        // old consumer, with the jobs it delivered to an earlier leader held
+        // for `PENDING_ACK_WAIT`, would come back and those jobs would not.
+        let info = created.cached_info();
+        if info.delivered.consumer_sequence == 0 && info.num_ack_pending == 0 {
+            return Ok(created);
+        }
+        tracing::warn!(
+            attempt,
+            delivered = info.delivered.consumer_sequence,
+            held = info.num_ack_pending,
+            "the pending consumer of an earlier leadership survived its deletion; deleting it again"
+        );
+        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10)))).await;
     }
-    pending
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some(name),
-            description: Some("comfyq dispatcher: jobs waiting for a slot".to_owned()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: PENDING_ACK_WAIT,
-            max_ack_pending: PENDING_MAX_HELD,
-            num_replicas: s.config.nats.replicas,
-            ..Default::default()
-        })
-        .await
-        .map_err(nats)
+    Err(nats(
+        "the pending consumer of an earlier leadership keeps coming back after deletion",
+    ))
 }
 
 fn report_depth(pool: &PoolName, queue: &PoolQueue, now: OffsetDateTime) {
