@@ -177,48 +177,33 @@ async fn a_node_frozen_for_20_s_loses_nothing() {
     stack.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn all_three_nodes_killed_at_once_lose_nothing_acknowledged() {
-    // sync_interval: always, so an acknowledged write is on disk on a quorum
-    // before the ack: a crash of every node at once loses none of it.
-    let mut stack = cluster_stack(true).await;
+/// Kills every NATS node of `stack` under load, restarts them, and checks
+/// the suite's promises.
+async fn restart_every_node_under_load(mut stack: TestStack, fault: &str) {
     let load = FaultLoad::start(&stack, RATE);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let fault = Instant::now();
+    let started = Instant::now();
     stack.nats.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     stack.nats.restart().await;
-    let recovered = fault.elapsed();
+    let recovered = started.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let outcome = load.finish().await;
     let verdict = verify(&stack, &outcome, DRAIN_TIMEOUT).await;
-    report(
-        "kill -9 all three nodes, restart",
-        &outcome,
-        &verdict,
-        recovered,
-    );
+    report(fault, &outcome, &verdict, recovered);
     stack.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn all_three_nodes_killed_at_once_lose_nothing_acknowledged() {
+    // sync_interval: always, so an acknowledged write is on disk on a quorum
+    // before the ack: a crash of every node at once loses none of it.
+    let stack = cluster_stack(true).await;
+    restart_every_node_under_load(stack, "kill -9 all three nodes, restart").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_single_server_restarted_under_load_loses_nothing() {
-    let mut stack = TestStack::start_with(options(None)).await;
-    let load = FaultLoad::start(&stack, RATE);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let fault = Instant::now();
-    stack.nats.stop();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stack.nats.restart().await;
-    let recovered = fault.elapsed();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let outcome = load.finish().await;
-    let verdict = verify(&stack, &outcome, DRAIN_TIMEOUT).await;
-    report(
-        "single server kill -9, restart",
-        &outcome,
-        &verdict,
-        recovered,
-    );
-    stack.stop().await;
+    let stack = TestStack::start_with(options(None)).await;
+    restart_every_node_under_load(stack, "single server kill -9, restart").await;
 }
