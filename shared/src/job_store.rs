@@ -179,7 +179,8 @@ impl JobStore {
     /// before it is queued). `queued` is published without waiting for its
     /// ack (it guards its own subject: a second writer of the same job finds
     /// it taken); if it is lost, the dispatcher dispatches the job after a
-    /// moment anyway, from the record as it stands.
+    /// moment anyway, from the record as it stands, and whoever moves the
+    /// job on from `accepted` writes its `queued` too ([`Self::advance`]).
     pub async fn create_queued(
         &self,
         accepted: &JobRecord,
@@ -262,6 +263,37 @@ impl JobStore {
         let revision = self.settle(&key, ack).await?;
         self.hook(record, revision).await?;
         Ok(revision)
+    }
+
+    /// Writes `record`, the state that follows `from`: one compare-and-set
+    /// message, except from `accepted`. Ingress sends a job's `queued` without
+    /// waiting for its ack, so it may still land (flushed after a reconnect)
+    /// once the job has moved on, and would then become the record: a job
+    /// run to its end would read `queued` for good. From `accepted`, that
+    /// `queued` is written first, in one atomic batch with `record`; the late
+    /// one then finds its subject taken and is refused.
+    pub async fn advance(
+        &self,
+        from: &Versioned,
+        record: &JobRecord,
+    ) -> Result<u64, JobStoreError> {
+        use crate::job::JobStatus::{Accepted, Queued};
+        if from.record.status == Accepted
+            && !matches!(record.status, Accepted | Queued)
+            && let Transition::Apply(queued) = machine::next(
+                &from.record,
+                &Input::Queue,
+                record
+                    .queued_at
+                    .unwrap_or_else(time::OffsetDateTime::now_utc),
+            )
+        {
+            let written = self
+                .commit(&[*queued, record.clone()], from.revision)
+                .await?;
+            return Ok(written.revision());
+        }
+        self.update(record, from.revision).await
     }
 
     /// Publishes the webhook work item of the state event at `revision`, if
@@ -468,7 +500,7 @@ impl JobStore {
                 },
             };
             match machine::next(&current.record, input, time::OffsetDateTime::now_utc()) {
-                Transition::Apply(new) => match self.update(&new, current.revision).await {
+                Transition::Apply(new) => match self.advance(&current, &new).await {
                     Ok(revision) => {
                         metrics::counter!("comfyq_job_transitions_total", "status" => new.status.as_str())
                             .increment(1);

@@ -596,7 +596,7 @@ impl Worker {
             match transition {
                 Transition::Apply(mut claimed) => {
                     claimed.runner = Some(self.runner.clone());
-                    match self.jobs.update(&claimed, current.revision).await {
+                    match self.jobs.advance(&current, &claimed).await {
                         Ok(revision) => {
                             return Ok(Claim::Run(Box::new(Versioned {
                                 record: *claimed,

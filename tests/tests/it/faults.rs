@@ -415,3 +415,84 @@ async fn a_job_outlasting_the_shutdown_grace_is_handed_back() {
     assert_eq!(stack.dispatch_backlog().await, 1);
     stack.stop().await;
 }
+
+/// Ingress sends a job's `queued` without waiting for its ack; one flushed
+/// late (after a reconnect) must not land on top of what the runner wrote
+/// since, or the job reads `queued` for good although it ran to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_event_landing_after_the_job_moved_on_is_refused() {
+    use comfyq_shared::job::JobStatus;
+    use comfyq_shared::machine::{self, Input, Transition};
+    use comfyq_shared::messages::SubmitJob;
+    use comfyq_shared::{Event, EventKind, JobId, JobRecord, JobSpec, TenantId};
+
+    let stack = TestStack::start().await;
+    let store = stack.job_store().await;
+    let names = stack.nats_config().names().expect("valid prefix");
+    let spec = JobSpec {
+        id: JobId::new(),
+        tenant: TenantId::new(comfyq_tests::stack::TENANT).expect("tenant"),
+        priority: Default::default(),
+        pool: Default::default(),
+        workflow: serde_json::from_value(invert_workflow(8)).expect("workflow"),
+        inputs: vec![],
+        webhook: None,
+        metadata: None,
+        timeout_s: 60,
+        inline_outputs: false,
+        runner_labels: Default::default(),
+        every_progress_event: false,
+        created_at: time::OffsetDateTime::now_utc(),
+    };
+    // What ingress stores of the job, with its `queued` not (yet) arrived.
+    let pending = SubmitJob {
+        v: comfyq_shared::job::SCHEMA_VERSION,
+        spec: spec.clone(),
+        attempt: 1,
+        requeued_at: None,
+    };
+    store
+        .publish_pending(&pending, &spec.id.to_string())
+        .await
+        .expect("pending message stored");
+    let accepted = JobRecord::accepted(&spec);
+    store
+        .commit(std::slice::from_ref(&accepted), 0)
+        .await
+        .expect("accepted stored");
+
+    let id = spec.id.to_string();
+    let finished = stack.wait_finished(&id, Duration::from_secs(15)).await;
+    assert_eq!(finished["status"], "completed", "{finished:#}");
+
+    // Ingress's `queued` arrives now, as it sends it: guarding only its own
+    // subject (no `queued` yet), no compare-and-set on the record.
+    let Transition::Apply(queued) =
+        machine::next(&accepted, &Input::Queue, time::OffsetDateTime::now_utc())
+    else {
+        panic!("an accepted job can be queued");
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+    let js = async_nats::jetstream::new(stack.nats.client().await);
+    let late = js
+        .publish_with_headers(
+            names.event_subject(&spec.tenant, &spec.id, EventKind::State(JobStatus::Queued)),
+            headers,
+            serde_json::to_vec(&Event::for_state(&queued))
+                .expect("event")
+                .into(),
+        )
+        .await
+        .expect("published")
+        .await;
+    assert!(late.is_err(), "the late queued event was stored: {late:?}");
+    let record = store
+        .get(&spec.tenant, &spec.id)
+        .await
+        .expect("record read")
+        .expect("record exists");
+    assert_eq!(record.record.status, JobStatus::Completed);
+    assert_eq!(stack.job(&id).await["status"], "completed");
+    stack.stop().await;
+}
