@@ -43,14 +43,17 @@ pub struct Provisioned {
     pub media: object_store::ObjectStore,
 }
 
-/// Attempts of [`provision`] when the server does not answer in time.
+/// Attempts of [`provision`] when the server does not answer in time (or a
+/// cluster node is not back yet).
 const PROVISION_ATTEMPTS: u32 = 6;
 
 /// Creates or updates all streams and buckets.
 ///
 /// On a cluster, several services provisioning at once (or a meta leader
-/// election) can leave a request unanswered though it took effect; every
-/// step is idempotent, so a timed-out round is simply run again.
+/// election) can leave a request unanswered though it took effect, and a
+/// cluster just started (or a node restarting) has no room for a replica
+/// until every peer is known; every step is idempotent, so such a round is
+/// simply run again.
 pub async fn provision(
     js: &jetstream::Context,
     names: &Names,
@@ -59,8 +62,8 @@ pub async fn provision(
     let mut backoff = Duration::from_millis(250);
     for attempt in 1.. {
         match provision_once(js, names, config).await {
-            Err(error) if attempt < PROVISION_ATTEMPTS && error.is_timeout() => {
-                tracing::warn!(attempt, %error, "provisioning timed out; retrying");
+            Err(error) if attempt < PROVISION_ATTEMPTS && error.is_transient() => {
+                tracing::warn!(attempt, %error, "provisioning did not go through; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
             }
@@ -71,9 +74,17 @@ pub async fn provision(
 }
 
 impl ProvisionError {
-    fn is_timeout(&self) -> bool {
-        let text = self.source.to_string();
-        text.contains("timed out") || text.contains("no responders")
+    fn is_transient(&self) -> bool {
+        // The whole chain: async-nats wraps the server's answer.
+        let mut text = String::new();
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self.source.as_ref());
+        while let Some(error) = cause {
+            text.push_str(&error.to_string());
+            cause = error.source();
+        }
+        ["timed out", "no responders", "peer offline"]
+            .iter()
+            .any(|transient| text.contains(transient))
     }
 }
 

@@ -533,10 +533,15 @@ impl Worker {
                 None => self.jobs.get(&spec.tenant, &spec.id).await?,
             };
             let Some(current) = read else {
-                // Ingress died between the pending message and the record:
-                // the record is written now (a rare, atomic batch).
-                if !first_delivery {
-                    return Ok(Claim::Drop("the job has no record (expired?)"));
+                // Ingress died between the pending message and the record,
+                // or (on a cluster) the node that answered is behind: the
+                // record is written now (a rare, atomic batch) as a create,
+                // which the stream leader refuses if the record exists; a
+                // redelivery is dropped for a missing record only once the
+                // job is older than records live (expired).
+                let age = OffsetDateTime::now_utc() - spec.created_at;
+                if !first_delivery && age.unsigned_abs() > self.config.nats.jobs_max_age {
+                    return Ok(Claim::Drop("the job has no record (expired)"));
                 }
                 let mut records = vec![JobRecord::accepted(spec)];
                 for input in [Input::Queue, Input::Dispatch { attempt }] {
@@ -559,7 +564,12 @@ impl Worker {
                             revision: written.revision(),
                         })));
                     }
-                    Err(JobStoreError::Conflict(_)) => continue,
+                    Err(JobStoreError::Conflict(_)) => {
+                        // The record exists; a replica still behind would
+                        // answer "none" again at once.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
                     Err(error) => return Err(error),
                 }
             };
