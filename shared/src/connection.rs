@@ -94,6 +94,7 @@ pub async fn connect(
     }
     let tls = &config.tls;
     if tls.is_set() {
+        crate::media::ensure_tls_provider();
         options = options.require_tls(true);
     }
     if let Some(ca) = &tls.ca_file {
