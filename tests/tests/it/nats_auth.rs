@@ -297,6 +297,17 @@ async fn nats_auth_each_identity_is_refused_what_it_must_not_do() {
         "the scheduler publishes no previews"
     );
 
+    // A refused core publish (no reply subject) is logged too: the stack
+    // test's "no violations" relies on it.
+    let scheduler = secured.client(&Identity::Scheduler).await;
+    let preview = names.preview_subject(&globex, &job);
+    scheduler
+        .publish(preview.clone(), "x".into())
+        .await
+        .expect("sent");
+    scheduler.flush().await.expect("flush");
+    secured.assert_violation_logged(&preview).await;
+
     // No service reads another's replies.
     let runner = secured.client(&Identity::Runner).await;
     assert!(!receives(&runner, &admin, "_INBOX_ingress.probe").await);
