@@ -272,7 +272,11 @@ pub fn permissions(names: &Names, identity: &Identity) -> Permissions {
             g.subscribe(format!("{p}.events.>"));
             g.read(&names.pending_stream());
             g.read(&names.dispatch_stream());
-            g.publish(api(&format!("CONSUMER.INFO.{}.*", names.dispatch_stream())));
+            // The queue view: each pool's dispatch consumer.
+            let dispatch = names.dispatch_stream();
+            g.publish(api(&format!("CONSUMER.INFO.{dispatch}.*")));
+            g.publish(api(&format!("CONSUMER.LIST.{dispatch}")));
+            g.publish(api(&format!("CONSUMER.NAMES.{dispatch}")));
             g.kv_write(&names.idempotency_bucket());
             g.kv_read(&names.runners_bucket());
             g.kv_read(&names.capabilities_bucket());

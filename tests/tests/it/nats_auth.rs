@@ -573,24 +573,88 @@ async fn nats_auth_the_stack_runs_on_least_privilege_credentials() {
     );
     let job: Value = response.json().await.expect("job");
     let id = job["id"].as_str().expect("id").to_owned();
-    let finished = eventually(Duration::from_secs(30), "the job completed", async || {
+    let status_of = async |id: &str| -> Option<Value> {
         alive(&services);
-        let job: Value = http
-            .get(format!("{api_url}/v1/jobs/{id}"))
+        http.get(format!("{api_url}/v1/jobs/{id}"))
             .send()
             .await
             .ok()?
             .json()
             .await
-            .ok()?;
+            .ok()
+    };
+    let ended = |job: &Value| {
         matches!(
             job["status"].as_str(),
             Some("completed" | "failed" | "cancelled")
         )
-        .then_some(job)
+    };
+    let finished = eventually(Duration::from_secs(30), "the job completed", async || {
+        status_of(&id).await.filter(ended)
     })
     .await;
     assert_eq!(finished["status"], "completed", "{finished:#}");
+    // Its events replayed over SSE (an ordered consumer of ingress's).
+    let sse = tokio::time::timeout(Duration::from_secs(10), async {
+        http.get(format!("{api_url}/v1/jobs/{id}/events"))
+            .send()
+            .await
+            .expect("GET events")
+            .text()
+            .await
+            .expect("SSE body")
+    })
+    .await
+    .expect("the SSE stream ends at the terminal event");
+    assert!(sse.contains("job.completed"), "{sse}");
+    for path in ["/v1/queue", "/v1/dead-letters", "/v1/runners"] {
+        let answer = http
+            .get(format!("{api_url}{path}"))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(answer.status(), 200, "{path}");
+    }
+
+    // A running job cancelled: the command through the scheduler, its
+    // nudge to the runner, `cancelled` recorded by the runner.
+    let second = http
+        .post(format!("{api_url}/v1/jobs"))
+        // Another size: ComfyUI would answer the same workflow from its cache.
+        .json(&json!({"workflow": invert_workflow(48)}))
+        .send()
+        .await
+        .expect("POST /v1/jobs");
+    assert_eq!(second.status(), 202);
+    let second: Value = second.json().await.expect("job");
+    let second = second["id"].as_str().expect("id").to_owned();
+    eventually(
+        Duration::from_secs(20),
+        "the second job running",
+        async || {
+            status_of(&second)
+                .await
+                .filter(|job| job["status"] == "running")
+        },
+    )
+    .await;
+    let cancel = http
+        .post(format!("{api_url}/v1/jobs/{second}/cancel"))
+        .send()
+        .await
+        .expect("cancel");
+    assert!(
+        cancel.status().is_success(),
+        "cancel answered {}",
+        cancel.status()
+    );
+    let cancelled = eventually(
+        Duration::from_secs(20),
+        "the second job ended",
+        async || status_of(&second).await.filter(ended),
+    )
+    .await;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled:#}");
 
     // Its output is readable through the API (media written by the runner,
     // read by ingress), the listing shows it, the webhook came.
@@ -610,7 +674,11 @@ async fn nats_auth_the_stack_runs_on_least_privilege_credentials() {
         .json()
         .await
         .expect("listing");
-    assert_eq!(listing["jobs"][0]["id"], id.as_str(), "{listing:#}");
+    let listed = listing["jobs"].as_array().expect("jobs");
+    assert!(
+        listed.iter().any(|job| job["id"] == id.as_str()),
+        "{listing:#}"
+    );
     let hooks = webhooks.wait_for(1, Duration::from_secs(15)).await;
     assert_eq!(hooks[0].json()["type"], "job.completed");
 
