@@ -266,3 +266,72 @@ pub async fn provision(args: &ProvisionArgs) -> anyhow::Result<String> {
         pools.join(", ")
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(out: &Path, tenants: &[&str]) -> NatsConfigArgs {
+        NatsConfigArgs {
+            out: out.to_path_buf(),
+            prefix: "comfyq".to_owned(),
+            tenants: tenants.iter().map(|t| (*t).to_owned()).collect(),
+            account: "COMFYQ".to_owned(),
+        }
+    }
+
+    #[test]
+    fn seeds_are_kept_when_run_again_and_services_only_check() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = write_nats_config(&args(dir.path(), &[])).expect("writes");
+        let runner_seed = std::fs::read_to_string(dir.path().join("runner.nk")).expect("seed");
+        let second = write_nats_config(&args(dir.path(), &["acme"])).expect("writes again");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("runner.nk")).expect("seed"),
+            runner_seed,
+            "an existing seed is kept"
+        );
+        assert_eq!(first.identities.len() + 1, second.identities.len());
+        let config = std::fs::read_to_string(&second.auth_conf).expect("auth.conf");
+        for (identity, seed) in &second.identities {
+            let seed = std::fs::read_to_string(seed).expect("seed");
+            let key = nkeys::KeyPair::from_seed(seed.trim()).expect("a seed");
+            assert!(
+                config.contains(&key.public_key()),
+                "{identity:?} in auth.conf"
+            );
+            assert!(!config.contains(seed.trim()), "no seed in auth.conf");
+        }
+        let runner_env = std::fs::read_to_string(dir.path().join("runner.env")).expect("env");
+        assert!(
+            runner_env.contains("COMFYQ_NATS__PROVISION=false"),
+            "{runner_env}"
+        );
+        assert!(
+            runner_env.contains("COMFYQ_NATS__INBOX_PREFIX=_INBOX_runner"),
+            "{runner_env}"
+        );
+        let admin_env = std::fs::read_to_string(dir.path().join("admin.env")).expect("env");
+        assert!(
+            admin_env.contains("COMFYQ_NATS__PROVISION=true"),
+            "{admin_env}"
+        );
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join("runner.nk"))
+            .expect("seed")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "a seed is readable by its owner only");
+    }
+
+    #[test]
+    fn bad_tenants_and_accounts_are_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        assert!(write_nats_config(&args(dir.path(), &["a.b"])).is_err());
+        let bad_account = NatsConfigArgs {
+            account: "MY ACCOUNT".to_owned(),
+            ..args(dir.path(), &[])
+        };
+        assert!(write_nats_config(&bad_account).is_err());
+    }
+}
