@@ -298,8 +298,10 @@ pub fn permissions(names: &Names, identity: &Identity) -> Permissions {
             g.read(&names.pending_stream());
             g.read(&names.dispatch_stream());
             g.read(&names.advisories_stream());
+            // A cancelled waiting job, a handled advisory, an exhausted dispatch.
             g.delete_messages(&names.pending_stream());
             g.delete_messages(&names.advisories_stream());
+            g.delete_messages(&names.dispatch_stream());
             // The dispatcher's consumer is made anew for each leadership.
             g.manage(names.pending_stream(), names.dispatcher_consumer());
             g.pull(names.jobs_stream(), names.scheduler_cancel_consumer());

@@ -64,6 +64,8 @@ impl Secured {
             nkey_seed_file: Some(self.seed(identity).display().to_string()),
             inbox_prefix: Some(identity.inbox_prefix()),
             provision: *identity == Identity::Admin,
+            // Dead letters after two attempts, so the stack test reaches one soon.
+            dispatch_max_deliver: 2,
             ..stack::nats_config(&self.server.url())
         }
     }
@@ -87,7 +89,7 @@ impl Secured {
         std::fs::write(
             &config,
             format!(
-                "[nats]\nurl = \"{}\"\nnkey_seed_file = \"{}\"\ninbox_prefix = \"{}\"\ndispatch_ack_wait = \"3s\"\n",
+                "[nats]\nurl = \"{}\"\nnkey_seed_file = \"{}\"\ninbox_prefix = \"{}\"\ndispatch_ack_wait = \"3s\"\ndispatch_max_deliver = 2\n",
                 self.server.url(),
                 self.seed(&Identity::Admin).display(),
                 Identity::Admin.inbox_prefix()
@@ -555,6 +557,7 @@ async fn nats_auth_the_stack_runs_on_least_privilege_credentials() {
         .expect("subscribe");
     tenant.flush().await.expect("flush");
 
+    webhooks.respond_with(1, 410, &[]);
     let response = http
         .post(format!("{api_url}/v1/jobs"))
         .header("Idempotency-Key", "least-privilege-1")
@@ -615,6 +618,120 @@ async fn nats_auth_the_stack_runs_on_least_privilege_credentials() {
             .expect("GET");
         assert_eq!(answer.status(), 200, "{path}");
     }
+
+    // A job with an input (stored by ingress, read by the runner), its
+    // webhook redelivered on request.
+    use base64::Engine as _;
+    let output_url = finished["outputs"][0]["url"].as_str().expect("output url");
+    let png = http
+        .get(format!("{api_url}{output_url}"))
+        .send()
+        .await
+        .expect("GET output")
+        .bytes()
+        .await
+        .expect("bytes");
+    let with_input: Value = http
+        .post(format!("{api_url}/v1/jobs"))
+        .json(&json!({
+            "workflow": {
+                "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+                "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+                "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "comfyq/loaded"}}
+            },
+            "inputs": [{"name": "photo.png", "data": base64::engine::general_purpose::STANDARD.encode(&png)}]
+        }))
+        .send()
+        .await
+        .expect("POST /v1/jobs")
+        .json()
+        .await
+        .expect("job");
+    let with_input = with_input["id"].as_str().expect("id").to_owned();
+    let done = eventually(
+        Duration::from_secs(20),
+        "the job with an input",
+        async || status_of(&with_input).await.filter(ended),
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done:#}");
+    // The sink answered the first delivery 410: it is dead, redeliverable.
+    eventually(Duration::from_secs(15), "a dead delivery", async || {
+        let all: Value = http
+            .get(format!("{api_url}/v1/jobs/{id}/webhooks"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (all["deliveries"][0]["state"] == "dead").then_some(())
+    })
+    .await;
+    let redeliver = http
+        .post(format!("{api_url}/v1/jobs/{id}/webhooks/redeliver"))
+        .send()
+        .await
+        .expect("redeliver");
+    assert!(
+        redeliver.status().is_success(),
+        "redeliver answered {}",
+        redeliver.status()
+    );
+    webhooks.wait_for(2, Duration::from_secs(15)).await;
+
+    // Attempts run out: the advisory, the dead letter, an operator's retry.
+    sim.inject(comfy_sim::Failure::oom(), 2);
+    let doomed: Value = http
+        .post(format!("{api_url}/v1/jobs"))
+        .json(&json!({"workflow": invert_workflow(40)}))
+        .send()
+        .await
+        .expect("POST /v1/jobs")
+        .json()
+        .await
+        .expect("job");
+    let doomed = doomed["id"].as_str().expect("id").to_owned();
+    let failed = eventually(
+        Duration::from_secs(30),
+        "the job out of attempts",
+        async || status_of(&doomed).await.filter(ended),
+    )
+    .await;
+    assert_eq!(failed["status"], "failed", "{failed:#}");
+    eventually(Duration::from_secs(15), "its dead letter", async || {
+        let page: Value = http
+            .get(format!("{api_url}/v1/dead-letters"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        page["dead_letters"]
+            .as_array()?
+            .iter()
+            .any(|letter| letter.to_string().contains(&doomed))
+            .then_some(())
+    })
+    .await;
+    let retry = http
+        .post(format!("{api_url}/v1/jobs/{doomed}/retry"))
+        .send()
+        .await
+        .expect("retry");
+    assert!(
+        retry.status().is_success(),
+        "retry answered {}",
+        retry.status()
+    );
+    let requeued = eventually(Duration::from_secs(30), "the requeued job", async || {
+        status_of(&doomed)
+            .await
+            .filter(|job| job["status"] == "completed")
+    })
+    .await;
+    assert_eq!(requeued["status"], "completed", "{requeued:#}");
 
     // A running job cancelled: the command through the scheduler, its
     // nudge to the runner, `cancelled` recorded by the runner.
