@@ -415,6 +415,32 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's test API returns its own error type
+    fn credentials_and_tls_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("ca.pem", "pem")?;
+            jail.create_file("runner.nk", "SU")?;
+            jail.set_env("COMFYQ_NATS__TLS__CA_FILE", "ca.pem");
+            jail.set_env("COMFYQ_NATS__NKEY_SEED_FILE", "runner.nk");
+            jail.set_env("COMFYQ_NATS__INBOX_PREFIX", "_INBOX_runner");
+            jail.set_env("COMFYQ_NATS__PROVISION", "false");
+            let loaded: Strict = load(None).expect("loads");
+            assert!(loaded.nats.tls.is_set());
+            assert_eq!(loaded.nats.provisioning(), Provisioning::CheckOnly);
+            assert_eq!(loaded.nats.inbox_prefix.as_deref(), Some("_INBOX_runner"));
+
+            jail.set_env("COMFYQ_NATS__TLS__CERT_FILE", "ca.pem");
+            let error = load::<Strict>(None).expect_err("a certificate without its key");
+            assert!(error.to_string().contains("key_file"), "{error}");
+            jail.set_env("COMFYQ_NATS__TLS__KEY_FILE", "missing.pem");
+            let error = load::<Strict>(None).expect_err("a missing key file");
+            assert!(error.to_string().contains("missing.pem"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         assert_eq!(format!("{:?}", Secret::new("hunter2")), "Secret(***)");
     }
