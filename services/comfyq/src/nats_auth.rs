@@ -247,6 +247,15 @@ pub async fn provision(args: &ProvisionArgs) -> anyhow::Result<String> {
     let names = nats.names()?;
     let client = comfyq_shared::connection::connect(&nats, "admin").await?;
     let js = comfyq_shared::connection::jetstream(client.clone());
+    // Only the admin may ask for the account's JetStream info: a service's
+    // identity fails here at once, not after provisioning's retries.
+    js.query_account().await.with_context(|| {
+        format!(
+            "no JetStream answer to the account info request on {}: is this the admin \
+             identity (admin.env from `comfyq nats-config`)?",
+            nats.url
+        )
+    })?;
     comfyq_shared::provision::provision(&js, &names, &nats).await?;
     comfyq_scheduler::provision_consumers(&js, &scheduler, Provisioning::CreateOrUpdate).await?;
     comfyq_notifier::provision_consumers(&js, &notifier, Provisioning::CreateOrUpdate).await?;
