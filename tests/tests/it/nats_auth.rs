@@ -397,6 +397,40 @@ async fn nats_auth_each_identity_is_refused_what_it_must_not_do() {
         "{}",
         first.subject
     );
+    // Its previews too, live and replayed; not another tenant's.
+    assert!(receives(&tenant, &admin, &names.preview_subject(&acme, &job)).await);
+    assert!(refused(&tenant, &admin, &names.preview_subject(&globex, &other_job)).await);
+    let own_previews = names
+        .preview_subject(&acme, &job)
+        .replace(&job.to_string(), ">");
+    tenant_js
+        .create_consumer_on_stream(
+            pull::OrderedConfig {
+                name: Some(format!("{replay_name}-previews")),
+                filter_subject: own_previews,
+                ..Default::default()
+            },
+            names.previews_stream(),
+        )
+        .await
+        .expect("a tenant replays its own previews");
+    let other_previews = names
+        .preview_subject(&globex, &other_job)
+        .replace(&other_job.to_string(), ">");
+    assert!(
+        tenant_js
+            .create_consumer_on_stream(
+                pull::OrderedConfig {
+                    name: Some("theirs".to_owned()),
+                    filter_subject: other_previews,
+                    ..Default::default()
+                },
+                names.previews_stream(),
+            )
+            .await
+            .is_err(),
+        "a tenant replays another's previews"
+    );
     // A wider filter is refused, however it is asked for.
     for filter in [
         "comfyq.events.>".to_owned(),
