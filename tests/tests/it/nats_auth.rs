@@ -153,32 +153,40 @@ async fn api(client: &async_nats::Client, request: &str, body: Value) -> Option<
 
 /// Whether a core subscription to `subject` as `who` receives what `admin`
 /// publishes there (waiting long for what should come, briefly for what
-/// should not: [`receives`] and [`refused`]).
+/// should not: [`receives`] and [`refused`]). `admin` publishes every 50 ms
+/// meanwhile: a flush does not wait for the server to have registered the
+/// subscription, so one early message could be missed either way.
 async fn delivered(
-    who: &async_nats::Client,
+    who: (&Secured, &Identity),
     admin: &async_nats::Client,
     subject: &str,
     wait: Duration,
 ) -> bool {
+    let who = who.0.client(who.1).await;
     let mut subscription = who.subscribe(subject.to_owned()).await.expect("subscribe");
     who.flush().await.expect("flush");
-    admin
-        .publish(subject.to_owned(), "probe".into())
-        .await
-        .expect("admin publishes");
-    admin.flush().await.expect("flush");
-    tokio::time::timeout(wait, subscription.next())
-        .await
-        .ok()
-        .flatten()
-        .is_some()
+    let probes = async {
+        loop {
+            admin
+                .publish(subject.to_owned(), "probe".into())
+                .await
+                .expect("admin publishes");
+            admin.flush().await.expect("flush");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        message = subscription.next() => message.is_some(),
+        () = probes => unreachable!("the probes loop forever"),
+        () = tokio::time::sleep(wait) => false,
+    }
 }
 
-async fn receives(who: &async_nats::Client, admin: &async_nats::Client, subject: &str) -> bool {
+async fn receives(who: (&Secured, &Identity), admin: &async_nats::Client, subject: &str) -> bool {
     delivered(who, admin, subject, Duration::from_secs(10)).await
 }
 
-async fn refused(who: &async_nats::Client, admin: &async_nats::Client, subject: &str) -> bool {
+async fn refused(who: (&Secured, &Identity), admin: &async_nats::Client, subject: &str) -> bool {
     !delivered(who, admin, subject, REFUSED_WITHIN).await
 }
 
@@ -326,14 +334,26 @@ async fn nats_auth_each_identity_is_refused_what_it_must_not_do() {
 
     // No service reads another's replies.
     let runner = secured.client(&Identity::Runner).await;
-    assert!(refused(&runner, &admin, "_INBOX_ingress.probe").await);
-    // A fresh connection: on one whose subscription the server had just
-    // refused, a later subscription was closed at once in some runs.
-    let runner = secured.client(&Identity::Runner).await;
-    assert!(receives(&runner, &admin, &names.runner_cancel_subject(&job)).await);
+    assert!(
+        refused(
+            (&secured, &Identity::Runner),
+            &admin,
+            "_INBOX_ingress.probe"
+        )
+        .await
+    );
+    assert!(
+        receives(
+            (&secured, &Identity::Runner),
+            &admin,
+            &names.runner_cancel_subject(&job)
+        )
+        .await
+    );
 
     // A tenant's subscriber: its own events, live and replayed; nothing else.
-    let tenant = secured.client(&Identity::Tenant(acme.clone())).await;
+    let acme_user = Identity::Tenant(acme.clone());
+    let tenant = secured.client(&acme_user).await;
     let other_job = JobId::new();
     for (tenant, job) in [(&acme, job), (&globex, other_job)] {
         let subject = names.event_subject(tenant, &job, EventKind::State(JobStatus::Completed));
@@ -345,17 +365,27 @@ async fn nats_auth_each_identity_is_refused_what_it_must_not_do() {
             .expect("stored");
     }
     let own = names.event_subject(&acme, &JobId::new(), EventKind::State(JobStatus::Running));
-    assert!(receives(&tenant, &admin, &own).await, "its own live events");
+    assert!(
+        receives((&secured, &acme_user), &admin, &own).await,
+        "its own live events"
+    );
     let theirs = names.event_subject(&globex, &other_job, EventKind::State(JobStatus::Running));
     assert!(
-        refused(&tenant, &admin, &theirs).await,
+        refused((&secured, &acme_user), &admin, &theirs).await,
         "another tenant's events"
     );
-    assert!(refused(&tenant, &admin, &names.tenant_events_filter(&globex)).await);
-    assert!(refused(&tenant, &admin, "comfyq.>").await);
     assert!(
         refused(
-            &tenant,
+            (&secured, &acme_user),
+            &admin,
+            &names.tenant_events_filter(&globex)
+        )
+        .await
+    );
+    assert!(refused((&secured, &acme_user), &admin, "comfyq.>").await);
+    assert!(
+        refused(
+            (&secured, &acme_user),
             &admin,
             &names.hook_subject(&acme, &job, EventKind::State(JobStatus::Completed))
         )
@@ -398,8 +428,22 @@ async fn nats_auth_each_identity_is_refused_what_it_must_not_do() {
         first.subject
     );
     // Its previews too, live and replayed; not another tenant's.
-    assert!(receives(&tenant, &admin, &names.preview_subject(&acme, &job)).await);
-    assert!(refused(&tenant, &admin, &names.preview_subject(&globex, &other_job)).await);
+    assert!(
+        receives(
+            (&secured, &acme_user),
+            &admin,
+            &names.preview_subject(&acme, &job)
+        )
+        .await
+    );
+    assert!(
+        refused(
+            (&secured, &acme_user),
+            &admin,
+            &names.preview_subject(&globex, &other_job)
+        )
+        .await
+    );
     let own_previews = names
         .preview_subject(&acme, &job)
         .replace(&job.to_string(), ">");
