@@ -119,6 +119,19 @@ pub struct NatsConfig {
     pub replicas: usize,
     /// Optional credentials file (NATS decentralized auth).
     pub credentials_file: Option<String>,
+    /// File holding this identity's nkey seed (`SU…`), as `comfyq
+    /// nats-config` writes one per service for the server config it makes.
+    pub nkey_seed_file: Option<String>,
+    /// Prefix of this connection's reply subjects (`_INBOX` if unset). With
+    /// least-privilege users each identity has its own, so no other
+    /// identity may subscribe to its replies.
+    pub inbox_prefix: Option<String>,
+    /// Create or update streams, buckets and consumers at start (`true`), or
+    /// only check that they exist (`false`: an identity without the rights
+    /// to change them; `comfyq provision` creates them with the admin one).
+    pub provision: bool,
+    /// TLS to the server (also used when a URL is `tls://`).
+    pub tls: NatsTlsConfig,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// How often the client pings its server. A server that stops answering
@@ -152,6 +165,37 @@ pub struct NatsConfig {
     pub dispatch_priority_policy: DispatchPriorityPolicy,
 }
 
+/// TLS settings of the NATS connection. TLS is used when any is set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsTlsConfig {
+    /// Refuse a server that does not offer TLS.
+    pub required: bool,
+    /// PEM file of the CA(s) that signed the server's certificate (the
+    /// system's roots when unset).
+    pub ca_file: Option<String>,
+    /// PEM client certificate, for a server that verifies clients (with `key_file`).
+    pub cert_file: Option<String>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<String>,
+}
+
+impl NatsTlsConfig {
+    /// Whether any TLS setting is given.
+    pub fn is_set(&self) -> bool {
+        self.required || self.ca_file.is_some() || self.cert_file.is_some()
+    }
+}
+
+/// See [`NatsConfig::provision`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provisioning {
+    /// Create what is missing, update what changed.
+    CreateOrUpdate,
+    /// Only look up what must exist; fail clearly when it does not.
+    CheckOnly,
+}
+
 /// See [`NatsConfig::dispatch_priority_policy`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -169,6 +213,10 @@ impl Default for NatsConfig {
             prefix: "comfyq".to_owned(),
             replicas: 1,
             credentials_file: None,
+            nkey_seed_file: None,
+            inbox_prefix: None,
+            provision: true,
+            tls: NatsTlsConfig::default(),
             connect_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_secs(2),
             events_max_age: Duration::from_secs(7 * 24 * 3600),
@@ -185,6 +233,15 @@ impl Default for NatsConfig {
 impl NatsConfig {
     pub fn names(&self) -> Result<Names, ConfigError> {
         Names::new(&self.prefix).map_err(|e| ConfigError::Invalid(format!("nats.prefix: {e}")))
+    }
+
+    /// What this identity does with streams and consumers at start.
+    pub fn provisioning(&self) -> Provisioning {
+        if self.provision {
+            Provisioning::CreateOrUpdate
+        } else {
+            Provisioning::CheckOnly
+        }
     }
 }
 
@@ -211,6 +268,35 @@ impl Validate for NatsConfig {
             return Err(ConfigError::Invalid(
                 "nats.dispatch_max_deliver must be at least 1".to_owned(),
             ));
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "nats.tls.cert_file and nats.tls.key_file go together".to_owned(),
+            ));
+        }
+        for (name, file) in [
+            ("nkey_seed_file", &self.nkey_seed_file),
+            ("credentials_file", &self.credentials_file),
+            ("tls.ca_file", &self.tls.ca_file),
+            ("tls.cert_file", &self.tls.cert_file),
+            ("tls.key_file", &self.tls.key_file),
+        ] {
+            if let Some(file) = file
+                && !Path::new(file).is_file()
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "nats.{name}: {file} is not a readable file"
+                )));
+            }
+        }
+        if let Some(prefix) = &self.inbox_prefix
+            && (prefix.is_empty()
+                || prefix.contains(['*', '>', ' '])
+                || prefix.split('.').any(str::is_empty))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "nats.inbox_prefix must be a subject without wildcards (got {prefix:?})"
+            )));
         }
         for (name, age) in [
             ("events_max_age", self.events_max_age),
@@ -324,6 +410,32 @@ mod tests {
                 load::<Strict>(None).is_err(),
                 "an unknown setting is refused"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's test API returns its own error type
+    fn credentials_and_tls_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("ca.pem", "pem")?;
+            jail.create_file("runner.nk", "SU")?;
+            jail.set_env("COMFYQ_NATS__TLS__CA_FILE", "ca.pem");
+            jail.set_env("COMFYQ_NATS__NKEY_SEED_FILE", "runner.nk");
+            jail.set_env("COMFYQ_NATS__INBOX_PREFIX", "_INBOX_runner");
+            jail.set_env("COMFYQ_NATS__PROVISION", "false");
+            let loaded: Strict = load(None).expect("loads");
+            assert!(loaded.nats.tls.is_set());
+            assert_eq!(loaded.nats.provisioning(), Provisioning::CheckOnly);
+            assert_eq!(loaded.nats.inbox_prefix.as_deref(), Some("_INBOX_runner"));
+
+            jail.set_env("COMFYQ_NATS__TLS__CERT_FILE", "ca.pem");
+            let error = load::<Strict>(None).expect_err("a certificate without its key");
+            assert!(error.to_string().contains("key_file"), "{error}");
+            jail.set_env("COMFYQ_NATS__TLS__KEY_FILE", "missing.pem");
+            let error = load::<Strict>(None).expect_err("a missing key file");
+            assert!(error.to_string().contains("missing.pem"), "{error}");
             Ok(())
         });
     }

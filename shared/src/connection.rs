@@ -41,6 +41,12 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read the NATS nkey seed file {path}: {source}")]
+    NkeySeed {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot connect to NATS at {url}: {source}")]
     Connect {
         url: String,
@@ -75,6 +81,27 @@ pub async fn connect(
                     path: path.clone(),
                     source,
                 })?;
+    }
+    if let Some(path) = &config.nkey_seed_file {
+        let seed = std::fs::read_to_string(path).map_err(|source| ConnectError::NkeySeed {
+            path: path.clone(),
+            source,
+        })?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    if let Some(prefix) = &config.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix);
+    }
+    let tls = &config.tls;
+    if tls.is_set() {
+        crate::media::ensure_tls_provider();
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &tls.ca_file {
+        options = options.add_root_certificates(ca.into());
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        options = options.add_client_certificate(cert.into(), key.into());
     }
     let urls: Vec<&str> = config.url.split(',').map(str::trim).collect();
     let client = options

@@ -9,7 +9,9 @@
 //! - [`messages`]: pending jobs, dispatches and commands between services.
 //! - [`registry`]: runners' capability and load entries, and the live fleet.
 //! - [`names`]: every subject, stream, consumer and bucket name, from one prefix.
-//! - [`provision`]: idempotent creation of streams, buckets and consumers.
+//! - [`provision`]: idempotent creation of streams, buckets and consumers
+//!   (or, for identities without those rights, checking they exist).
+//! - [`nats_permissions`]: what each NATS identity may publish and subscribe to.
 //! - [`connection`]: connecting to NATS.
 //! - [`consume`]: running a durable pull consumer with one ack per message.
 //! - [`dead_letter`]: jobs whose attempts ran out, kept for an operator's requeue.
@@ -42,6 +44,7 @@ pub mod media;
 pub mod messages;
 pub mod names;
 pub mod nats_cluster;
+pub mod nats_permissions;
 pub mod priority;
 pub mod provision;
 pub mod publisher;

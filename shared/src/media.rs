@@ -187,19 +187,19 @@ pub type MediaReader = Pin<Box<dyn AsyncRead + Send>>;
 impl MediaStore {
     /// Opens the backend `config.url` names. For `nats://` the bucket is
     /// created if missing (with `max_age`), as provisioning does for the
-    /// default one.
+    /// default one, unless `provisioning` is check-only.
     pub async fn open(
         config: &MediaConfig,
         js: &async_nats::jetstream::Context,
         names: Names,
-        max_age: Duration,
-        replicas: usize,
+        (max_age, replicas): (Duration, usize),
+        provisioning: crate::config::Provisioning,
     ) -> Result<Self, MediaError> {
         let limits = MediaLimits::from(config);
         match MediaUrl::parse(&config.url).map_err(MediaError::Config)? {
             MediaUrl::Nats { bucket } => {
                 let bucket = bucket.unwrap_or_else(|| names.media_bucket());
-                crate::provision::ensure_object_store(js, &bucket, max_age, replicas)
+                crate::provision::ensure_object_store(js, provisioning, &bucket, max_age, replicas)
                     .await
                     .map_err(|e| MediaError::Config(e.to_string()))?;
                 let store = JetStreamObjectStore::open(js.clone(), &bucket).await?;

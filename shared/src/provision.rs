@@ -1,26 +1,47 @@
 //! Idempotent creation of every stream, bucket and consumer comfyq needs.
 //! Safe to run from every service at start and against an existing
 //! deployment: each call creates what is missing and updates what changed.
+//! With least-privilege credentials only the admin identity (`comfyq
+//! provision`) creates; the services run [`Provisioning::CheckOnly`]: they
+//! look everything up and fail clearly when something is missing.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 
-use crate::config::{DispatchPriorityPolicy, NatsConfig};
+use crate::config::{DispatchPriorityPolicy, NatsConfig, Provisioning};
 use crate::ids::PoolName;
 use crate::names::Names;
 
 #[derive(Debug, thiserror::Error)]
-#[error("provisioning {what} failed: {source}")]
-pub struct ProvisionError {
-    what: String,
-    #[source]
-    source: async_nats::Error,
+pub enum ProvisionError {
+    #[error("provisioning {what} failed: {source}")]
+    Failed {
+        what: String,
+        #[source]
+        source: async_nats::Error,
+    },
+    /// Check-only mode found something missing (or not readable by this identity).
+    #[error(
+        "{what} is missing or not visible to this NATS identity ({source}); this service only \
+         checks (nats.provision = false): create everything first with `comfyq provision` \
+         as the admin identity"
+    )]
+    Missing {
+        what: String,
+        #[source]
+        source: async_nats::Error,
+    },
 }
 
 fn failed(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> ProvisionError {
     let what = what.into();
-    move |source| ProvisionError { what, source }
+    move |source| ProvisionError::Failed { what, source }
+}
+
+fn missing(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> ProvisionError {
+    let what = what.into();
+    move |source| ProvisionError::Missing { what, source }
 }
 
 /// Handles to everything shared by the services.
@@ -47,7 +68,8 @@ pub struct Provisioned {
 /// cluster node is not back yet).
 const PROVISION_ATTEMPTS: u32 = 6;
 
-/// Creates or updates all streams and buckets.
+/// Creates or updates all streams and buckets, or with
+/// [`Provisioning::CheckOnly`] (`nats.provision = false`) only binds to them.
 ///
 /// On a cluster, several services provisioning at once (or a meta leader
 /// election) can leave a request unanswered though it took effect, and a
@@ -61,7 +83,11 @@ pub async fn provision(
 ) -> Result<Provisioned, ProvisionError> {
     let mut backoff = Duration::from_millis(250);
     for attempt in 1.. {
-        match provision_once(js, names, config).await {
+        let round = match config.provisioning() {
+            Provisioning::CreateOrUpdate => provision_once(js, names, config).await,
+            Provisioning::CheckOnly => bind(js, names).await,
+        };
+        match round {
             Err(error) if attempt < PROVISION_ATTEMPTS && error.is_transient() => {
                 tracing::warn!(attempt, %error, "provisioning did not go through; retrying");
                 tokio::time::sleep(backoff).await;
@@ -75,9 +101,10 @@ pub async fn provision(
 
 impl ProvisionError {
     fn is_transient(&self) -> bool {
+        let (Self::Failed { source, .. } | Self::Missing { source, .. }) = self;
         // The whole chain: async-nats wraps the server's answer.
         let mut text = String::new();
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self.source.as_ref());
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
         while let Some(error) = cause {
             text.push_str(&error.to_string());
             cause = error.source();
@@ -86,6 +113,47 @@ impl ProvisionError {
             .iter()
             .any(|transient| text.contains(transient))
     }
+}
+
+/// Every stream, bucket and object store looked up, none changed.
+async fn bind(js: &jetstream::Context, names: &Names) -> Result<Provisioned, ProvisionError> {
+    for stream in [
+        names.jobs_stream(),
+        names.dispatch_stream(),
+        names.advisories_stream(),
+        names.webhooks_stream(),
+        names.previews_stream(),
+    ] {
+        js.get_stream(&stream)
+            .await
+            .map_err(|e| missing(format!("stream {stream}"))(e.into()))?;
+    }
+    let kv = async |bucket: String| {
+        js.get_key_value(&bucket)
+            .await
+            .map_err(|e| missing(format!("KV bucket {bucket}"))(e.into()))
+    };
+    let media = names.media_bucket();
+    Ok(Provisioned {
+        events: js
+            .get_stream(names.events_stream())
+            .await
+            .map_err(|e| missing(format!("stream {}", names.events_stream()))(e.into()))?,
+        pending: js
+            .get_stream(names.pending_stream())
+            .await
+            .map_err(|e| missing(format!("stream {}", names.pending_stream()))(e.into()))?,
+        scheduler: kv(names.scheduler_bucket()).await?,
+        runners: kv(names.runners_bucket()).await?,
+        capabilities: kv(names.capabilities_bucket()).await?,
+        idempotency: kv(names.idempotency_bucket()).await?,
+        webhooks: kv(names.webhooks_bucket()).await?,
+        dead_letters: kv(names.dead_letters_bucket()).await?,
+        media: js
+            .get_object_store(&media)
+            .await
+            .map_err(|e| missing(format!("object store {media}"))(e.into()))?,
+    })
 }
 
 async fn provision_once(
@@ -252,8 +320,14 @@ async fn provision_once(
     )
     .await?;
 
-    let media =
-        ensure_object_store(js, &names.media_bucket(), config.media_max_age, replicas).await?;
+    let media = ensure_object_store(
+        js,
+        Provisioning::CreateOrUpdate,
+        &names.media_bucket(),
+        config.media_max_age,
+        replicas,
+    )
+    .await?;
     let events = js
         .get_stream(names.events_stream())
         .await
@@ -345,10 +419,17 @@ async fn ensure_kv(
 /// applied to an existing deployment.
 pub async fn ensure_object_store(
     js: &jetstream::Context,
+    provisioning: Provisioning,
     bucket: &str,
     max_age: Duration,
     replicas: usize,
 ) -> Result<object_store::ObjectStore, ProvisionError> {
+    if provisioning == Provisioning::CheckOnly {
+        return js
+            .get_object_store(bucket)
+            .await
+            .map_err(|e| missing(format!("object store {bucket}"))(e.into()));
+    }
     js.create_or_update_stream(stream::Config {
         name: format!("OBJ_{bucket}"),
         description: Some("comfyq: job inputs and outputs".to_owned()),
@@ -367,18 +448,27 @@ pub async fn ensure_object_store(
         .map_err(|e| failed(format!("object store {bucket}"))(e.into()))
 }
 
-/// A durable pull consumer with the given filter; created or updated.
+/// A durable pull consumer with the given filter; created or updated, or
+/// with [`Provisioning::CheckOnly`] looked up (its settings are then the
+/// admin's: `comfyq provision` applies them).
 pub async fn ensure_pull_consumer(
     js: &jetstream::Context,
+    provisioning: Provisioning,
     stream_name: &str,
     config: consumer::pull::Config,
 ) -> Result<consumer::PullConsumer, ProvisionError> {
     let name = config.durable_name.clone().unwrap_or_default();
+    let what = || format!("consumer {name} on {stream_name}");
+    if provisioning == Provisioning::CheckOnly {
+        return js
+            .get_consumer_from_stream(&name, stream_name)
+            .await
+            .map_err(|e| missing(what())(e.into()));
+    }
     let stream = js
         .get_stream(stream_name)
         .await
         .map_err(|e| failed(format!("stream {stream_name}"))(e.into()))?;
-    let what = || format!("consumer {name} on {stream_name}");
     match stream.create_consumer(config.clone()).await {
         Ok(consumer) => Ok(consumer),
         // An existing consumer with different settings: bring it up to date.
@@ -405,6 +495,14 @@ pub async fn ensure_dispatch_consumer(
     pool: &PoolName,
 ) -> Result<consumer::PullConsumer, ProvisionError> {
     let stream_name = names.dispatch_stream();
+    let provisioning = config.provisioning();
+    if provisioning == Provisioning::CheckOnly {
+        let name = names.dispatch_consumer(pool);
+        return js
+            .get_consumer_from_stream(&name, &stream_name)
+            .await
+            .map_err(|e| missing(format!("consumer {name} on {stream_name}"))(e.into()));
+    }
     let stream = js
         .get_stream(&stream_name)
         .await
@@ -434,6 +532,7 @@ pub async fn ensure_dispatch_consumer(
     };
     ensure_pull_consumer(
         js,
+        provisioning,
         &stream_name,
         consumer::pull::Config {
             durable_name: Some(names.dispatch_consumer(pool)),

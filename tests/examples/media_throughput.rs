@@ -98,9 +98,15 @@ async fn main() {
         ..MediaConfig::default()
     };
     let names = Names::new("comfyq").expect("names");
-    let media = MediaStore::open(&config, &js, names.clone(), Duration::from_secs(3600), 1)
-        .await
-        .expect("open");
+    let media = MediaStore::open(
+        &config,
+        &js,
+        names.clone(),
+        (Duration::from_secs(3600), 1),
+        comfyq_shared::config::Provisioning::CreateOrUpdate,
+    )
+    .await
+    .expect("open");
     let raw = js
         .get_object_store(names.media_bucket())
         .await

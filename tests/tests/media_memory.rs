@@ -60,9 +60,15 @@ async fn a_1_gib_object_streams_through_the_media_layer_in_bounded_memory() {
         ..MediaConfig::default()
     };
     let names = Names::new("comfyq").expect("names");
-    let media = MediaStore::open(&config, &js, names, Duration::from_secs(3600), 1)
-        .await
-        .expect("open");
+    let media = MediaStore::open(
+        &config,
+        &js,
+        names,
+        (Duration::from_secs(3600), 1),
+        comfyq_shared::config::Provisioning::CreateOrUpdate,
+    )
+    .await
+    .expect("open");
     let key = media.output_key(
         &TenantId::new("acme".to_owned()).expect("tenant"),
         &JobId::new(),

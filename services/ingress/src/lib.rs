@@ -78,8 +78,8 @@ pub async fn serve(
         &config.media,
         &js,
         names.clone(),
-        config.nats.media_max_age,
-        config.nats.replicas,
+        (config.nats.media_max_age, config.nats.replicas),
+        config.nats.provisioning(),
     )
     .await?;
     let state = state::AppState {

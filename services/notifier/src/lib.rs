@@ -19,6 +19,7 @@ pub mod hosts;
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer;
+use comfyq_shared::config::Provisioning;
 use comfyq_shared::connection;
 use comfyq_shared::consume::run_consumer;
 use comfyq_shared::job_store::JobStore;
@@ -39,17 +40,18 @@ pub enum NotifierError {
     Metrics(#[from] std::io::Error),
 }
 
-/// Delivers webhooks until `shutdown`; deliveries in flight finish first.
-pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> Result<(), NotifierError> {
+/// The notifier's durable consumers (webhook work, redelivery requests):
+/// created or updated, or looked up when `provisioning` is check-only.
+/// `comfyq provision` runs it as the admin identity.
+pub async fn provision_consumers(
+    js: &async_nats::jetstream::Context,
+    config: &NotifierConfig,
+    provisioning: Provisioning,
+) -> Result<(consumer::PullConsumer, consumer::PullConsumer), NotifierError> {
     let names = config.nats.names()?;
-    let client = connection::connect(&config.nats, "notifier").await?;
-    let js = connection::jetstream(client.clone());
-    let shared = provision::provision(&js, &names, &config.nats).await?;
-    if let Some(addr) = config.metrics_addr {
-        comfyq_shared::telemetry::serve_metrics(addr, shutdown.clone()).await?;
-    }
     let consumer = ensure_pull_consumer(
-        &js,
+        js,
+        provisioning,
         &names.events_stream(),
         consumer::pull::Config {
             durable_name: Some(names.notifier_consumer()),
@@ -66,7 +68,8 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> Result<
     )
     .await?;
     let redeliveries = ensure_pull_consumer(
-        &js,
+        js,
+        provisioning,
         &names.webhooks_stream(),
         consumer::pull::Config {
             durable_name: Some(names.notifier_redeliver_consumer()),
@@ -80,6 +83,20 @@ pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> Result<
         },
     )
     .await?;
+    Ok((consumer, redeliveries))
+}
+
+/// Delivers webhooks until `shutdown`; deliveries in flight finish first.
+pub async fn run(config: NotifierConfig, shutdown: CancellationToken) -> Result<(), NotifierError> {
+    let names = config.nats.names()?;
+    let client = connection::connect(&config.nats, "notifier").await?;
+    let js = connection::jetstream(client.clone());
+    let shared = provision::provision(&js, &names, &config.nats).await?;
+    if let Some(addr) = config.metrics_addr {
+        comfyq_shared::telemetry::serve_metrics(addr, shutdown.clone()).await?;
+    }
+    let (consumer, redeliveries) =
+        provision_consumers(&js, &config, config.nats.provisioning()).await?;
     let notifier = delivery::Notifier::new(
         JobStore::new(js.clone(), client.clone(), shared.events, names.clone()),
         shared.webhooks,

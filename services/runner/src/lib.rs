@@ -138,8 +138,8 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
         &config.media,
         &js,
         names.clone(),
-        config.nats.media_max_age,
-        config.nats.replicas,
+        (config.nats.media_max_age, config.nats.replicas),
+        config.nats.provisioning(),
     )
     .await?;
     let held = worker::HeldJobs::default();

@@ -21,6 +21,7 @@ pub mod policy;
 pub mod service;
 
 use async_nats::jetstream::consumer;
+use comfyq_shared::config::Provisioning;
 use comfyq_shared::connection;
 use comfyq_shared::consume::run_consumer;
 use comfyq_shared::job_store::JobStore;
@@ -48,6 +49,69 @@ pub enum SchedulerError {
     Metrics(#[from] std::io::Error),
 }
 
+/// The scheduler's durable consumers (cancel and retry commands, captured
+/// advisories): created or updated, or looked up when `provisioning` is
+/// check-only. `comfyq provision` runs it as the admin identity.
+pub async fn provision_consumers(
+    js: &async_nats::jetstream::Context,
+    config: &SchedulerConfig,
+    provisioning: Provisioning,
+) -> Result<
+    (
+        consumer::PullConsumer,
+        consumer::PullConsumer,
+        consumer::PullConsumer,
+    ),
+    SchedulerError,
+> {
+    let names = config.nats.names()?;
+    let consumer_for = |durable: String, filter: String| consumer::pull::Config {
+        durable_name: Some(durable),
+        filter_subject: filter,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: config.handler_ack_wait,
+        max_ack_pending: 10_000,
+        num_replicas: config.nats.replicas,
+        ..Default::default()
+    };
+    let jobs_stream = names.jobs_stream();
+    // Submissions and reports went through the scheduler before 0.2.
+    if provisioning == Provisioning::CreateOrUpdate
+        && let Ok(stream) = js.get_stream(&jobs_stream).await
+    {
+        for legacy in names.legacy_scheduler_consumers() {
+            if stream.delete_consumer(&legacy).await.is_ok() {
+                tracing::info!(consumer = %legacy, "deleted a consumer of an earlier version");
+            }
+        }
+    }
+    let cancel = ensure_pull_consumer(
+        js,
+        provisioning,
+        &jobs_stream,
+        consumer_for(names.scheduler_cancel_consumer(), names.cancel_subject()),
+    )
+    .await?;
+    let retry = ensure_pull_consumer(
+        js,
+        provisioning,
+        &jobs_stream,
+        consumer_for(names.scheduler_retry_consumer(), names.retry_subject()),
+    )
+    .await?;
+    let advisories = ensure_pull_consumer(
+        js,
+        provisioning,
+        &names.advisories_stream(),
+        consumer_for(
+            names.scheduler_advisories_consumer(),
+            names.max_deliveries_advisory_filter(),
+        ),
+    )
+    .await?;
+    Ok((cancel, retry, advisories))
+}
+
 /// Runs the scheduler until `shutdown` is cancelled; returns once every
 /// message in flight has been handled.
 pub async fn run(
@@ -62,45 +126,8 @@ pub async fn run(
         comfyq_shared::telemetry::serve_metrics(addr, shutdown.clone()).await?;
     }
 
-    let consumer_for = |durable: String, filter: String| consumer::pull::Config {
-        durable_name: Some(durable),
-        filter_subject: filter,
-        ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: config.handler_ack_wait,
-        max_ack_pending: 10_000,
-        num_replicas: config.nats.replicas,
-        ..Default::default()
-    };
-    let jobs_stream = names.jobs_stream();
-    // Submissions and reports went through the scheduler before 0.2.
-    if let Ok(stream) = js.get_stream(&jobs_stream).await {
-        for legacy in names.legacy_scheduler_consumers() {
-            if stream.delete_consumer(&legacy).await.is_ok() {
-                tracing::info!(consumer = %legacy, "deleted a consumer of an earlier version");
-            }
-        }
-    }
-    let cancel = ensure_pull_consumer(
-        &js,
-        &jobs_stream,
-        consumer_for(names.scheduler_cancel_consumer(), names.cancel_subject()),
-    )
-    .await?;
-    let retry = ensure_pull_consumer(
-        &js,
-        &jobs_stream,
-        consumer_for(names.scheduler_retry_consumer(), names.retry_subject()),
-    )
-    .await?;
-    let advisories = ensure_pull_consumer(
-        &js,
-        &names.advisories_stream(),
-        consumer_for(
-            names.scheduler_advisories_consumer(),
-            names.max_deliveries_advisory_filter(),
-        ),
-    )
-    .await?;
+    let (cancel, retry, advisories) =
+        provision_consumers(&js, &config, config.nats.provisioning()).await?;
 
     let instance = config
         .instance_id

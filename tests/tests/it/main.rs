@@ -8,6 +8,7 @@ mod events;
 mod faults;
 mod harness;
 mod media;
+mod nats_auth;
 mod rest_api;
 mod rest_catalogue;
 mod rest_fuzz;

@@ -23,9 +23,15 @@ use tokio::io::AsyncReadExt;
 async fn jetstream_store() -> (NatsServer, JetStreamObjectStore, jetstream::stream::Stream) {
     let server = NatsServer::start().await;
     let js = jetstream::new(server.client().await);
-    comfyq_shared::provision::ensure_object_store(&js, "conformance", Duration::from_secs(3600), 1)
-        .await
-        .expect("bucket");
+    comfyq_shared::provision::ensure_object_store(
+        &js,
+        comfyq_shared::config::Provisioning::CreateOrUpdate,
+        "conformance",
+        Duration::from_secs(3600),
+        1,
+    )
+    .await
+    .expect("bucket");
     let store = JetStreamObjectStore::open(js.clone(), "conformance")
         .await
         .expect("open");
@@ -297,9 +303,15 @@ async fn nats_media() -> (NatsServer, MediaStore) {
         max_job_bytes: LIMITS.max_job_bytes,
         presign_ttl: None,
     };
-    let media = MediaStore::open(&config, &js, names(), Duration::from_secs(3600), 1)
-        .await
-        .expect("open");
+    let media = MediaStore::open(
+        &config,
+        &js,
+        names(),
+        (Duration::from_secs(3600), 1),
+        comfyq_shared::config::Provisioning::CreateOrUpdate,
+    )
+    .await
+    .expect("open");
     (server, media)
 }
 
@@ -312,9 +324,15 @@ async fn file_media(dir: &std::path::Path) -> MediaStore {
         max_job_bytes: LIMITS.max_job_bytes,
         presign_ttl: None,
     };
-    MediaStore::open(&config, &js, names(), Duration::from_secs(3600), 1)
-        .await
-        .expect("open")
+    MediaStore::open(
+        &config,
+        &js,
+        names(),
+        (Duration::from_secs(3600), 1),
+        comfyq_shared::config::Provisioning::CreateOrUpdate,
+    )
+    .await
+    .expect("open")
 }
 
 fn memory_media() -> MediaStore {
