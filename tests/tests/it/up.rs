@@ -414,9 +414,8 @@ async fn up_with_a_three_node_cluster_replicates_every_stream_and_takes_the_node
         up.stderr()
     );
 
-    // Three servers, one named node per port, each with its own process.
-    let up_pid = up.pid().as_raw().cast_unsigned();
-    let nodes = children_of(up_pid);
+    // Three servers, each a process of its own.
+    let nodes = children_of(up.pid().as_raw().cast_unsigned());
     assert_eq!(nodes.len(), 3, "nats-server children: {nodes:?}");
     let nats = async_nats::connect(urls.clone())
         .await
@@ -448,6 +447,29 @@ async fn up_with_a_three_node_cluster_replicates_every_stream_and_takes_the_node
     })
     .await;
 
+    // Stopped and started again on the same data directory, the nodes keep
+    // their names, so JetStream finds its peers and streams: the job is there.
+    up.interrupt().await;
+    let mut up = Up::start_on(
+        data_dir.path(),
+        first_port,
+        &["--sim", "--cluster", "3"],
+        Duration::from_secs(90),
+    )
+    .await;
+    let job: Value = up
+        .http
+        .get(format!("{}/v1/jobs/{id}", up.api))
+        .send()
+        .await
+        .expect("GET the job")
+        .json()
+        .await
+        .expect("job JSON");
+    assert_eq!(job["status"], "completed", "{job}");
+
+    let nodes = children_of(up.pid().as_raw().cast_unsigned());
+    assert_eq!(nodes.len(), 3, "nats-server children: {nodes:?}");
     kill(up.pid(), Signal::SIGKILL).expect("SIGKILL comfyq up");
     up.exit(Duration::from_secs(5)).await;
     eventually_true(
