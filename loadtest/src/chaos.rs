@@ -209,6 +209,18 @@ pub(crate) async fn chaos(o: &Options) -> anyhow::Result<Report> {
             "webhook_ids_split": verdict.webhook_ids_split,
             "not_replayable": verdict.not_replayable,
             "unexpected_exits": unexpected_exits,
+            "refusals": outcome.refusals,
+            // The services' last words, when something broke.
+            "logs": if verdict.is_clean() {
+                serde_json::Value::Null
+            } else {
+                stack
+                    .processes
+                    .iter()
+                    .map(|process| (process.name().to_owned(), process.log_tail(40).into()))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into()
+            },
         },
     }));
     if !verdict.is_clean() {

@@ -29,6 +29,9 @@ const SUBMIT_GIVE_UP: Duration = Duration::from_secs(90);
 
 const PRIORITIES: [&str; 3] = ["high", "normal", "low"];
 
+/// Refused submissions whose last answer is kept as evidence.
+pub const REFUSALS_KEPT: usize = 20;
+
 /// One job the API accepted.
 #[derive(Clone, Debug)]
 pub struct AcceptedJob {
@@ -45,6 +48,9 @@ pub struct LoadOutcome {
     pub accepted: Vec<AcceptedJob>,
     /// Submissions given up after [`SUBMIT_GIVE_UP`].
     pub refused: usize,
+    /// What the last try of each refused submission got (the first
+    /// [`REFUSALS_KEPT`]): a status and body, or a transport error.
+    pub refusals: Vec<String>,
     /// Submissions that needed more than one try.
     pub retried: usize,
     /// The longest time from a submission's first try to its 202.
@@ -102,6 +108,7 @@ impl FaultLoad {
                 submissions.spawn(async move {
                     let first_try = Instant::now();
                     let mut tries = 0;
+                    let mut last_failure = String::new();
                     let id = loop {
                         // Round-robin, and each retry to the next ingress.
                         let api = &apis[(n + tries) % apis.len()];
@@ -113,12 +120,24 @@ impl FaultLoad {
                             .json(&body)
                             .send()
                             .await;
-                        if let Ok(response) = response
-                            && response.status().as_u16() == 202
-                            && let Ok(job) = response.json::<Value>().await
-                            && let Some(id) = job["id"].as_str()
-                        {
-                            break Some(id.to_owned());
+                        match response {
+                            Ok(response) if response.status().as_u16() == 202 => {
+                                if let Ok(job) = response.json::<Value>().await
+                                    && let Some(id) = job["id"].as_str()
+                                {
+                                    break Some(id.to_owned());
+                                }
+                                last_failure = format!("{api}: 202 without a job id");
+                            }
+                            Ok(response) => {
+                                let status = response.status();
+                                let body = response.text().await.unwrap_or_default();
+                                last_failure = format!(
+                                    "{api}: {status} {}",
+                                    body.chars().take(300).collect::<String>()
+                                );
+                            }
+                            Err(error) => last_failure = format!("{api}: {error}"),
                         }
                         if first_try.elapsed() > SUBMIT_GIVE_UP {
                             break None;
@@ -134,7 +153,12 @@ impl FaultLoad {
                             api_key,
                             submitted_at: first_try,
                         }),
-                        None => outcome.refused += 1,
+                        None => {
+                            outcome.refused += 1;
+                            if outcome.refusals.len() < REFUSALS_KEPT {
+                                outcome.refusals.push(last_failure);
+                            }
+                        }
                     }
                     if tries > 1 {
                         outcome.retried += 1;
