@@ -137,7 +137,7 @@ impl FaultLoad {
                                     body.chars().take(300).collect::<String>()
                                 );
                             }
-                            Err(error) => last_failure = format!("{api}: {error}"),
+                            Err(error) => last_failure = format!("{api}: {}", with_causes(&error)),
                         }
                         if first_try.elapsed() > SUBMIT_GIVE_UP {
                             break None;
@@ -192,6 +192,19 @@ impl FaultLoad {
             .await
             .unwrap_or_else(|e| panic!("the load task failed: {e}"))
     }
+}
+
+/// An error and its causes, `: `-separated (reqwest's own message hides
+/// whether a connection was refused or timed out).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 /// What [`examine`] found.
