@@ -113,9 +113,10 @@ impl Executor {
             Err(error) => return AttemptEnd::Failed(error),
         };
         if self.config.comfyui_dir().is_some() {
-            // The job's outputs are deleted after it, so no later prompt may
-            // find them in ComfyUI's cache: an identical prompt would get the
-            // deleted files' names back from its cached save nodes.
+            // The attempt's outputs are deleted after it, so no later prompt
+            // (another job's, or this job's next attempt) may find them in
+            // ComfyUI's cache: an identical prompt would get the deleted
+            // files' names back from its cached save nodes.
             workflow.prefix_outputs(folder);
         }
         if cancel.is_cancelled() {
