@@ -7,6 +7,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod analysis;
 mod baseline;
+mod chaos;
 mod driver;
 mod hist;
 mod procstat;
@@ -49,6 +50,11 @@ pub(crate) enum Scenario {
     Soak,
     /// Only the baselines: raw JetStream latency and throughput, object store.
     Baseline,
+    /// The fault suite's load (50 jobs/s) on services run as separate
+    /// processes while random ones are killed with `kill -9` (and/or NATS
+    /// nodes killed or frozen, `--faults`) for the duration (default 60 s);
+    /// nothing may be lost or run twice.
+    Chaos,
 }
 
 /// Options shared by the scenarios; each scenario has its own defaults for
@@ -133,6 +139,16 @@ pub(crate) struct Options {
     /// `--url`, the replicas of the remote stack (for the baselines' streams).
     #[arg(long, global = true, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub(crate) cluster: Option<u8>,
+    /// `chaos`: what to break, `services` (kill -9 a service process),
+    /// `nats` (kill or freeze a NATS node; with `--cluster 3`), or both.
+    #[arg(long, global = true, default_value = "services")]
+    pub(crate) faults: String,
+    /// `chaos`: the mean pause between faults (default 3 s).
+    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    pub(crate) every: Option<Duration>,
+    /// `chaos`: the seed of the fault choices (random unless given).
+    #[arg(long, global = true)]
+    pub(crate) seed: Option<u64>,
 }
 
 impl Options {
@@ -143,6 +159,10 @@ impl Options {
 }
 
 fn main() -> std::process::ExitCode {
+    // `chaos` starts its services as processes of this executable.
+    if let Some(code) = comfyq_tests::service_process::run_if_asked() {
+        std::process::exit(code);
+    }
     let cli = Cli::parse();
     // Logs go to stderr: stdout is the report (`--json` is parsed by tools).
     let _already_installed = tracing_subscriber::fmt()
@@ -187,6 +207,9 @@ fn main() -> std::process::ExitCode {
                 for report in &reports {
                     report.print();
                 }
+            }
+            if reports.iter().any(|report| !report.broken.is_empty()) {
+                return std::process::ExitCode::FAILURE;
             }
             std::process::ExitCode::SUCCESS
         }

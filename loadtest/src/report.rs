@@ -16,6 +16,12 @@ pub(crate) struct Report {
     /// Figures per interval (soak), one object per interval.
     pub(crate) series: Vec<serde_json::Value>,
     pub(crate) notes: Vec<String>,
+    /// A scenario's own figures beyond rows (`chaos`: faults, evidence).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) details: Option<serde_json::Value>,
+    /// Promises the run broke (the process then exits with 1).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) broken: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -184,6 +190,15 @@ impl Report {
         }
         for note in &self.notes {
             println!("note: {note}");
+        }
+        if let Some(details) = &self.details {
+            println!(
+                "details: {}",
+                serde_json::to_string_pretty(details).unwrap_or_default()
+            );
+        }
+        for broken in &self.broken {
+            println!("BROKEN: {broken}");
         }
         println!();
     }

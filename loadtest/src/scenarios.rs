@@ -33,6 +33,7 @@ pub(crate) async fn run(scenario: Scenario, o: &Options) -> anyhow::Result<Vec<R
         Scenario::Priority => priority(o).await.map(|r| vec![r]),
         Scenario::Soak => soak(o).await.map(|r| vec![r]),
         Scenario::Baseline => baselines(o).await.map(|r| vec![r]),
+        Scenario::Chaos => crate::chaos::chaos(o).await.map(|r| vec![r]),
     }
 }
 

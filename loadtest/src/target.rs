@@ -87,7 +87,7 @@ impl Target {
     ) -> anyhow::Result<Self> {
         // One data directory for all simulators, given to the runners as
         // `comfyui_dir` (managed mode): they point every job's files into
-        // `comfyq-<job>/` and delete them after the job, as in production.
+        // `comfyq-<job>-<attempt>/` and delete them after it, as in production.
         // Without it outputs pile up in one folder, and ComfyUI's counter
         // scan of that folder on every save (which the simulator does too)
         // makes each job slower than the last: a soak's latency drifts.

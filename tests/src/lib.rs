@@ -6,6 +6,9 @@
 //!   and answering from a programmable response queue.
 //! - [`stack`]: [`TestStack`](stack::TestStack), the whole stack in-process beside the
 //!   ComfyUI simulator and a webhook sink.
+//! - [`service_process`]: a service as an OS process of its own under a
+//!   restarting supervisor; [`chaos`]: random kills of them and NATS node
+//!   faults under load ([`fault_load`]).
 //! - [`browser`]: headless Chromium over the DevTools protocol (the
 //!   dashboard test).
 //! - [`eventually`]: [`eventually()`], [`eventually_true()`] and
@@ -17,12 +20,14 @@
 //! `bash deploy/dev.sh setup`), then `PATH`.
 
 pub mod browser;
+pub mod chaos;
 pub mod cluster;
 pub mod eventually;
 pub mod fault_load;
 pub mod memory;
 pub mod moto;
 pub mod nats_server;
+pub mod service_process;
 pub mod stack;
 pub mod webhook_sink;
 

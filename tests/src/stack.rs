@@ -16,6 +16,8 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::nats_server::free_port;
+use crate::service_process::{ProcessLauncher, ServiceConfig, ServiceProcess};
 use crate::{ClusterOptions, NatsCluster, WebhookSink, eventually};
 
 /// The tenant and API key every stack is configured with.
@@ -69,6 +71,13 @@ pub struct StackOptions {
     pub notifiers: usize,
     /// Changes to the ingress configuration (limits, for instance).
     pub configure_ingress: Option<fn(&mut IngressConfig)>,
+    /// Ingresses started (at least one), each on a port of its own
+    /// ([`TestStack::apis`]).
+    pub ingresses: usize,
+    /// `Some`: every service runs as an OS process of its own, supervised
+    /// ([`crate::service_process`]; [`TestStack::processes`]); `None`: as
+    /// tasks of this process.
+    pub processes: Option<ProcessLauncher>,
 }
 
 impl Default for StackOptions {
@@ -90,6 +99,8 @@ impl Default for StackOptions {
             },
             notifiers: 1,
             configure_ingress: None,
+            ingresses: 1,
+            processes: None,
         }
     }
 }
@@ -102,14 +113,20 @@ pub struct TestStack {
     /// Simulators beyond the first (`StackOptions::sims`).
     pub more_sims: Vec<SimHandle>,
     pub webhooks: WebhookSink,
-    /// `http://127.0.0.1:<port>` of the ingress.
+    /// `http://127.0.0.1:<port>` of the (first) ingress.
     pub api: String,
+    /// Every ingress's base URL, [`TestStack::api`] first.
+    pub apis: Vec<String>,
+    /// The services, when they run as processes ([`StackOptions::processes`]).
+    pub processes: Vec<ServiceProcess>,
     /// An HTTP client that sends [`API_KEY`].
     pub http: reqwest::Client,
     /// Scheduler settings of this stack (for [`IsolatedScheduler`]s).
     pub scheduler: SchedulerConfig,
     shutdown: CancellationToken,
     services: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
+    /// The processes' configurations and logs.
+    _process_dir: Option<tempfile::TempDir>,
 }
 
 /// NATS settings for tests: short deadlines so failures show within seconds.
@@ -195,26 +212,25 @@ impl TestStack {
                 .expect("provisioning the cluster");
         }
         let shutdown = CancellationToken::new();
-        let mut services = Vec::new();
-
         let scheduler = SchedulerConfig {
             nats: nats_config.clone(),
             ..options.scheduler.clone()
         };
-        for _ in 0..options.schedulers {
-            services.push(spawn(
-                "scheduler",
-                comfyq_scheduler::run(scheduler.clone(), shutdown.child_token()),
+        // Every service's configuration, named; started below as tasks or
+        // as processes.
+        let mut configs: Vec<(String, ServiceConfig)> = Vec::new();
+        for index in 0..options.schedulers {
+            configs.push((
+                format!("scheduler-{index}"),
+                ServiceConfig::Scheduler(Box::new(scheduler.clone())),
             ));
         }
-
-        for _ in 0..options.notifiers {
-            services.push(spawn(
-                "notifier",
-                comfyq_notifier::run(notifier_config(&nats_config), shutdown.child_token()),
+        for index in 0..options.notifiers {
+            configs.push((
+                format!("notifier-{index}"),
+                ServiceConfig::Notifier(Box::new(notifier_config(&nats_config))),
             ));
         }
-
         for index in 0..options.runners {
             let comfyui = match index % options.sims.max(1) {
                 0 => sim.base_url(),
@@ -232,41 +248,91 @@ impl TestStack {
             if let Some(tweak) = &options.runner_tweak {
                 (tweak.0)(&mut runner);
             }
-            services.push(spawn(
-                "runner",
-                comfyq_runner::run(runner, shutdown.child_token()),
+            configs.push((
+                format!("runner-{index}"),
+                ServiceConfig::Runner(Box::new(runner)),
+            ));
+        }
+        let mut apis = Vec::new();
+        let mut listeners = Vec::new();
+        for index in 0..options.ingresses.max(1) {
+            let mut ingress = IngressConfig {
+                nats: nats_config.clone(),
+                // The webhook sink listens on loopback.
+                allow_private_webhooks: true,
+                api_keys: vec![
+                    ApiKey {
+                        tenant: TENANT.to_owned(),
+                        key_sha256: None,
+                        key: Some(Secret::new(API_KEY)),
+                    },
+                    ApiKey {
+                        tenant: OTHER_TENANT.to_owned(),
+                        key_sha256: None,
+                        key: Some(Secret::new(OTHER_API_KEY)),
+                    },
+                ],
+                ..IngressConfig::default()
+            };
+            if let Some(configure) = options.configure_ingress {
+                configure(&mut ingress);
+            }
+            if options.processes.is_some() {
+                // A fixed port: a restarted ingress answers where it did.
+                ingress.http_addr = format!("127.0.0.1:{}", free_port());
+            } else {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind ingress");
+                ingress.http_addr = listener.local_addr().expect("bound address").to_string();
+                listeners.push(listener);
+            }
+            apis.push(format!("http://{}", ingress.http_addr));
+            configs.push((
+                format!("ingress-{index}"),
+                ServiceConfig::Ingress(Box::new(ingress)),
             ));
         }
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind ingress");
-        let api = format!("http://{}", listener.local_addr().expect("bound address"));
-        let mut ingress = IngressConfig {
-            nats: nats_config.clone(),
-            // The webhook sink listens on loopback.
-            allow_private_webhooks: true,
-            api_keys: vec![
-                ApiKey {
-                    tenant: TENANT.to_owned(),
-                    key_sha256: None,
-                    key: Some(Secret::new(API_KEY)),
-                },
-                ApiKey {
-                    tenant: OTHER_TENANT.to_owned(),
-                    key_sha256: None,
-                    key: Some(Secret::new(OTHER_API_KEY)),
-                },
-            ],
-            ..IngressConfig::default()
-        };
-        if let Some(configure) = options.configure_ingress {
-            configure(&mut ingress);
+        let mut services = Vec::new();
+        let mut processes = Vec::new();
+        let mut process_dir = None;
+        if let Some(launcher) = &options.processes {
+            let dir = tempfile::Builder::new()
+                .prefix("comfyq-service-processes-")
+                .tempdir()
+                .expect("a temp dir for the service processes");
+            for (name, config) in &configs {
+                processes.push(ServiceProcess::start(launcher, name, config, dir.path()));
+            }
+            process_dir = Some(dir);
+        } else {
+            let mut listeners = listeners.into_iter();
+            for (_, config) in configs {
+                services.push(match config {
+                    ServiceConfig::Scheduler(config) => spawn(
+                        "scheduler",
+                        comfyq_scheduler::run(*config, shutdown.child_token()),
+                    ),
+                    ServiceConfig::Notifier(config) => spawn(
+                        "notifier",
+                        comfyq_notifier::run(*config, shutdown.child_token()),
+                    ),
+                    ServiceConfig::Runner(config) => spawn(
+                        "runner",
+                        comfyq_runner::run(*config, shutdown.child_token()),
+                    ),
+                    ServiceConfig::Ingress(config) => spawn(
+                        "ingress",
+                        comfyq_ingress::serve(
+                            *config,
+                            listeners.next().expect("one listener per ingress"),
+                            shutdown.child_token(),
+                        ),
+                    ),
+                });
+            }
         }
-        services.push(spawn(
-            "ingress",
-            comfyq_ingress::serve(ingress, listener, shutdown.child_token()),
-        ));
 
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(
@@ -282,11 +348,14 @@ impl TestStack {
             sim,
             more_sims,
             webhooks,
-            api,
+            api: apis[0].clone(),
+            apis,
+            processes,
             http,
             scheduler,
             shutdown,
             services,
+            _process_dir: process_dir,
         };
         stack
             .wait_ready(
@@ -324,13 +393,15 @@ impl TestStack {
     /// Waits until the API answers and ingress sees all `runners` registered
     /// (it checks submissions against them).
     async fn wait_ready(&self, runners: usize, schedulers: bool, notifiers: bool) {
-        let url = format!("{}/readyz", self.api);
-        eventually(Duration::from_secs(30), "ingress ready", async || {
-            self.assert_services_alive();
-            let ok = reqwest::get(&url).await.ok()?.status().is_success();
-            ok.then_some(())
-        })
-        .await;
+        for api in &self.apis {
+            let url = format!("{api}/readyz");
+            eventually(Duration::from_secs(30), "ingress ready", async || {
+                self.assert_services_alive();
+                let ok = reqwest::get(&url).await.ok()?.status().is_success();
+                ok.then_some(())
+            })
+            .await;
+        }
         // The last consumer each service creates: once it exists the service
         // is past provisioning, so a test that restarts NATS right away does
         // not catch a service still starting (which would then exit).
@@ -384,9 +455,20 @@ impl TestStack {
     }
 
     /// Panics with the service's error if one of them stopped.
+    /// For processes: panics if one exited without being killed (the
+    /// supervisor restarts killed ones).
     pub fn assert_services_alive(&self) {
         for (name, handle) in &self.services {
             assert!(!handle.is_finished(), "service {name} stopped early");
+        }
+        for process in &self.processes {
+            let exits = process.unexpected_exits();
+            assert!(
+                exits.is_empty(),
+                "service process {} exited on its own: {exits:?}\n{}",
+                process.name(),
+                process.log_tail(30)
+            );
         }
     }
 
@@ -636,6 +718,8 @@ impl TestStack {
     /// has nothing left to stop.
     pub async fn stop_services(&mut self) {
         self.shutdown.cancel();
+        // Concurrently: each runner may wait out its shutdown grace.
+        futures::future::join_all(self.processes.iter_mut().map(ServiceProcess::stop)).await;
         for (name, handle) in self.services.drain(..) {
             match tokio::time::timeout(Duration::from_secs(15), handle).await {
                 Ok(Ok(Ok(()))) => {}

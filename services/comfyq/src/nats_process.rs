@@ -38,7 +38,6 @@ pub(crate) struct NatsProcess {
 impl NatsProcess {
     pub(crate) async fn start(binary: &Path, port: u16, store: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(store).with_context(|| format!("creating {}", store.display()))?;
-        let binary = resolve(binary)?;
         let store =
             std::path::absolute(store).with_context(|| format!("resolving {}", store.display()))?;
         // Unique per start: how the readiness check tells our server from
@@ -56,10 +55,23 @@ impl NatsProcess {
         );
         std::fs::write(&config, contents)
             .with_context(|| format!("writing {}", config.display()))?;
+        Self::launch(binary, port, &config, &server_name).await
+    }
+
+    /// Starts nats-server with the configuration file `config`, in which
+    /// the server is named `server_name` and listens on `port`; ready once
+    /// that server (and no other) accepts connections there.
+    async fn launch(
+        binary: &Path,
+        port: u16,
+        config: &Path,
+        server_name: &str,
+    ) -> anyhow::Result<Self> {
+        let binary = resolve(binary)?;
         let mut command = Command::new(&binary);
         command
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .stdin(Stdio::null())
             // Its own process group: Ctrl-C reaches comfyq, which stops the
             // services first and the server last.
@@ -189,6 +201,151 @@ impl Drop for NatsProcess {
     fn drop(&mut self) {
         self.signal(Signal::SIGKILL);
     }
+}
+
+/// How long a started cluster may take until every node reports JetStream
+/// healthy (a meta leader elected, its assets current).
+const CLUSTER_HEALTHY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The file in a cluster's directory naming its nodes (kept, see
+/// [`LocalCluster::start`]).
+const CLUSTER_ID_FILE: &str = "cluster-id";
+
+/// `comfyq up --cluster N`: N nats-server children forming one JetStream
+/// cluster on this machine, each configured from `nats/cluster/n1.conf`
+/// ([`comfyq_shared::nats_cluster`], as the test harness and the load test
+/// do), client ports `first_port`, `first_port + 1`, …; monitoring and
+/// route ports free ones.
+#[derive(Debug)]
+pub(crate) struct LocalCluster {
+    nodes: Vec<NatsProcess>,
+    specs: Vec<comfyq_shared::nats_cluster::NodeSpec>,
+}
+
+impl LocalCluster {
+    /// Starts the nodes with their stores under `root` and waits until the
+    /// cluster is healthy.
+    ///
+    /// Node names come from an id kept in `root`: JetStream knows its peers
+    /// by name, so a restarted cluster must reuse them to find its streams,
+    /// while another data directory's cluster on the same ports is still
+    /// told apart from ours.
+    pub(crate) async fn start(
+        binary: &Path,
+        first_port: u16,
+        nodes: u8,
+        root: &Path,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let root =
+            std::path::absolute(root).with_context(|| format!("resolving {}", root.display()))?;
+        let id = cluster_id(&root)?;
+        let mut ports = Vec::with_capacity(nodes.into());
+        for index in 0..u16::from(nodes) {
+            let client = first_port.checked_add(index).with_context(|| {
+                format!("--nats-port {first_port} leaves no room for {nodes} client ports")
+            })?;
+            ports.push((client, free_port()?, free_port()?));
+        }
+        let specs = comfyq_shared::nats_cluster::local_cluster(
+            &format!("comfyq-{id}-n"),
+            &ports,
+            &root,
+            false,
+        );
+        let mut started = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            std::fs::create_dir_all(&spec.store_dir)
+                .with_context(|| format!("creating {}", spec.store_dir.display()))?;
+            let config = root.join(format!("{}.conf", spec.server_name));
+            std::fs::write(&config, comfyq_shared::nats_cluster::render(spec))
+                .with_context(|| format!("writing {}", config.display()))?;
+            // A failure drops (kills) the nodes started so far.
+            started.push(
+                NatsProcess::launch(binary, spec.client_port, &config, &spec.server_name)
+                    .await
+                    .with_context(|| format!("starting cluster node {}", spec.server_name))?,
+            );
+        }
+        let cluster = Self {
+            nodes: started,
+            specs,
+        };
+        cluster.wait_healthy().await?;
+        Ok(cluster)
+    }
+
+    /// Every node's client URL, comma separated (`nats.url`).
+    pub(crate) fn urls(&self) -> String {
+        comfyq_shared::nats_cluster::client_urls(&self.specs)
+    }
+
+    /// Nodes in the cluster.
+    pub(crate) fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Waits until every node answers `/healthz` with 200.
+    async fn wait_healthy(&self) -> anyhow::Result<()> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let deadline = tokio::time::Instant::now() + CLUSTER_HEALTHY_TIMEOUT;
+        loop {
+            let mut unhealthy = Vec::new();
+            for spec in &self.specs {
+                let url = format!("http://127.0.0.1:{}/healthz", spec.http_port);
+                let healthy = http
+                    .get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|response| response.status().is_success());
+                if !healthy {
+                    unhealthy.push(spec.server_name.as_str());
+                }
+            }
+            if unhealthy.is_empty() {
+                return Ok(());
+            }
+            for node in &self.nodes {
+                if let Some(status) = node.exit_status() {
+                    bail!("a cluster node exited with {status} (its log above says why)");
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "the NATS cluster is not healthy after {CLUSTER_HEALTHY_TIMEOUT:?}: {unhealthy:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops every node (SIGTERM, each flushing its store).
+    pub(crate) async fn stop(self) {
+        futures::future::join_all(self.nodes.into_iter().map(NatsProcess::stop)).await;
+    }
+}
+
+/// The id kept in `root`, made on first use.
+fn cluster_id(root: &Path) -> anyhow::Result<String> {
+    let path = root.join(CLUSTER_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+    }
+    let id = format!("{:08x}", rand::random::<u32>());
+    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+/// A port nothing listens on now (the node binds it a moment later).
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .context("finding a free port for a cluster node")?;
+    Ok(listener.local_addr()?.port())
 }
 
 fn foreign_server(port: u16, name: &str) -> anyhow::Error {

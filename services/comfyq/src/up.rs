@@ -1,8 +1,9 @@
 //! `comfyq up`: the whole stack in one process tree, the embedded default a
 //! new user starts with.
 //!
-//! It starts a nats-server (JetStream, a data directory) as a child process,
-//! then the scheduler, notifier, runner(s) and ingress in this process;
+//! It starts a nats-server (JetStream, a data directory) as a child process
+//! (`--cluster N`: N of them forming a JetStream cluster, every stream
+//! replicated on 3), then the scheduler, notifier, runner(s) and ingress in this process;
 //! `--sim` adds the ComfyUI simulator for the runner to drive,
 //! `--comfyui-url` attaches the runner to a real ComfyUI instead. Cancelling
 //! its token (Ctrl-C, SIGTERM in the binary) stops the services gracefully,
@@ -34,9 +35,17 @@ pub struct UpArgs {
     /// The nats-server binary to start.
     #[arg(long, env = "NATS_SERVER_BIN", default_value = "nats-server")]
     pub nats_server: PathBuf,
-    /// Client port of the started nats-server.
+    /// Client port of the started nats-server (with `--cluster N`, of the
+    /// first node; the others take the next ports).
     #[arg(long, default_value_t = 4222)]
     pub nats_port: u16,
+    /// Start a JetStream cluster of this many nats-server nodes on this
+    /// machine (configured from `nats/cluster/n1.conf`, stores under
+    /// `<data-dir>/nats-cluster/`), every stream replicated on 3, the
+    /// services given every node's URL: to try failover locally.
+    #[arg(long, value_name = "NODES", conflicts_with = "nats_url",
+          value_parser = clap::value_parser!(u8).range(3..=5))]
+    pub cluster: Option<u8>,
     /// Use this running NATS instead of starting one.
     #[arg(long, value_name = "URL", conflicts_with = "nats_server")]
     pub nats_url: Option<String>,
@@ -61,9 +70,23 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // NATS first: every service needs it.
     let mut nats_server = None;
-    let nats_url = match &args.nats_url {
-        Some(url) => url.clone(),
-        None => {
+    let mut nats_cluster = None;
+    let nats_url = match (&args.nats_url, args.cluster) {
+        (Some(url), _) => url.clone(),
+        (None, Some(nodes)) => {
+            let cluster = nats_process::LocalCluster::start(
+                &args.nats_server,
+                args.nats_port,
+                nodes,
+                &args.data_dir.join("nats-cluster"),
+            )
+            .await
+            .context("starting the NATS cluster")?;
+            let urls = cluster.urls();
+            nats_cluster = Some(cluster);
+            urls
+        }
+        (None, None) => {
             let server = nats_process::NatsProcess::start(
                 &args.nats_server,
                 args.nats_port,
@@ -76,11 +99,33 @@ pub async fn run(
             url
         }
     };
-    let nats = NatsConfig {
+    let mut nats = NatsConfig {
         url: nats_url.clone(),
         ..config::load::<ServiceNats>(None)?.nats
     };
+    if let Some(cluster) = &nats_cluster {
+        nats.replicas = cluster.len().min(3);
+    }
     nats.validate()?;
+    if let Some(cluster) = &nats_cluster {
+        // Provisioned once before the services: four of them creating the
+        // same replicated streams at once keep the meta leader busy.
+        let urls: Vec<&str> = nats.url.split(',').collect();
+        let client = async_nats::connect(urls)
+            .await
+            .context("connecting to the NATS cluster")?;
+        let js = async_nats::jetstream::new(client);
+        comfyq_shared::provision::provision(&js, &nats.names()?, &nats)
+            .await
+            .context("creating the cluster's streams")?;
+        eprintln!(
+            "comfyq: NATS cluster of {} nodes at {}, every stream on {} replicas (stores in {})",
+            cluster.len(),
+            nats.url,
+            nats.replicas,
+            args.data_dir.join("nats-cluster").display()
+        );
+    }
 
     let services = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -207,6 +252,9 @@ pub async fn run(
     }
     if let Some(server) = nats_server {
         server.stop().await;
+    }
+    if let Some(cluster) = nats_cluster {
+        cluster.stop().await;
     }
     match failure {
         Some(error) => bail!(error),

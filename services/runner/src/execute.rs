@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use comfyq_shared::event::{Event, EventBody};
+use comfyq_shared::ids::JobId;
 use comfyq_shared::job::{ErrorKind, JobError, JobSpec, OutputFile};
 use comfyq_shared::media::{MediaError, MediaStore};
 use comfyq_shared::names::Names;
@@ -89,30 +90,34 @@ impl Executor {
     pub async fn execute(
         &self,
         spec: &JobSpec,
+        attempt: u32,
         cancel: &CancellationToken,
         submitted: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> AttemptEnd {
-        let end = self.attempt(spec, cancel, submitted).await;
-        self.clean_up(spec).await;
+        let folder = attempt_folder(&spec.id, attempt);
+        let end = self.attempt(spec, &folder, cancel, submitted).await;
+        self.clean_up(&folder).await;
         end
     }
 
     async fn attempt(
         &self,
         spec: &JobSpec,
+        folder: &str,
         cancel: &CancellationToken,
         submitted: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> AttemptEnd {
         let generation = self.health.state().generation;
-        let mut workflow = match self.upload_inputs(spec).await {
+        let mut workflow = match self.upload_inputs(spec, folder).await {
             Ok(workflow) => workflow,
             Err(error) => return AttemptEnd::Failed(error),
         };
         if self.config.comfyui_dir().is_some() {
-            // The job's outputs are deleted after it, so no later prompt may
-            // find them in ComfyUI's cache: an identical prompt would get the
-            // deleted files' names back from its cached save nodes.
-            workflow.prefix_outputs(&job_folder(spec));
+            // The attempt's outputs are deleted after it, so no later prompt
+            // (another job's, or this job's next attempt) may find them in
+            // ComfyUI's cache: an identical prompt would get the deleted
+            // files' names back from its cached save nodes.
+            workflow.prefix_outputs(folder);
         }
         if cancel.is_cancelled() {
             return AttemptEnd::Cancelled;
@@ -189,18 +194,18 @@ impl Executor {
         result
     }
 
-    /// Deletes the job's uploads and outputs (its folders in `input/` and
+    /// Deletes the attempt's uploads and outputs (its folders in `input/` and
     /// `output/`) from ComfyUI's disk (ComfyUI has no API for it), when
     /// `comfyui_dir` is known. Files a node wrote elsewhere (no
     /// `filename_prefix`; `temp/`, which ComfyUI empties when it starts)
     /// stay: ComfyUI's cache may hand them to a later identical prompt.
     /// Best effort: a file left behind costs disk, not correctness.
-    async fn clean_up(&self, spec: &JobSpec) {
+    async fn clean_up(&self, folder: &str) {
         let Some(root) = self.config.comfyui_dir() else {
             return;
         };
         for kind in ["input", "output"] {
-            let folder = root.join(kind).join(job_folder(spec));
+            let folder = root.join(kind).join(folder);
             match tokio::fs::remove_dir_all(&folder).await {
                 Ok(()) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -212,8 +217,8 @@ impl Executor {
     }
 
     /// Streams each input from the media store into ComfyUI's input folder
-    /// (a per-job subfolder) and rewrites the workflow's references to it.
-    async fn upload_inputs(&self, spec: &JobSpec) -> Result<Workflow, JobError> {
+    /// (the attempt's subfolder) and rewrites the workflow's references to it.
+    async fn upload_inputs(&self, spec: &JobSpec, folder: &str) -> Result<Workflow, JobError> {
         let mut workflow = spec.workflow.clone();
         if spec.inputs.is_empty() {
             return Ok(workflow);
@@ -230,7 +235,7 @@ impl Executor {
             })?;
             let upload = UploadImage {
                 name: input.name.clone(),
-                subfolder: job_folder(spec),
+                subfolder: folder.to_owned(),
                 overwrite: true,
                 content_type: info.content_type.clone(),
                 content_length: Some(info.size),
@@ -551,10 +556,16 @@ impl Executor {
     }
 }
 
-/// The job's own folder in ComfyUI's `input/` (its uploads) and, with
-/// clean-up, `output/` (what its save nodes write).
-fn job_folder(spec: &JobSpec) -> String {
-    format!("comfyq-{}", spec.id)
+/// The attempt's own folder in ComfyUI's `input/` (its uploads) and, with
+/// clean-up, `output/` (what its save nodes write): `comfyq-<job>-<attempt>`.
+/// Per attempt, not per job: two attempts of one job may meet on one
+/// ComfyUI (a runner cut off from NATS past `dispatch_ack_wait` still runs
+/// attempt n when n+1 is delivered; a killed runner's prompt runs on), and
+/// neither may delete the other's files, nor may the later prompt be the
+/// same as the earlier one, whose cached save nodes ComfyUI would answer
+/// with the names of files already deleted.
+fn attempt_folder(job: &JobId, attempt: u32) -> String {
+    format!("comfyq-{job}-{attempt}")
 }
 
 /// How a finished prompt ended, according to its history entry.
@@ -662,6 +673,19 @@ mod tests {
         assert_eq!(workflow["3"]["inputs"]["filename_prefix"], "comfyq-j/clip");
         assert_eq!(workflow["4"]["inputs"]["filename_prefix"], json!(["1", 0]));
         assert_eq!(workflow["2"]["inputs"]["images"], json!(["1", 0]));
+    }
+
+    #[test]
+    fn each_attempt_of_a_job_has_a_folder_of_its_own() {
+        let job: JobId = "01a242ad-a4de-72d3-aa59-d70fb38aa344"
+            .parse()
+            .expect("a job id");
+        let (first, second) = (attempt_folder(&job, 1), attempt_folder(&job, 2));
+        assert_eq!(first, "comfyq-01a242ad-a4de-72d3-aa59-d70fb38aa344-1");
+        assert_ne!(first, second);
+        // Each is deleted with `remove_dir_all` of its own path: neither
+        // contains the other.
+        assert!(!second.starts_with(&format!("{first}/")));
     }
 
     #[test]

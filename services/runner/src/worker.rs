@@ -347,7 +347,10 @@ impl Worker {
                 }
                 stop_on.cancel();
             });
-            let end = self.executor.execute(spec, &stop, Some(submitted)).await;
+            let end = self
+                .executor
+                .execute(spec, attempt, &stop, Some(submitted))
+                .await;
             relay.abort();
             end
         };

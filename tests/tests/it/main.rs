@@ -1,5 +1,6 @@
 //! comfyq integration tests: one test binary, one module per topic.
 
+mod chaos;
 mod cli;
 mod cluster;
 mod dashboard;

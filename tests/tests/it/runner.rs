@@ -161,7 +161,7 @@ async fn uploads_and_outputs_are_deleted_from_comfyui_once_stored() {
         !disk
             .path()
             .join("input")
-            .join(format!("comfyq-{id}"))
+            .join(format!("comfyq-{id}-1"))
             .exists(),
         "the job's upload folder is deleted"
     );

@@ -1,7 +1,8 @@
 //! `comfyq up`, the whole stack in one process tree: its nats-server dies
 //! with it, a foreign server on the port is refused by name, development
-//! webhooks are signed and never reach metadata addresses, and an idle stack
-//! stops at once on Ctrl-C.
+//! webhooks are signed and never reach metadata addresses, an idle stack
+//! stops at once on Ctrl-C, and `--cluster 3` runs jobs on three nodes with
+//! every stream replicated (all three dying with it).
 //!
 //! Each test runs `comfyq up` as a process of its own (this test binary
 //! re-run as [`up_as_a_process`]): it is killed and signalled like the real
@@ -136,8 +137,18 @@ impl Up {
 
     /// Starts it and waits until its API answers.
     async fn start(data_dir: &Path, extra: &[&str]) -> Up {
-        let mut up = Up::spawn(data_dir, free_port(), extra);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        Up::start_on(data_dir, free_port(), extra, Duration::from_secs(30)).await
+    }
+
+    /// [`Up::start`] with NATS on `nats_port`, ready within `ready_within`.
+    async fn start_on(
+        data_dir: &Path,
+        nats_port: u16,
+        extra: &[&str],
+        ready_within: Duration,
+    ) -> Up {
+        let mut up = Up::spawn(data_dir, nats_port, extra);
+        let deadline = Instant::now() + ready_within;
         loop {
             let ready = up
                 .http
@@ -193,6 +204,21 @@ impl Up {
             .send()
             .await
             .expect("POST /v1/jobs")
+    }
+}
+
+/// A free port followed by `more` free ones.
+fn free_ports_in_a_row(more: u16) -> u16 {
+    loop {
+        let first = free_port();
+        let rest_free = (1..=more).all(|offset| {
+            first
+                .checked_add(offset)
+                .is_some_and(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok())
+        });
+        if rest_free {
+            return first;
+        }
     }
 }
 
@@ -363,4 +389,99 @@ async fn an_idle_up_stops_at_once() {
     // Generous for a noisy machine (a waiting pull used to hold it for up
     // to its 10 s expiry); the figures are in the change's notes.
     assert!(took < Duration::from_secs(2), "stopping took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_a_three_node_cluster_replicates_every_stream_and_takes_the_nodes_along() {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let first_port = free_ports_in_a_row(2);
+    let mut up = Up::start_on(
+        data_dir.path(),
+        first_port,
+        &["--sim", "--cluster", "3"],
+        Duration::from_secs(90),
+    )
+    .await;
+    let urls: Vec<String> = (0..3)
+        .map(|node| format!("nats://127.0.0.1:{}", first_port + node))
+        .collect();
+    assert!(
+        up.stderr().contains(&format!(
+            "NATS cluster of 3 nodes at {}, every stream on 3 replicas",
+            urls.join(",")
+        )),
+        "{}",
+        up.stderr()
+    );
+
+    // Three servers, each a process of its own.
+    let nodes = children_of(up.pid().as_raw().cast_unsigned());
+    assert_eq!(nodes.len(), 3, "nats-server children: {nodes:?}");
+    let nats = async_nats::connect(urls.clone())
+        .await
+        .expect("the cluster");
+    let js = async_nats::jetstream::new(nats);
+    for stream in [
+        "COMFYQ_EVENTS",
+        "COMFYQ_PENDING",
+        "COMFYQ_DISPATCH",
+        "COMFYQ_JOBS",
+        "COMFYQ_WEBHOOKS",
+    ] {
+        let mut handle = js.get_stream(stream).await.expect("stream exists");
+        let info = handle.info().await.expect("stream info");
+        assert_eq!(info.config.num_replicas, 3, "{stream}");
+        let cluster = info.cluster.as_ref().expect("a clustered stream");
+        assert!(cluster.leader.is_some(), "{stream} has a leader");
+        assert_eq!(cluster.replicas.len(), 2, "{stream}: two followers");
+    }
+
+    let response = up.submit(json!({"workflow": invert_workflow(8)})).await;
+    assert_eq!(response.status().as_u16(), 202, "{response:?}");
+    let job: Value = response.json().await.expect("job JSON");
+    let id = job["id"].as_str().expect("job id").to_owned();
+    let url = format!("{}/v1/jobs/{id}", up.api);
+    eventually(Duration::from_secs(30), "the job completed", async || {
+        let job: Value = up.http.get(&url).send().await.ok()?.json().await.ok()?;
+        (job["status"] == "completed").then_some(())
+    })
+    .await;
+
+    // Stopped and started again on the same data directory, the nodes keep
+    // their names, so JetStream finds its peers and streams: the job is there.
+    up.interrupt().await;
+    let mut up = Up::start_on(
+        data_dir.path(),
+        first_port,
+        &["--sim", "--cluster", "3"],
+        Duration::from_secs(90),
+    )
+    .await;
+    let job: Value = up
+        .http
+        .get(format!("{}/v1/jobs/{id}", up.api))
+        .send()
+        .await
+        .expect("GET the job")
+        .json()
+        .await
+        .expect("job JSON");
+    assert_eq!(job["status"], "completed", "{job}");
+
+    let nodes = children_of(up.pid().as_raw().cast_unsigned());
+    assert_eq!(nodes.len(), 3, "nats-server children: {nodes:?}");
+    kill(up.pid(), Signal::SIGKILL).expect("SIGKILL comfyq up");
+    up.exit(Duration::from_secs(5)).await;
+    eventually_true(
+        Duration::from_secs(5),
+        "every node gone, every client port free",
+        async || {
+            let mut free = true;
+            for port in first_port..first_port + 3 {
+                free &= !answers(port).await;
+            }
+            nodes.iter().all(|&pid| is_dead(pid)) && free
+        },
+    )
+    .await;
 }
