@@ -292,6 +292,17 @@ impl MediaStore {
         self.names.output_object(tenant, job, name)
     }
 
+    /// What the ComfyUI API keeps of a job it submitted ([`COMFY_PROMPT_OBJECT`],
+    /// [`COMFY_HISTORY_OBJECT`]).
+    pub fn comfy_key(&self, tenant: &TenantId, job: &JobId, name: &str) -> String {
+        self.names.comfy_object(tenant, job, name)
+    }
+
+    /// A file a tenant uploaded through the ComfyUI API (`/upload/image`).
+    pub fn upload_key(&self, tenant: &TenantId, name: &str) -> String {
+        self.names.upload_object(tenant, name)
+    }
+
     /// Streams `reader` into `key`. `job_bytes` is what the job already
     /// stores (other objects): the object may use what the job limit leaves.
     /// `max_bytes` is the caller's own, lower cap for this object, if any.
@@ -640,7 +651,7 @@ fn split_key(key: &str) -> Result<(Path, Path, String), MediaError> {
     let [tenant, job, kind, name] = parts.as_slice() else {
         return Err(invalid());
     };
-    if !matches!(*kind, "inputs" | "outputs") {
+    if !matches!(*kind, "inputs" | "outputs" | "comfy") {
         return Err(invalid());
     }
     for segment in [tenant, job, name] {
@@ -650,6 +661,12 @@ fn split_key(key: &str) -> Result<(Path, Path, String), MediaError> {
     let meta = Path::from_iter([*tenant, *job, META_DIR, *kind, *name]);
     Ok((path, meta, (*name).to_owned()))
 }
+
+/// The ComfyUI API's copy of a prompt as its client sent it
+/// (`[number, prompt_id, prompt, extra_data, outputs_to_execute]`).
+pub const COMFY_PROMPT_OBJECT: &str = "prompt.json";
+/// ComfyUI's own history entry of the job's last attempt (written by the runner).
+pub const COMFY_HISTORY_OBJECT: &str = "history.json";
 
 /// One safe path segment: not empty, no leading dot (so not `.` or `..`),
 /// no `/`, `\`, NUL or other control character, at most 255 bytes.

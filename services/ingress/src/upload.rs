@@ -82,7 +82,8 @@ async fn receive_parts(
             ));
         }
         let used = stored.iter().map(|f| f.size).sum();
-        let file = store_part(state, tenant, job, &name, field, used).await?;
+        let key = state.media.input_key(tenant, &job, &name);
+        let file = store_part(state, &key, &name, field, used).await?;
         fingerprint.update(format!("\n{}:{}", file.name, file.sha256).as_bytes());
         stored.push(file);
     }
@@ -114,10 +115,9 @@ async fn read_capped(field: Field<'_>, limit: usize) -> Result<Vec<u8>, Problem>
 /// Streams one file part into the store, which judges the content type
 /// from the bytes; a part over `max_input_bytes` (or the job's media limit)
 /// is cut off with a 413 and nothing of it stays stored.
-async fn store_part(
+pub(crate) async fn store_part(
     state: &AppState,
-    tenant: &TenantId,
-    job: JobId,
+    key: &str,
     name: &str,
     field: Field<'_>,
     job_bytes: u64,
@@ -125,10 +125,9 @@ async fn store_part(
     let limit = state.config.max_input_bytes;
     let chunks = field.map_err(std::io::Error::other);
     let mut reader = StreamReader::new(chunks);
-    let key = state.media.input_key(tenant, &job, name);
     let stored = state
         .media
-        .put(&key, &mut reader, job_bytes, Some(limit))
+        .put(key, &mut reader, job_bytes, Some(limit))
         .await
         .map_err(|e| crate::routes::media_problem(name, e))?;
     Ok(InputFile {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use comfyq_shared::event::{Event, EventBody};
-use comfyq_shared::job::{ErrorKind, JobError, JobSpec, OutputFile};
-use comfyq_shared::media::{MediaError, MediaStore};
+use comfyq_shared::event::{ComfyMessage, Event, EventBody, PREVIEW_METADATA_HEADER, ProgressText};
+use comfyq_shared::job::{ComfyFileRef, ErrorKind, JobError, JobSpec, OutputFile};
+use comfyq_shared::media::{COMFY_HISTORY_OBJECT, MediaError, MediaStore};
 use comfyq_shared::names::Names;
 use comfyq_shared::publisher::EventPublisher;
 use futures::StreamExt;
@@ -169,6 +169,11 @@ impl Executor {
                 None
             }
         };
+        if spec.comfy.is_some()
+            && let Some(entry) = &history
+        {
+            self.store_comfy_history(spec, entry).await;
+        }
         let result = match end {
             PromptEnd::Done => match &history {
                 Some(entry) => match self.collect_outputs(spec, entry).await {
@@ -318,6 +323,9 @@ impl Executor {
                     }
                     match event {
                         PromptEvent::Message(message) => {
+                            if spec.comfy.is_some() && message.prompt_id() == Some(prompt_id) {
+                                self.publish_comfy(spec, prompt_id, serde_json::to_value(&message).ok(), None).await;
+                            }
                             if let Some(body) = tracker.observe(&message) {
                                 let now = (Instant::now(), time::OffsetDateTime::now_utc());
                                 for (body, at) in throttle.offer(body, now.0, now.1) {
@@ -337,8 +345,14 @@ impl Executor {
                                 _ => {}
                             }
                         }
+                        PromptEvent::Frame(BinaryFrame::Text { node_id, text }) if spec.comfy.is_some() => {
+                            let text = ProgressText { node_id, text };
+                            self.publish_comfy(spec, prompt_id, None, Some(text)).await;
+                        }
                         PromptEvent::Frame(frame) => {
-                            let due = last_preview.is_none_or(|at| at.elapsed() >= self.config.preview_interval);
+                            // ComfyUI API clients get every preview, as from ComfyUI.
+                            let due = spec.comfy.is_some()
+                                || last_preview.is_none_or(|at| at.elapsed() >= self.config.preview_interval);
                             if due && self.publish_preview(spec, &frame).await {
                                 last_preview = Some(Instant::now());
                             }
@@ -463,6 +477,38 @@ impl Executor {
         }
     }
 
+    /// ComfyUI's history entry of the attempt, as ComfyUI wrote it, for the
+    /// ComfyUI API's `/history` (best effort: without it the API describes
+    /// the job from its record).
+    async fn store_comfy_history(&self, spec: &JobSpec, entry: &HistoryEntry) {
+        let key = self
+            .media
+            .comfy_key(&spec.tenant, &spec.id, COMFY_HISTORY_OBJECT);
+        let Ok(json) = serde_json::to_vec(&entry.raw) else {
+            return;
+        };
+        if let Err(error) = self.media.put(&key, &mut json.as_slice(), 0, None).await {
+            tracing::warn!(%error, "ComfyUI history entry not stored");
+        }
+    }
+
+    /// One of ComfyUI's own messages about the prompt, for the ComfyUI API.
+    async fn publish_comfy(
+        &self,
+        spec: &JobSpec,
+        prompt_id: &str,
+        message: Option<serde_json::Value>,
+        progress_text: Option<ProgressText>,
+    ) {
+        let body = EventBody::Comfy(ComfyMessage {
+            comfy_prompt_id: prompt_id.to_owned(),
+            message,
+            progress_text,
+        });
+        self.publish(spec, body, time::OffsetDateTime::now_utc())
+            .await;
+    }
+
     async fn publish_preview(&self, spec: &JobSpec, frame: &BinaryFrame) -> bool {
         let Some((image, mime)) = preview_image(frame) else {
             return false;
@@ -470,6 +516,13 @@ impl Executor {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Content-Type", mime.as_str());
         headers.insert("Comfyq-Job-Id", spec.id.to_string().as_str());
+        // The ComfyUI API rebuilds ComfyUI's event-4 frame from this.
+        if let BinaryFrame::PreviewWithMetadata { metadata, .. } = frame
+            && spec.comfy.is_some()
+            && let Ok(json) = serde_json::to_string(metadata)
+        {
+            headers.insert(PREVIEW_METADATA_HEADER, json.as_str());
+        }
         self.client
             .publish_with_headers(
                 self.names.preview_subject(&spec.tenant, &spec.id),
@@ -525,6 +578,11 @@ impl Executor {
                 size: stored.size,
                 sha256: stored.sha256,
                 animated: file.animated,
+                comfy: spec.comfy.as_ref().map(|_| ComfyFileRef {
+                    filename: file.filename.clone(),
+                    subfolder: file.subfolder.clone(),
+                    folder_type: file.folder_type.clone(),
+                }),
             });
         }
         for (node_id, output) in &entry.outputs {
@@ -544,6 +602,7 @@ impl Executor {
                     size: stored.size,
                     sha256: stored.sha256,
                     animated: false,
+                    comfy: None,
                 });
             }
         }
