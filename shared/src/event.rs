@@ -169,6 +169,10 @@ pub struct OutputProduced {
 /// Header of a preview message (`…previews.<tenant>.<job>`) of a ComfyUI API
 /// job: ComfyUI's preview metadata (event 4), JSON, when ComfyUI sent it.
 pub const PREVIEW_METADATA_HEADER: &str = "Comfyq-Preview-Metadata";
+/// Header of a preview message of a ComfyUI API job: how many `job.comfy`
+/// events of the attempt came before it (ComfyUI's order, which the
+/// previews' own subject does not keep against the events stream).
+pub const PREVIEW_AFTER_HEADER: &str = "Comfyq-Comfy-After";
 
 /// One message of ComfyUI about the job's prompt, as ComfyUI sent it (only
 /// for jobs submitted through the ComfyUI API, which replays them).
@@ -177,6 +181,12 @@ pub struct ComfyMessage {
     /// The prompt id the runner's ComfyUI gave the attempt (the message
     /// names it; the job's own prompt id is in its record).
     pub comfy_prompt_id: String,
+    /// Its place among the attempt's messages, from 1.
+    pub seq: u64,
+    /// Previews of the attempt published before it (on the previews
+    /// subject, which does not keep order with the events stream).
+    #[serde(default)]
+    pub previews: u64,
     /// A WebSocket text message: `{type, data}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<serde_json::Value>,

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use comfyq_shared::event::{ComfyMessage, Event, EventBody, PREVIEW_METADATA_HEADER, ProgressText};
+use comfyq_shared::event::{
+    ComfyMessage, Event, EventBody, PREVIEW_AFTER_HEADER, PREVIEW_METADATA_HEADER, ProgressText,
+};
 use comfyq_shared::job::{ComfyFileRef, ErrorKind, JobError, JobSpec, OutputFile};
 use comfyq_shared::media::{COMFY_HISTORY_OBJECT, MediaError, MediaStore};
 use comfyq_shared::names::Names;
@@ -268,6 +270,10 @@ impl Executor {
         let mut tracker = ProgressTracker::new(&spec.workflow);
         let mut last_event = Instant::now();
         let mut last_preview: Option<Instant> = None;
+        // ComfyUI messages published for the ComfyUI API so far: numbers
+        // them, and tells where each preview goes between them.
+        let mut comfy_sent = 0u64;
+        let mut comfy_previews = 0u64;
         let mut throttle = if spec.every_progress_event {
             Throttle::passthrough()
         } else {
@@ -324,7 +330,10 @@ impl Executor {
                     match event {
                         PromptEvent::Message(message) => {
                             if spec.comfy.is_some() && message.prompt_id() == Some(prompt_id) {
-                                self.publish_comfy(spec, prompt_id, serde_json::to_value(&message).ok(), None).await;
+                                comfy_sent += 1;
+                                let message = serde_json::to_value(&message).ok();
+                                let place = (comfy_sent, comfy_previews);
+                                self.publish_comfy(spec, prompt_id, place, message, None).await;
                             }
                             if let Some(body) = tracker.observe(&message) {
                                 let now = (Instant::now(), time::OffsetDateTime::now_utc());
@@ -347,14 +356,17 @@ impl Executor {
                         }
                         PromptEvent::Frame(BinaryFrame::Text { node_id, text }) if spec.comfy.is_some() => {
                             let text = ProgressText { node_id, text };
-                            self.publish_comfy(spec, prompt_id, None, Some(text)).await;
+                            comfy_sent += 1;
+                            let place = (comfy_sent, comfy_previews);
+                            self.publish_comfy(spec, prompt_id, place, None, Some(text)).await;
                         }
                         PromptEvent::Frame(frame) => {
                             // ComfyUI API clients get every preview, as from ComfyUI.
                             let due = spec.comfy.is_some()
                                 || last_preview.is_none_or(|at| at.elapsed() >= self.config.preview_interval);
-                            if due && self.publish_preview(spec, &frame).await {
+                            if due && self.publish_preview(spec, &frame, comfy_sent).await {
                                 last_preview = Some(Instant::now());
+                                comfy_previews += 1;
                             }
                         }
                         PromptEvent::SocketLost => {}
@@ -497,11 +509,14 @@ impl Executor {
         &self,
         spec: &JobSpec,
         prompt_id: &str,
+        (seq, previews): (u64, u64),
         message: Option<serde_json::Value>,
         progress_text: Option<ProgressText>,
     ) {
         let body = EventBody::Comfy(ComfyMessage {
             comfy_prompt_id: prompt_id.to_owned(),
+            seq,
+            previews,
             message,
             progress_text,
         });
@@ -509,13 +524,18 @@ impl Executor {
             .await;
     }
 
-    async fn publish_preview(&self, spec: &JobSpec, frame: &BinaryFrame) -> bool {
+    /// `comfy_sent`: ComfyUI API messages published before it (see
+    /// [`PREVIEW_AFTER_HEADER`]).
+    async fn publish_preview(&self, spec: &JobSpec, frame: &BinaryFrame, comfy_sent: u64) -> bool {
         let Some((image, mime)) = preview_image(frame) else {
             return false;
         };
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Content-Type", mime.as_str());
         headers.insert("Comfyq-Job-Id", spec.id.to_string().as_str());
+        if spec.comfy.is_some() {
+            headers.insert(PREVIEW_AFTER_HEADER, comfy_sent.to_string().as_str());
+        }
         // The ComfyUI API rebuilds ComfyUI's event-4 frame from this.
         if let BinaryFrame::PreviewWithMetadata { metadata, .. } = frame
             && spec.comfy.is_some()

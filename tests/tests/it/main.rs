@@ -2,6 +2,7 @@
 
 mod cli;
 mod cluster;
+mod comfy_facade;
 mod dashboard;
 mod e2e;
 mod events;

@@ -95,6 +95,15 @@ pub(crate) async fn view(
             .headers_mut()
             .insert(header::CONTENT_DISPOSITION, value);
     }
+    // ComfyUI names the type from the file name (Python's `mimetypes`);
+    // the store judged it from the bytes.
+    if response.status().is_success()
+        && let Some(guessed) = mime_guess::from_path(&filename).first_raw()
+    {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(guessed));
+    }
     Ok(response)
 }
 

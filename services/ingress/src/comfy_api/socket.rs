@@ -14,14 +14,17 @@
 //! that reconnects with the same `clientId` hears the rest of its running
 //! prompts: the socket learns whose a job is from the job's record.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::DeliverPolicy;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
-use comfyq_shared::event::{ComfyMessage, Event, EventBody, PREVIEW_METADATA_HEADER};
+use comfyq_shared::event::{
+    ComfyMessage, Event, EventBody, PREVIEW_AFTER_HEADER, PREVIEW_METADATA_HEADER,
+};
 use comfyq_shared::ids::{JobId, TenantId};
 use comfyq_shared::job::{ComfyPrompt, JobRecord, JobStatus};
 use futures::StreamExt;
@@ -87,11 +90,39 @@ struct Tracked {
     ending: bool,
     current_node: Option<String>,
     done: bool,
+    /// The attempt's last `job.comfy` event heard (its `seq`), and its
+    /// last `progress` message's.
+    heard: u64,
+    last_progress: u64,
+    /// Previews that go after a message not yet heard.
+    waiting_previews: Vec<WaitingPreview>,
+    /// Previews of the attempt received, and messages that wait for the
+    /// previews sent before them (with when they arrived).
+    previews_seen: u64,
+    queued: VecDeque<(Instant, ComfyMessage)>,
 }
 
+/// Longest a message waits for a preview sent before it (a preview can be
+/// lost: previews are published without acknowledgement).
+const PREVIEW_WAIT: Duration = Duration::from_millis(250);
+
+/// A preview frame and where it goes: after the attempt's message number
+/// `after`, and, when it was sent before its step's `progress` (ComfyUI's
+/// order with preview metadata) but goes to a client without it, after
+/// that `progress` too (ComfyUI's legacy order).
+#[derive(Debug)]
+struct WaitingPreview {
+    after: u64,
+    after_progress: bool,
+    frame: Frame,
+}
+
+#[derive(Debug)]
 enum Frame {
     Text(Value),
     Binary(Bytes),
+    /// `status` with the queue count as it is when sent.
+    Status,
 }
 
 struct Session {
@@ -130,15 +161,18 @@ impl Session {
             return;
         }
         let shutdown = self.state.shutdown.clone();
+        let mut overdue = tokio::time::interval(PREVIEW_WAIT / 5);
+        overdue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let frames = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = overdue.tick() => self.release_overdue(),
                 event = events.next() => match event {
                     Some(event) => self.on_event(&event).await,
                     None => break,
                 },
                 preview = previews.next() => match preview {
-                    Some(message) => self.on_preview(message).await.into_iter().collect(),
+                    Some(message) => self.on_preview(message).await,
                     None => break,
                 },
                 incoming = socket.recv() => match incoming {
@@ -149,6 +183,10 @@ impl Session {
                 },
             };
             for frame in frames {
+                let frame = match frame {
+                    Frame::Status => self.status().await,
+                    other => other,
+                };
                 if send(&mut socket, frame).await.is_err() {
                     return;
                 }
@@ -174,6 +212,7 @@ impl Session {
         )]
     }
 
+    /// `status` with the tenant's queue count now.
     async fn status(&self) -> Frame {
         Frame::Text(status_message(
             queue_remaining(&self.state, &self.tenant).await,
@@ -207,6 +246,11 @@ impl Session {
                 ending: false,
                 current_node: None,
                 done: false,
+                heard: 0,
+                last_progress: 0,
+                waiting_previews: Vec::new(),
+                previews_seen: 0,
+                queued: VecDeque::new(),
             });
             self.jobs.insert(job, tracked);
         }
@@ -221,19 +265,13 @@ impl Session {
         match &event.body {
             EventBody::Comfy(message) => {
                 let message = message.clone();
-                let (starts, frames) = match self.track(job, None).await {
+                match self.track(job, None).await {
                     Some(tracked) if tracked.mine && !tracked.done => {
-                        tracked.comfy_message(job, message)
+                        tracked.queued.push_back((Instant::now(), message));
+                        tracked.release(job, false)
                     }
-                    _ => return Vec::new(),
-                };
-                if starts {
-                    // ComfyUI's `status` as the prompt leaves its queue.
-                    let mut with_status = vec![self.status().await];
-                    with_status.extend(frames);
-                    return with_status;
+                    _ => Vec::new(),
                 }
-                frames
             }
             body if body.state_change().is_some() => {
                 let Some(record) = event.record.as_deref() else {
@@ -248,25 +286,32 @@ impl Session {
                 }
                 let mine = tracked.mine;
                 match status {
-                    JobStatus::Queued => vec![self.status().await],
+                    JobStatus::Queued => vec![Frame::Status],
                     // The client's own prompt: `status` goes right before
                     // its `execution_start`, as ComfyUI sends it.
-                    JobStatus::Running if !mine => vec![self.status().await],
+                    JobStatus::Running if !mine => vec![Frame::Status],
                     JobStatus::Retrying => {
                         tracked.held.clear();
                         tracked.ending = false;
+                        tracked.heard = 0;
+                        tracked.last_progress = 0;
+                        tracked.waiting_previews.clear();
+                        tracked.previews_seen = 0;
+                        tracked.queued.clear();
                         Vec::new()
                     }
                     status if status.is_terminal() => {
                         tracked.done = true;
                         if !mine {
-                            return vec![self.status().await];
+                            return vec![Frame::Status];
                         }
-                        let mut frames = tracked.end(record);
+                        // Whatever still waits for a preview goes first.
+                        let mut frames = tracked.release(job, true);
+                        frames.extend(tracked.end(record));
                         let started =
                             tracked.comfy_prompt_id.is_some() || status == JobStatus::Failed;
                         let prompt_id = tracked.prompt.prompt_id.clone();
-                        frames.push(self.status().await);
+                        frames.push(Frame::Status);
                         if started {
                             frames.push(Frame::Text(json!({"type": "executing",
                                 "data": {"node": null, "prompt_id": prompt_id}})));
@@ -280,9 +325,39 @@ impl Session {
         }
     }
 
-    async fn on_preview(&mut self, message: async_nats::Message) -> Option<Frame> {
-        let (_, job) = message.subject.rsplit_once('.')?;
-        let job: JobId = job.parse().ok()?;
+    /// Messages that waited too long for a preview.
+    fn release_overdue(&mut self) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        for (job, tracked) in &mut self.jobs {
+            if let Some(tracked) = tracked
+                && tracked
+                    .queued
+                    .front()
+                    .is_some_and(|(at, _)| at.elapsed() >= PREVIEW_WAIT)
+            {
+                frames.extend(tracked.release(*job, true));
+            }
+        }
+        frames
+    }
+
+    async fn on_preview(&mut self, message: async_nats::Message) -> Vec<Frame> {
+        let Some((_, job)) = message.subject.rsplit_once('.') else {
+            return Vec::new();
+        };
+        let Ok(job) = job.parse::<JobId>() else {
+            return Vec::new();
+        };
+        let mut frames: Vec<Frame> = self.preview(job, message).await.into_iter().collect();
+        if let Some(Some(tracked)) = self.jobs.get_mut(&job) {
+            frames.extend(tracked.release(job, false));
+        }
+        frames
+    }
+
+    /// The preview as the client's frame, now or (`None`) once the message
+    /// it follows is heard.
+    async fn preview(&mut self, job: JobId, message: async_nats::Message) -> Option<Frame> {
         let headers = message.headers.as_ref();
         let content_type = headers
             .and_then(|h| h.get("Content-Type"))
@@ -291,11 +366,17 @@ impl Session {
         let metadata = headers
             .and_then(|h| h.get(PREVIEW_METADATA_HEADER))
             .and_then(|v| serde_json::from_str::<Value>(v.as_str()).ok());
+        let after: u64 = headers
+            .and_then(|h| h.get(PREVIEW_AFTER_HEADER))
+            .and_then(|v| v.as_str().parse().ok())
+            .unwrap_or(0);
         let with_metadata = self.preview_metadata;
+        let metadata_sent = metadata.is_some();
         let tracked = self.track(job, None).await?;
         if !tracked.mine || tracked.done || tracked.ending {
             return None;
         }
+        tracked.previews_seen += 1;
         let mut out = BytesMut::new();
         if with_metadata {
             let node = tracked.current_node.clone();
@@ -314,14 +395,73 @@ impl Session {
             out.put_u32(if content_type == "image/png" { 2 } else { 1 });
         }
         out.put_slice(&message.payload);
-        Some(Frame::Binary(out.freeze()))
+        let waiting = WaitingPreview {
+            after,
+            after_progress: metadata_sent && !with_metadata && tracked.last_progress <= after,
+            frame: Frame::Binary(out.freeze()),
+        };
+        if tracked.heard >= after && !waiting.after_progress {
+            return Some(waiting.frame);
+        }
+        tracked.waiting_previews.push(waiting);
+        None
     }
 }
 
 impl Tracked {
-    /// A message of the runner's ComfyUI, as the client is to hear it, and
-    /// whether it starts the prompt (a `status` goes before it).
-    fn comfy_message(&mut self, job: JobId, message: ComfyMessage) -> (bool, Vec<Frame>) {
+    /// The queued messages whose previews have all arrived (or every one,
+    /// with `force`), as the client is to hear them.
+    fn release(&mut self, job: JobId, force: bool) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while let Some((arrived, message)) = self.queued.front() {
+            let ready = force
+                || message.previews <= self.previews_seen
+                || arrived.elapsed() >= PREVIEW_WAIT;
+            if !ready {
+                break;
+            }
+            if let Some((_, message)) = self.queued.pop_front() {
+                frames.extend(self.comfy_message(job, message));
+            }
+        }
+        frames
+    }
+
+    /// A message of the runner's ComfyUI, as the client is to hear it (with
+    /// the previews that came after it; a `status` before the prompt's
+    /// start).
+    fn comfy_message(&mut self, job: JobId, message: ComfyMessage) -> Vec<Frame> {
+        let seq = message.seq;
+        self.heard = self.heard.max(seq);
+        let is_progress = message
+            .message
+            .as_ref()
+            .is_some_and(|m| m["type"] == "progress");
+        let (starts, mut frames) = self.comfy_frames(job, message);
+        if starts {
+            // ComfyUI's `status` as the prompt leaves its queue.
+            frames.insert(0, Frame::Status);
+        }
+        if is_progress {
+            self.last_progress = self.last_progress.max(seq);
+            for waiting in &mut self.waiting_previews {
+                if waiting.after < seq {
+                    waiting.after_progress = false;
+                }
+            }
+        }
+        let heard = self.heard;
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting_previews)
+            .into_iter()
+            .partition(|w| w.after <= heard && !w.after_progress);
+        self.waiting_previews = waiting;
+        if !self.ending {
+            frames.extend(due.into_iter().map(|w| w.frame));
+        }
+        frames
+    }
+
+    fn comfy_frames(&mut self, job: JobId, message: ComfyMessage) -> (bool, Vec<Frame>) {
         self.comfy_prompt_id = Some(message.comfy_prompt_id.clone());
         if let Some(text) = message.progress_text {
             if self.ending {
@@ -454,6 +594,8 @@ async fn send(socket: &mut WebSocket, frame: Frame) -> Result<(), axum::Error> {
     let message = match frame {
         Frame::Text(value) => WsMessage::Text(value.to_string().into()),
         Frame::Binary(bytes) => WsMessage::Binary(bytes),
+        // Resolved by the session before sending; never sent as such.
+        Frame::Status => return Ok(()),
     };
     socket.send(message).await
 }
