@@ -2,7 +2,7 @@
 script_examples/websockets_api_example.py: queue a prompt, read /ws until the
 prompt's `executing` with `node: null`, then fetch /history and /view.
 
-    python3 deploy/examples/comfyui_client.py 127.0.0.1:8080 <api-key>
+    python3 deploy/examples/comfyui_client.py 127.0.0.1:8080 [<api-key>]
 
 Nothing in it knows about comfyq but the API key (sent as a bearer token
 over HTTP and as `?token=` on the WebSocket). Standard library only: the
@@ -95,9 +95,10 @@ class WebSocket:
                 return message.decode() if kind == 0x1 else message
 
 
-def main(host, api_key):
+def main(host, api_key=None):
     client_id = str(uuid.uuid4())
-    headers = {"Authorization": f"Bearer {api_key}"}
+    # No key: a development server's open mode (`comfyq up`).
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def http(path, body=None):
         data = None if body is None else json.dumps(body).encode()
@@ -106,8 +107,8 @@ def main(host, api_key):
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.read()
 
-    token = urllib.parse.quote(api_key)
-    ws = WebSocket(host, f"/ws?clientId={client_id}&token={token}")
+    token = f"&token={urllib.parse.quote(api_key)}" if api_key else ""
+    ws = WebSocket(host, f"/ws?clientId={client_id}{token}")
     queued = json.loads(http("/prompt", {"prompt": PROMPT, "client_id": client_id}))
     prompt_id = queued["prompt_id"]
     print("queued", prompt_id)
@@ -136,4 +137,4 @@ def main(host, api_key):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(*sys.argv[1:3]))

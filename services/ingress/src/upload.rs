@@ -55,7 +55,7 @@ async fn receive_parts(
             "the first part must be `job` (the job JSON)",
         ));
     }
-    let job_bytes = read_capped(first, state.config.max_body_bytes).await?;
+    let job_bytes = read_capped(first, state.config.max_body_bytes, "the `job` part").await?;
     let value: serde_json::Value = serde_json::from_slice(&job_bytes)
         .map_err(|e| Problem::bad_request(format!("`job` part is not JSON: {e}")))?;
     let request = SubmitRequest::deserialize(value.clone())
@@ -94,7 +94,13 @@ async fn receive_parts(
     })
 }
 
-async fn read_capped(field: Field<'_>, limit: usize) -> Result<Vec<u8>, Problem> {
+/// A whole part in memory, refused (413) past `limit` bytes; `what` names
+/// it in the answer.
+pub(crate) async fn read_capped(
+    field: Field<'_>,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<u8>, Problem> {
     let mut bytes = Vec::new();
     let mut field = field;
     while let Some(chunk) = field
@@ -103,9 +109,7 @@ async fn read_capped(field: Field<'_>, limit: usize) -> Result<Vec<u8>, Problem>
         .map_err(|e| Problem::bad_request(e.body_text()))?
     {
         if bytes.len() + chunk.len() > limit {
-            return Err(Problem::too_large(format!(
-                "the `job` part exceeds {limit} bytes"
-            )));
+            return Err(Problem::too_large(format!("{what} exceeds {limit} bytes")));
         }
         bytes.extend_from_slice(&chunk);
     }

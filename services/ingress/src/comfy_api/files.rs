@@ -121,21 +121,14 @@ pub(crate) async fn upload_image(
     let mut image: Option<(String, Vec<u8>)> = None;
     let mut overwrite = false;
     let limit = state.config.max_input_bytes;
-    while let Some(mut field) = multipart.next_field().await.map_err(malformed)? {
+    while let Some(field) = multipart.next_field().await.map_err(malformed)? {
         match field.name().unwrap_or_default() {
             "image" => {
                 let name = field.file_name().unwrap_or_default().to_owned();
                 // Fields may follow the file (`overwrite`), so it is read
                 // whole before its name is chosen, within the input limit.
-                let mut bytes = Vec::new();
-                while let Some(chunk) = field.chunk().await.map_err(malformed)? {
-                    if (bytes.len() + chunk.len()) as u64 > limit {
-                        return Err(Problem::too_large(format!(
-                            "the image exceeds {limit} bytes"
-                        )));
-                    }
-                    bytes.extend_from_slice(&chunk);
-                }
+                let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+                let bytes = crate::upload::read_capped(field, cap, "the image").await?;
                 image = Some((name, bytes));
             }
             "overwrite" => {
