@@ -105,6 +105,7 @@ pub async fn serve(
         shutdown: shutdown.clone(),
         active: Arc::new(active::ActiveJobs::default()),
         runner_directory: Arc::new(catalog::RunnerDirectory::default()),
+        comfy_object_info: Arc::default(),
     };
     let directory = tokio::spawn({
         let directory = state.runner_directory.clone();

@@ -796,3 +796,93 @@ async fn comfy_facade_serves_a_python_websocket_client() {
     );
     stack.stop().await;
 }
+
+/// A client that reconnects with the same `clientId` hears the rest of its
+/// running prompt; `/object_info` and `/models` describe the pool's runners
+/// as their ComfyUI does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comfy_facade_resumes_sockets_and_describes_the_fleet() {
+    let stack = TestStack::start().await;
+    let sim = reqwest::Client::new();
+    let from_sim = |path: &'static str| {
+        let sim = sim.clone();
+        let url = format!("{}{path}", stack.sim.base_url());
+        async move {
+            sim.get(url)
+                .send()
+                .await
+                .expect("GET")
+                .json::<Value>()
+                .await
+                .expect("JSON")
+        }
+    };
+    let from_facade = |path: &'static str| {
+        let url = format!("{}{path}", stack.api);
+        let http = stack.http.clone();
+        async move {
+            let response = http.get(url).send().await.ok()?;
+            response.json::<Value>().await.ok()
+        }
+    };
+    // The runner stores its ComfyUI's object_info once it has started.
+    let expected = from_sim("/object_info/EmptyImage").await;
+    comfyq_tests::eventually(Duration::from_secs(10), "object_info served", async || {
+        (from_facade("/object_info/EmptyImage").await? == expected).then_some(())
+    })
+    .await;
+    assert_eq!(
+        from_facade("/object_info/NoSuchNode").await,
+        Some(json!({}))
+    );
+    let all = from_facade("/api/object_info").await.expect("object_info");
+    assert_eq!(all, from_sim("/object_info").await);
+    assert_eq!(
+        from_facade("/models/upscale_models").await,
+        Some(from_sim("/models/upscale_models").await)
+    );
+    let missing = stack
+        .http
+        .get(format!("{}/models/nope", stack.api))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(missing.status(), 404);
+
+    // Reconnecting mid-prompt.
+    let url = format!("{}/ws?clientId=roaming", ws_base(&stack));
+    let mut first = open_socket(&url, Some(stack::API_KEY)).await;
+    let mut heard = Vec::new();
+    heard.extend(next_frame(&mut first).await);
+    let (status, body) = post_prompt(
+        &stack.http,
+        &stack.api,
+        json!({"prompt": stack::slow_workflow(20, 25, "roaming"), "client_id": "roaming"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let prompt_id = parse(&body)["prompt_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    while let Some((_, raw)) = next_frame(&mut first).await {
+        if raw["type"] == "progress" {
+            break;
+        }
+    }
+    drop(first);
+    let mut second = open_socket(&url, Some(stack::API_KEY)).await;
+    let mut rest = Vec::new();
+    until_done(&mut second, &prompt_id, &mut rest).await;
+    assert_eq!(rest[0].1["data"]["sid"], "roaming");
+    assert!(
+        rest.iter().any(|(_, raw)| raw["type"] == "progress"),
+        "the rest of the steps: {rest:?}"
+    );
+    assert!(
+        rest.iter()
+            .any(|(_, raw)| raw["type"] == "execution_success"),
+        "{rest:?}"
+    );
+    stack.stop().await;
+}

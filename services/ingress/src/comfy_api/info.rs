@@ -1,19 +1,26 @@
 //! What the fleet offers, in ComfyUI's shapes: `/features`,
 //! `/system_stats`, `/models`, `/models/{folder}`, `/embeddings`,
-//! `/extensions`, from the live runners' registrations (the default pool,
-//! or the pool named by the `Comfyq-Pool` header).
+//! `/extensions`, from the live runners' registrations, and
+//! `/object_info[/{class}]`, the union of what each runner's ComfyUI
+//! answered (stored by the runner, read once per registration and kept
+//! here); for the default pool, or the pool named by the `Comfyq-Pool`
+//! header.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use comfyq_shared::ids::RunnerId;
+use comfyq_shared::media::COMFY_OBJECT_INFO_OBJECT;
 use comfyq_shared::registry::LiveRunner;
 use serde_json::{Value, json};
+use time::OffsetDateTime;
 
-use super::ComfyTenant;
 use super::prompt::POOL_HEADER;
+use super::{ComfyTenant, read_json};
 use crate::state::AppState;
 
 /// ComfyUI's feature flags as this API offers them.
@@ -150,4 +157,73 @@ pub(crate) async fn embeddings(
 /// API does not serve.
 pub(crate) async fn extensions(_tenant: ComfyTenant) -> Json<Vec<String>> {
     Json(Vec::new())
+}
+
+/// Node definitions by class, as one ComfyUI answered `/object_info`.
+type Definitions = BTreeMap<String, Value>;
+
+/// Each runner's `object_info`, read once per registration (a runner whose
+/// capabilities entry is rewritten is read again).
+#[derive(Debug, Default)]
+pub(crate) struct ObjectInfoCache {
+    // A std mutex: held only to look up or insert, never across an await.
+    by_runner: Mutex<HashMap<RunnerId, (OffsetDateTime, Arc<Definitions>)>>,
+}
+
+impl ObjectInfoCache {
+    async fn of(&self, state: &AppState, runner: &LiveRunner) -> Option<Arc<Definitions>> {
+        let registered = runner.capabilities.as_ref()?.updated_at;
+        let id = &runner.load.runner;
+        let cached = self
+            .by_runner
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).cloned())
+            .filter(|(at, _)| *at == registered);
+        if let Some((_, definitions)) = cached {
+            return Some(definitions);
+        }
+        let key = state.media.runner_key(id, COMFY_OBJECT_INFO_OBJECT);
+        let definitions: Arc<Definitions> = Arc::new(read_json(state, &key).await.ok().flatten()?);
+        if let Ok(mut by_runner) = self.by_runner.lock() {
+            by_runner.insert(id.clone(), (registered, definitions.clone()));
+        }
+        Some(definitions)
+    }
+}
+
+/// The union of the pool's runners' node definitions (the first runner
+/// that has a class describes it).
+async fn definitions(state: &AppState, headers: &HeaderMap) -> Definitions {
+    let mut union = Definitions::new();
+    for runner in pool_runners(state, headers) {
+        if let Some(definitions) = state.comfy_object_info.of(state, &runner).await {
+            for (class, definition) in definitions.iter() {
+                union
+                    .entry(class.clone())
+                    .or_insert_with(|| definition.clone());
+            }
+        }
+    }
+    union
+}
+
+/// `GET /object_info`.
+pub(crate) async fn object_info(
+    State(state): State<AppState>,
+    _tenant: ComfyTenant,
+    headers: HeaderMap,
+) -> Json<Definitions> {
+    Json(definitions(&state, &headers).await)
+}
+
+/// `GET /object_info/{class}`: `{class: definition}`, or `{}`.
+pub(crate) async fn object_info_of(
+    State(state): State<AppState>,
+    _tenant: ComfyTenant,
+    headers: HeaderMap,
+    Path(class): Path<String>,
+) -> Json<Definitions> {
+    let mut all = definitions(&state, &headers).await;
+    Json(all.remove_entry(&class).into_iter().collect())
 }

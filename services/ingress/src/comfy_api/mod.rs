@@ -67,6 +67,8 @@ pub(crate) fn routes(prefix: &str) -> axum::Router<AppState> {
             .route("/models/{folder}", get(info::models))
             .route("/embeddings", get(info::embeddings))
             .route("/extensions", get(info::extensions))
+            .route("/object_info", get(info::object_info))
+            .route("/object_info/{class}", get(info::object_info_of))
     };
     let both = || api().nest("/api", api());
     let router = both();
