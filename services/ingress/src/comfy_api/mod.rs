@@ -103,12 +103,7 @@ impl FromRequestParts<AppState> for ComfyTenant {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
             .or(from_query);
-        let tenant = state
-            .auth
-            .tenant_for(header.as_deref())
-            .ok_or_else(Problem::unauthorized)?;
-        state.limiter.check(&tenant)?;
-        Ok(Self(tenant))
+        Ok(Self(crate::auth::admit(state, header.as_deref())?))
     }
 }
 

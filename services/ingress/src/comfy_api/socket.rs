@@ -224,6 +224,7 @@ impl Session {
     async fn track(&mut self, job: JobId, record: Option<&JobRecord>) -> Option<&mut Tracked> {
         if !self.jobs.contains_key(&job) {
             let fetched;
+            let from_event = record.is_some();
             let record = match record {
                 Some(record) => Some(record),
                 None => {
@@ -238,6 +239,9 @@ impl Session {
                     fetched.as_ref()
                 }
             };
+            // A live event of a job whose record says it is over came late:
+            // ignored. (A terminal state event itself is heard.)
+            let over = !from_event && record.is_some_and(|r| r.status.is_terminal());
             let tracked = record.and_then(|r| r.comfy.clone()).map(|prompt| Tracked {
                 mine: prompt.client_id.as_deref() == Some(self.sid.as_str()),
                 prompt,
@@ -245,7 +249,7 @@ impl Session {
                 held: Vec::new(),
                 ending: false,
                 current_node: None,
-                done: false,
+                done: over,
                 heard: 0,
                 last_progress: 0,
                 waiting_previews: Vec::new(),
@@ -278,6 +282,11 @@ impl Session {
                     return Vec::new();
                 };
                 let status = record.status;
+                if status.is_terminal() && record.comfy.is_none() {
+                    // Not a ComfyUI API job: nothing more to know of it.
+                    self.jobs.remove(&job);
+                    return Vec::new();
+                }
                 let Some(tracked) = self.track(job, Some(record)).await else {
                     return Vec::new();
                 };
@@ -301,7 +310,11 @@ impl Session {
                         Vec::new()
                     }
                     status if status.is_terminal() => {
-                        tracked.done = true;
+                        // Its last event: the socket forgets it (its live
+                        // events all came before).
+                        let Some(Some(mut tracked)) = self.jobs.remove(&job) else {
+                            return Vec::new();
+                        };
                         if !mine {
                             return vec![Frame::Status];
                         }
