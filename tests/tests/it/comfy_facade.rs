@@ -402,6 +402,8 @@ async fn comfy_facade_replays_recorded_conversations() {
     .await;
     for (name, handshake) in [
         ("01_empty_invert_save", false),
+        // The same prompt again: ComfyUI serves it from its cache.
+        ("01b_cached_rerun", false),
         ("06_exec_error", false),
         ("07_text_frame_preview_any", false),
         ("08_preview_image_temp", false),
@@ -635,6 +637,57 @@ async fn comfy_facade_uploads_queues_and_interrupts() {
         viewed.bytes().await.expect("bytes").as_ref(),
         png.as_slice()
     );
+
+    // The mask editor's upload: the original with the mask's alpha.
+    let mask = {
+        let mut bytes = Vec::new();
+        let mut encoder = png::Encoder::new(&mut bytes, 4, 2);
+        encoder.set_color(png::ColorType::Rgba);
+        let mut writer = encoder.write_header().expect("PNG header");
+        writer
+            .write_image_data(&[0u8, 0, 0, 7].repeat(8))
+            .expect("PNG data");
+        drop(writer);
+        bytes
+    };
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(mask).file_name("clipspace-mask.png"),
+        )
+        .text(
+            "original_ref",
+            json!({"filename": "peer_upload.png", "subfolder": "", "type": "input"}).to_string(),
+        );
+    let masked: Value = stack
+        .http
+        .post(format!("{}/upload/mask", stack.api))
+        .multipart(form)
+        .send()
+        .await
+        .expect("POST /upload/mask")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(masked["name"], "clipspace-mask.png", "{masked}");
+    let bytes = stack
+        .http
+        .get(format!(
+            "{}/view?filename=clipspace-mask.png&type=input",
+            stack.api
+        ))
+        .send()
+        .await
+        .expect("GET")
+        .bytes()
+        .await
+        .expect("bytes");
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes.to_vec()))
+        .read_info()
+        .expect("a PNG");
+    let mut pixels = vec![0; reader.output_buffer_size().expect("size")];
+    reader.next_frame(&mut pixels).expect("frame");
+    assert_eq!(pixels, [200u8, 200, 200, 7].repeat(8));
 
     let (prompt, _) = recorded_prompt("02_load_scale_save");
     let mut socket = open_socket(

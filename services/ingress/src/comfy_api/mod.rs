@@ -7,7 +7,7 @@
 //! - [`socket`]: `GET /ws?clientId=`: ComfyUI's message sequence for every
 //!   prompt the client submitted, rebuilt from the job's events.
 //! - [`history`]: `/history`, `/queue`, `/interrupt`.
-//! - [`files`]: `/view`, `/upload/image`.
+//! - [`files`]: `/view`, `/upload/image`, `/upload/mask`.
 //! - [`info`]: `/features`, `/system_stats`, `/models`, `/embeddings`,
 //!   `/extensions`, `/object_info`.
 //!
@@ -61,6 +61,7 @@ pub(crate) fn routes(prefix: &str) -> axum::Router<AppState> {
             .route("/interrupt", post(history::interrupt))
             .route("/view", get(files::view))
             .route("/upload/image", post(files::upload_image))
+            .route("/upload/mask", post(files::upload_mask))
             .route("/features", get(info::features))
             .route("/system_stats", get(info::system_stats))
             .route("/models", get(info::model_folders))
