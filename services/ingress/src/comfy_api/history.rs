@@ -95,25 +95,18 @@ fn made_from_record(record: &JobRecord) -> Value {
     let mut messages = vec![
         json!(["execution_start", {"prompt_id": prompt_id, "timestamp": ms(record.started_at.or(Some(record.created_at)))}]),
     ];
-    let error = record.error.as_ref();
+    let finished = ms(record.finished_at);
     match record.status {
-        JobStatus::Failed => messages.push(json!(["execution_error", {
-            "prompt_id": prompt_id,
-            "node_id": error.and_then(|e| e.node_id.clone()).unwrap_or_default(),
-            "node_type": error.and_then(|e| e.node_type.clone()).unwrap_or_default(),
-            "executed": [],
-            "exception_message": error.map(|e| e.message.clone()).unwrap_or_default(),
-            "exception_type": error.and_then(|e| e.exception_type.clone()).unwrap_or_default(),
-            "traceback": error.map(|e| e.traceback.clone()).unwrap_or_default(),
-            "current_inputs": {},
-            "current_outputs": {},
-            "timestamp": ms(record.finished_at),
-        }])),
-        JobStatus::Cancelled => messages.push(json!(["execution_interrupted", {
-            "prompt_id": prompt_id, "node_id": "", "node_type": "", "executed": [],
-            "timestamp": ms(record.finished_at),
-        }])),
-        _ => messages.push(json!(["execution_success", {"prompt_id": prompt_id, "timestamp": ms(record.finished_at)}])),
+        JobStatus::Failed => messages.push(json!([
+            "execution_error",
+            super::execution_error(&prompt_id, record.error.as_ref(), finished)
+        ])),
+        JobStatus::Cancelled => messages.push(json!([
+            "execution_interrupted",
+            super::execution_interrupted(&prompt_id, "", finished)
+        ])),
+        _ => messages
+            .push(json!(["execution_success", {"prompt_id": prompt_id, "timestamp": finished}])),
     }
     let success = record.status == JobStatus::Completed;
     json!({

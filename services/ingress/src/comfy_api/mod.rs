@@ -33,7 +33,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::routing::{get, post};
 use comfyq_shared::ids::{JobId, TenantId};
-use comfyq_shared::job::{ComfyPrompt, JobRecord};
+use comfyq_shared::job::{ComfyPrompt, JobError, JobRecord};
 use comfyq_shared::media::{COMFY_PROMPT_OBJECT, MediaError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -280,6 +280,48 @@ pub(crate) fn sink_nodes(prompt: &Value) -> Vec<String> {
         .filter(|id| !linked.contains(*id))
         .cloned()
         .collect()
+}
+
+/// ComfyUI's `execution_error` data for a job that failed where ComfyUI
+/// said nothing of it (refused by its validation, or comfyq's own error).
+pub(crate) fn execution_error<T: Serialize>(
+    prompt_id: &str,
+    error: Option<&JobError>,
+    timestamp: T,
+) -> Value {
+    let exception_type = error
+        .and_then(|e| e.exception_type.clone())
+        .or_else(|| {
+            error
+                .and_then(|e| serde_json::to_value(e.kind).ok())
+                .and_then(|v| v.as_str().map(str::to_owned))
+        })
+        .unwrap_or_default();
+    serde_json::json!({
+        "prompt_id": prompt_id,
+        "node_id": error.and_then(|e| e.node_id.clone()).unwrap_or_default(),
+        "node_type": error.and_then(|e| e.node_type.clone()).unwrap_or_default(),
+        "executed": [],
+        "exception_message": error.map(|e| e.message.clone()).unwrap_or_default(),
+        "exception_type": exception_type,
+        "traceback": error.map(|e| e.traceback.clone()).unwrap_or_default(),
+        "current_inputs": {},
+        "current_outputs": {},
+        "timestamp": timestamp,
+    })
+}
+
+/// ComfyUI's `execution_interrupted` data for a cancelled job whose
+/// ComfyUI did not say it.
+pub(crate) fn execution_interrupted<T: Serialize>(
+    prompt_id: &str,
+    node: &str,
+    timestamp: T,
+) -> Value {
+    serde_json::json!({
+        "prompt_id": prompt_id, "node_id": node, "node_type": "", "executed": [],
+        "timestamp": timestamp,
+    })
 }
 
 /// ComfyUI's queue count for a tenant: its unfinished jobs.

@@ -536,43 +536,16 @@ impl Tracked {
         let prompt_id = self.prompt.prompt_id.clone();
         match record.status {
             JobStatus::Failed => {
-                let error = record.error.clone();
-                let message = error
-                    .as_ref()
-                    .map(|e| e.message.clone())
-                    .unwrap_or_default();
-                let kind = error
-                    .as_ref()
-                    .and_then(|e| e.exception_type.clone())
-                    .unwrap_or_else(|| {
-                        error
-                            .as_ref()
-                            .and_then(|e| serde_json::to_value(e.kind).ok())
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default()
-                    });
-                frames.push(Frame::Text(json!({"type": "execution_error", "data": {
-                    "prompt_id": prompt_id,
-                    "node_id": error.as_ref().and_then(|e| e.node_id.clone()).unwrap_or_default(),
-                    "node_type": error.as_ref().and_then(|e| e.node_type.clone()).unwrap_or_default(),
-                    "executed": [],
-                    "exception_message": message,
-                    "exception_type": kind,
-                    "traceback": error.as_ref().map(|e| e.traceback.clone()).unwrap_or_default(),
-                    "current_inputs": {},
-                    "current_outputs": {},
-                    "timestamp": now_ms(),
-                }})));
+                let data = super::execution_error(&prompt_id, record.error.as_ref(), now_ms());
+                frames.push(Frame::Text(
+                    json!({"type": "execution_error", "data": data}),
+                ));
             }
             JobStatus::Cancelled if self.comfy_prompt_id.is_some() => {
+                let node = self.current_node.clone().unwrap_or_default();
+                let data = super::execution_interrupted(&prompt_id, &node, now_ms());
                 frames.push(Frame::Text(
-                    json!({"type": "execution_interrupted", "data": {
-                        "prompt_id": prompt_id,
-                        "node_id": self.current_node.clone().unwrap_or_default(),
-                        "node_type": "",
-                        "executed": [],
-                        "timestamp": now_ms(),
-                    }}),
+                    json!({"type": "execution_interrupted", "data": data}),
                 ));
             }
             _ => {}
