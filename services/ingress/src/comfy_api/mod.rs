@@ -28,7 +28,7 @@ pub(crate) mod info;
 pub(crate) mod prompt;
 pub(crate) mod socket;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{DefaultBodyLimit, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::routing::{get, post};
@@ -60,8 +60,16 @@ pub(crate) fn routes(prefix: &str) -> axum::Router<AppState> {
             .route("/queue", get(history::queue).post(history::change_queue))
             .route("/interrupt", post(history::interrupt))
             .route("/view", get(files::view))
-            .route("/upload/image", post(files::upload_image))
-            .route("/upload/mask", post(files::upload_mask))
+            // Uploads enforce `max_input_bytes` themselves, which may
+            // exceed the body limit of other requests.
+            .route(
+                "/upload/image",
+                post(files::upload_image).layer(DefaultBodyLimit::disable()),
+            )
+            .route(
+                "/upload/mask",
+                post(files::upload_mask).layer(DefaultBodyLimit::disable()),
+            )
             .route("/features", get(info::features))
             .route("/system_stats", get(info::system_stats))
             .route("/models", get(info::model_folders))
