@@ -851,8 +851,9 @@ async fn comfy_facade_serves_a_python_websocket_client() {
 }
 
 /// A client that reconnects with the same `clientId` hears the rest of its
-/// running prompt; `/object_info` and `/models` describe the pool's runners
-/// as their ComfyUI does.
+/// running prompt; every socket hears the `progress_state` of a prompt
+/// without a client id; `/object_info` and `/models` describe the pool's
+/// runners as their ComfyUI does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn comfy_facade_resumes_sockets_and_describes_the_fleet() {
     let stack = TestStack::start().await;
@@ -901,6 +902,44 @@ async fn comfy_facade_resumes_sockets_and_describes_the_fleet() {
         .await
         .expect("GET");
     assert_eq!(missing.status(), 404);
+
+    // A prompt without a client id: every socket hears its queue changes
+    // and `progress_state`, as in the recorded probe.
+    let probe: Value =
+        serde_json::from_str(&recording("transcripts/ws_probe.json")).expect("probe");
+    let mut listener = open_socket(
+        &format!("{}/ws?clientId=bystander", ws_base(&stack)),
+        Some(stack::API_KEY),
+    )
+    .await;
+    next_frame(&mut listener).await.expect("hello");
+    let (status, body) = post_prompt(
+        &stack.http,
+        &stack.api,
+        json!({"prompt": stack::invert_workflow(24)}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let mut kinds = Vec::new();
+    while let Ok(Some(Ok(frame))) =
+        tokio::time::timeout(Duration::from_millis(1500), listener.next()).await
+    {
+        if let Message::Text(text) = frame {
+            let message: Value = serde_json::from_str(&text).expect("JSON");
+            kinds.push(message["type"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    let mut expected: Vec<String> = probe["no_client_id_listener_saw"]
+        .as_array()
+        .expect("recorded kinds")
+        .iter()
+        .filter_map(|k| k.as_str().map(str::to_owned))
+        .collect();
+    // (Whether the runner's `running` state or the first `progress_state`
+    // is heard first is not fixed: compared as counts.)
+    kinds.sort();
+    expected.sort();
+    assert_eq!(kinds, expected);
 
     // Reconnecting mid-prompt.
     let url = format!("{}/ws?clientId=roaming", ws_base(&stack));

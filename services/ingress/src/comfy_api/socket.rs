@@ -274,6 +274,11 @@ impl Session {
                         tracked.queued.push_back((Instant::now(), message));
                         tracked.release(job, false)
                     }
+                    // A prompt without a client id: ComfyUI tells every
+                    // socket its `progress_state`.
+                    Some(tracked) if tracked.prompt.client_id.is_none() && !tracked.done => {
+                        tracked.broadcast(job, message)
+                    }
                     _ => Vec::new(),
                 }
             }
@@ -422,6 +427,23 @@ impl Session {
 }
 
 impl Tracked {
+    /// What every socket hears of a prompt submitted without a client id.
+    fn broadcast(&mut self, job: JobId, message: ComfyMessage) -> Vec<Frame> {
+        let Some(mut message) = message.message else {
+            return Vec::new();
+        };
+        if message["type"] != "progress_state" {
+            return Vec::new();
+        }
+        Rewrite {
+            comfy_prompt_id: &message_prompt_id(&message, None),
+            prompt: &self.prompt,
+            job,
+        }
+        .apply(&mut message);
+        vec![Frame::Text(message)]
+    }
+
     /// The queued messages whose previews have all arrived (or every one,
     /// with `force`), as the client is to hear them.
     fn release(&mut self, job: JobId, force: bool) -> Vec<Frame> {
