@@ -88,7 +88,7 @@ async fn one_prompt(http: &reqwest::Client, base: &str, ws: &str, width: u32) ->
         .bytes()
         .await
         .expect("image");
-    assert!(bytes.starts_with(b"\x89PNG"), "not a PNG: {image}");
+    assert!(bytes.starts_with(b"\x89PNG"), "{base}: not a PNG: {history}");
     Run {
         done,
         fetched: started.elapsed(),
@@ -126,6 +126,8 @@ async fn main() {
     };
     let stack = TestStack::start_with(StackOptions {
         sim,
+        // Four requests a prompt, back to back: above the default rate limit.
+        configure_ingress: Some(|ingress| ingress.rate_limit_per_s = 0),
         ..StackOptions::default()
     })
     .await;
