@@ -88,7 +88,10 @@ async fn one_prompt(http: &reqwest::Client, base: &str, ws: &str, width: u32) ->
         .bytes()
         .await
         .expect("image");
-    assert!(bytes.starts_with(b"\x89PNG"), "{base}: not a PNG: {history}");
+    assert!(
+        bytes.starts_with(b"\x89PNG"),
+        "{base}: not a PNG: {history}"
+    );
     Run {
         done,
         fetched: started.elapsed(),
