@@ -523,6 +523,13 @@ async fn comfy_facade_isolates_tenants_and_authenticates() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(parse(&body)["prompt_id"], "my-own-id");
     until_done(&mut ours, "my-own-id", &mut heard).await;
+    // ComfyUI's last `status` counts the queue without the prompt that ended.
+    let last_status = heard
+        .iter()
+        .rev()
+        .find(|(_, raw)| raw["type"] == "status")
+        .map(|(_, raw)| raw["data"]["status"]["exec_info"]["queue_remaining"].clone());
+    assert_eq!(last_status, Some(json!(0)), "{heard:?}");
     let history = |client: &reqwest::Client| {
         let url = format!("{}/history/my-own-id", stack.api);
         let client = client.clone();

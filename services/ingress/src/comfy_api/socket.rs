@@ -321,7 +321,7 @@ impl Session {
                             return Vec::new();
                         };
                         if !mine {
-                            return vec![Frame::Status];
+                            return vec![self.status_after_end(record).await];
                         }
                         // Whatever still waits for a preview goes first.
                         let mut frames = tracked.release(job, true);
@@ -329,7 +329,7 @@ impl Session {
                         let started =
                             tracked.comfy_prompt_id.is_some() || status == JobStatus::Failed;
                         let prompt_id = tracked.prompt.prompt_id.clone();
-                        frames.push(Frame::Status);
+                        frames.push(self.status_after_end(record).await);
                         if started {
                             frames.push(Frame::Text(json!({"type": "executing",
                                 "data": {"node": null, "prompt_id": prompt_id}})));
@@ -341,6 +341,49 @@ impl Session {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// `status` once `record`'s job has ended. Its runner acknowledges the
+    /// dispatch message just after writing the end, so the count may still
+    /// hold the job: if its message is still there after counting, it was
+    /// counted and is taken off; if not, a second count cannot hold it.
+    async fn status_after_end(&self, record: &JobRecord) -> Frame {
+        let counted = queue_remaining(&self.state, &self.tenant).await;
+        let remaining = if counted > 0 && self.still_dispatched(record).await {
+            counted - 1
+        } else if counted > 0 {
+            queue_remaining(&self.state, &self.tenant).await
+        } else {
+            0
+        };
+        Frame::Text(status_message(remaining, None))
+    }
+
+    /// Whether the job's dispatch message is the last on its subject (a
+    /// later one of the same tenant, pool and priority hides it: then no).
+    async fn still_dispatched(&self, record: &JobRecord) -> bool {
+        #[derive(Deserialize)]
+        struct Dispatched {
+            spec: DispatchedSpec,
+        }
+        #[derive(Deserialize)]
+        struct DispatchedSpec {
+            id: JobId,
+        }
+        let names = &self.state.names;
+        let subject = names.dispatch_subject(&record.pool, record.priority, &record.tenant);
+        let Ok(stream) = self
+            .state
+            .js
+            .get_stream_no_info(names.dispatch_stream())
+            .await
+        else {
+            return false;
+        };
+        let Ok(message) = stream.get_last_raw_message_by_subject(&subject).await else {
+            return false;
+        };
+        serde_json::from_slice::<Dispatched>(&message.payload).is_ok_and(|d| d.spec.id == record.id)
     }
 
     /// Messages that waited too long for a preview.
