@@ -546,6 +546,19 @@ async fn comfy_facade_isolates_tenants_and_authenticates() {
     };
     let entry = history(&stack.http).await;
     assert_eq!(entry["my-own-id"]["status"]["status_str"], "success");
+    // The same prompt id again names the same job: nothing is run or replaced.
+    let (status, again) = post_prompt(
+        &stack.http,
+        &stack.api,
+        json!({"prompt": stack::invert_workflow(20), "prompt_id": "my-own-id"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(parse(&again)["number"], entry["my-own-id"]["prompt"][0]);
+    assert_eq!(
+        history(&stack.http).await["my-own-id"]["prompt"][2],
+        stack::invert_workflow(16)
+    );
     let other = TestStack::client_for(stack::OTHER_API_KEY);
     assert_eq!(history(&other).await, json!({}));
     let all: Value = other

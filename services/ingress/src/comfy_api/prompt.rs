@@ -147,6 +147,15 @@ async fn queue_prompt(
             (id, id.to_string())
         }
     };
+    // A prompt id already used by this tenant names that job: answered as
+    // it was, and nothing of it is overwritten.
+    if let Some(existing) = crate::routes::find_record(state, tenant, &job_id).await?
+        && let Some(known) = existing.comfy
+    {
+        return Ok(
+            json!({"prompt_id": known.prompt_id, "number": known.number, "node_errors": {}}),
+        );
+    }
     let stored = StoredPrompt {
         number,
         prompt_id: prompt_id.clone(),
