@@ -188,6 +188,7 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             every_progress_event: false,
+            comfy: None,
             created_at: OffsetDateTime::UNIX_EPOCH,
         }
     }

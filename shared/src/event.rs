@@ -20,6 +20,7 @@ pub enum EventKind {
     Progress,
     Node,
     Output,
+    Comfy,
 }
 
 impl EventKind {
@@ -28,6 +29,7 @@ impl EventKind {
             EventKind::Progress,
             EventKind::Node,
             EventKind::Output,
+            EventKind::Comfy,
         ])
     }
 
@@ -37,6 +39,7 @@ impl EventKind {
             EventKind::Progress => "progress",
             EventKind::Node => "node",
             EventKind::Output => "output",
+            EventKind::Comfy => "comfy",
         }
     }
 }
@@ -163,6 +166,41 @@ pub struct OutputProduced {
     pub text: Vec<String>,
 }
 
+/// Header of a preview message (`…previews.<tenant>.<job>`) of a ComfyUI API
+/// job: ComfyUI's preview metadata (event 4), JSON, when ComfyUI sent it.
+pub const PREVIEW_METADATA_HEADER: &str = "Comfyq-Preview-Metadata";
+/// Header of a preview message of a ComfyUI API job: how many `job.comfy`
+/// events of the attempt came before it (ComfyUI's order, which the
+/// previews' own subject does not keep against the events stream).
+pub const PREVIEW_AFTER_HEADER: &str = "Comfyq-Comfy-After";
+
+/// One message of ComfyUI about the job's prompt, as ComfyUI sent it (only
+/// for jobs submitted through the ComfyUI API, which replays them).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ComfyMessage {
+    /// The prompt id the runner's ComfyUI gave the attempt (the message
+    /// names it; the job's own prompt id is in its record).
+    pub comfy_prompt_id: String,
+    /// Its place among the attempt's messages, from 1.
+    pub seq: u64,
+    /// Previews of the attempt published before it (on the previews
+    /// subject, which does not keep order with the events stream).
+    #[serde(default)]
+    pub previews: u64,
+    /// A WebSocket text message: `{type, data}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<serde_json::Value>,
+    /// A binary progress-text frame (event 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_text: Option<ProgressText>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ProgressText {
+    pub node_id: String,
+    pub text: String,
+}
+
 /// The event's payload; `type` is `job.<token>`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", content = "data")]
@@ -189,6 +227,8 @@ pub enum EventBody {
     Node(NodeUpdate),
     #[serde(rename = "job.output")]
     Output(OutputProduced),
+    #[serde(rename = "job.comfy")]
+    Comfy(ComfyMessage),
 }
 
 impl EventBody {
@@ -218,6 +258,7 @@ impl EventBody {
             EventBody::Progress(_) => EventKind::Progress,
             EventBody::Node(_) => EventKind::Node,
             EventBody::Output(_) => EventKind::Output,
+            EventBody::Comfy(_) => EventKind::Comfy,
         }
     }
 
@@ -231,7 +272,10 @@ impl EventBody {
             | EventBody::Completed(c)
             | EventBody::Failed(c)
             | EventBody::Cancelled(c) => Some(c),
-            EventBody::Progress(_) | EventBody::Node(_) | EventBody::Output(_) => None,
+            EventBody::Progress(_)
+            | EventBody::Node(_)
+            | EventBody::Output(_)
+            | EventBody::Comfy(_) => None,
         }
     }
 }

@@ -104,6 +104,34 @@ pub struct OutputFile {
     pub sha256: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub animated: bool,
+    /// Where ComfyUI put it, for jobs submitted through the ComfyUI API
+    /// (whose clients name outputs that way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comfy: Option<ComfyFileRef>,
+}
+
+/// A file as ComfyUI names it: `/view?filename=&subfolder=&type=`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema, utoipa::ToSchema)]
+pub struct ComfyFileRef {
+    pub filename: String,
+    #[serde(default)]
+    pub subfolder: String,
+    /// `output`, `temp` or `input`.
+    #[serde(rename = "type")]
+    pub folder_type: String,
+}
+
+/// A job submitted through the ComfyUI-compatible API: what its clients
+/// know it by.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ComfyPrompt {
+    /// ComfyUI's `prompt_id` (the client's own, or the job id).
+    pub prompt_id: String,
+    /// The `client_id` whose `/ws` sockets hear about the prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// ComfyUI's queue `number` (negative when submitted with `front`).
+    pub number: i64,
 }
 
 /// What went wrong. The kind decides whether a retry can help.
@@ -263,6 +291,10 @@ pub struct JobSpec {
     /// message sequence need each one).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub every_progress_event: bool,
+    /// Set for jobs submitted through the ComfyUI API: the runner then also
+    /// publishes ComfyUI's own messages (`job.comfy` live events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comfy: Option<ComfyPrompt>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }
@@ -339,6 +371,9 @@ pub struct JobRecord {
     /// so a retry can prefer another runner.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_runners: Vec<RunnerId>,
+    /// Jobs submitted through the ComfyUI API: their prompt id and client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comfy: Option<ComfyPrompt>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -376,6 +411,7 @@ impl JobRecord {
             inline_outputs: spec.inline_outputs,
             requeues: 0,
             failed_runners: Vec::new(),
+            comfy: spec.comfy.clone(),
         }
     }
 

@@ -262,6 +262,7 @@ pub(crate) mod tests {
             inline_outputs: false,
             runner_labels: Default::default(),
             every_progress_event: false,
+            comfy: None,
             created_at: OffsetDateTime::UNIX_EPOCH,
         })
     }

@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::config::MediaConfig;
-use crate::ids::{JobId, TenantId};
+use crate::ids::{JobId, RunnerId, TenantId};
 use crate::jetstream_store::JetStreamObjectStore;
 use crate::names::Names;
 
@@ -290,6 +290,23 @@ impl MediaStore {
 
     pub fn output_key(&self, tenant: &TenantId, job: &JobId, name: &str) -> String {
         self.names.output_object(tenant, job, name)
+    }
+
+    /// What the ComfyUI API keeps of a job it submitted ([`COMFY_PROMPT_OBJECT`],
+    /// [`COMFY_HISTORY_OBJECT`]).
+    pub fn comfy_key(&self, tenant: &TenantId, job: &JobId, name: &str) -> String {
+        self.names.comfy_object(tenant, job, name)
+    }
+
+    /// A runner's [`COMFY_OBJECT_INFO_OBJECT`] (outside every tenant's folders:
+    /// tenant ids never hold the runner folder's name).
+    pub fn runner_key(&self, runner: &RunnerId, name: &str) -> String {
+        self.names.runner_object(runner, name)
+    }
+
+    /// A file a tenant uploaded through the ComfyUI API (`/upload/image`).
+    pub fn upload_key(&self, tenant: &TenantId, name: &str) -> String {
+        self.names.upload_object(tenant, name)
     }
 
     /// Streams `reader` into `key`. `job_bytes` is what the job already
@@ -640,7 +657,7 @@ fn split_key(key: &str) -> Result<(Path, Path, String), MediaError> {
     let [tenant, job, kind, name] = parts.as_slice() else {
         return Err(invalid());
     };
-    if !matches!(*kind, "inputs" | "outputs") {
+    if !matches!(*kind, "inputs" | "outputs" | "comfy") {
         return Err(invalid());
     }
     for segment in [tenant, job, name] {
@@ -650,6 +667,14 @@ fn split_key(key: &str) -> Result<(Path, Path, String), MediaError> {
     let meta = Path::from_iter([*tenant, *job, META_DIR, *kind, *name]);
     Ok((path, meta, (*name).to_owned()))
 }
+
+/// The ComfyUI API's copy of a prompt as its client sent it
+/// (`[number, prompt_id, prompt, extra_data, outputs_to_execute]`).
+pub const COMFY_PROMPT_OBJECT: &str = "prompt.json";
+/// ComfyUI's own history entry of the job's last attempt (written by the runner).
+pub const COMFY_HISTORY_OBJECT: &str = "history.json";
+/// A runner's ComfyUI's `GET /object_info`, written by the runner at start.
+pub const COMFY_OBJECT_INFO_OBJECT: &str = "object_info.json";
 
 /// One safe path segment: not empty, no leading dot (so not `.` or `..`),
 /// no `/`, `\`, NUL or other control character, at most 255 bytes.

@@ -176,6 +176,7 @@ mod tests {
                 timeout_s: 60,
                 runner_labels: Default::default(),
                 every_progress_event: false,
+                comfy: None,
                 created_at: OffsetDateTime::UNIX_EPOCH,
             },
             attempt: 1,

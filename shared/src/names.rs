@@ -3,7 +3,7 @@
 //! code base writes a subject or a stream name inline.
 
 use crate::event::EventKind;
-use crate::ids::{JobId, PoolName, TenantId};
+use crate::ids::{JobId, PoolName, RunnerId, TenantId};
 use crate::priority::Priority;
 
 /// Names derived from the deployment prefix (default `comfyq`).
@@ -291,6 +291,10 @@ impl Names {
     pub fn preview_subject(&self, tenant: &TenantId, job: &JobId) -> String {
         format!("{}.previews.{tenant}.{job}", self.prefix)
     }
+    /// Every preview of one tenant's jobs.
+    pub fn tenant_previews_filter(&self, tenant: &TenantId) -> String {
+        format!("{}.previews.{tenant}.*", self.prefix)
+    }
 
     /// Cancellation fan-out to runners and the dispatcher (core NATS: only a
     /// live holder can act on it; the job record is the durable truth).
@@ -422,6 +426,17 @@ impl Names {
     }
     pub fn output_object(&self, tenant: &TenantId, job: &JobId, name: &str) -> String {
         format!("{tenant}/{job}/outputs/{name}")
+    }
+    pub fn comfy_object(&self, tenant: &TenantId, job: &JobId, name: &str) -> String {
+        format!("{tenant}/{job}/comfy/{name}")
+    }
+    /// What a runner tells the ComfyUI API about its ComfyUI (`object_info.json`).
+    pub fn runner_object(&self, runner: &RunnerId, name: &str) -> String {
+        format!("_runners/{runner}/comfy/{name}")
+    }
+    /// Beside the tenant's job folders (`uploads` is never a job id).
+    pub fn upload_object(&self, tenant: &TenantId, name: &str) -> String {
+        format!("{tenant}/uploads/inputs/{name}")
     }
 }
 

@@ -53,6 +53,7 @@ async fn main() {
             inline_outputs: false,
             runner_labels: Default::default(),
             every_progress_event: false,
+            comfy: None,
             created_at: time::OffsetDateTime::now_utc(),
         };
         let mut record = JobRecord::accepted(&spec);

@@ -702,7 +702,14 @@ impl TestStack {
             .list()
             .await
             .expect("list media")
-            .filter(|o| std::future::ready(o.as_ref().is_ok_and(|o| !o.deleted)))
+            // Runners' own objects (their ComfyUI's object_info) are written
+            // whenever a runner starts, not by requests.
+            .filter(|o| {
+                std::future::ready(
+                    o.as_ref()
+                        .is_ok_and(|o| !o.deleted && !o.name.starts_with("_runners/")),
+                )
+            })
             .count()
             .await;
         (sequences, objects)

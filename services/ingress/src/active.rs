@@ -75,7 +75,7 @@ impl ActiveJobs {
 }
 
 /// Waiting plus dispatched jobs of `tenant`, from the streams' subject counts.
-async fn count(state: &AppState, tenant: &TenantId) -> Result<u64, Problem> {
+pub(crate) async fn count(state: &AppState, tenant: &TenantId) -> Result<u64, Problem> {
     let unavailable = |e: &dyn std::error::Error| Problem::unavailable(e);
     let mut total = 0u64;
     for (stream, filter) in [

@@ -106,6 +106,8 @@ pub struct ValidSubmission {
     pub metadata: Option<Value>,
     pub inline_outputs: bool,
     pub runner_labels: std::collections::BTreeMap<String, String>,
+    /// Set by the ComfyUI API for the prompts it submits.
+    pub comfy: Option<comfyq_shared::job::ComfyPrompt>,
 }
 
 /// Limits validation checks against (from configuration).
@@ -296,6 +298,7 @@ impl SubmitRequest {
                 metadata: self.metadata,
                 inline_outputs: self.outputs.unwrap_or_default().inline,
                 runner_labels,
+                comfy: None,
             }),
             _ => Err(errors),
         }

@@ -76,11 +76,16 @@ impl FromRequestParts<AppState> for Tenant {
             .headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let tenant = state
-            .auth
-            .tenant_for(header)
-            .ok_or_else(Problem::unauthorized)?;
-        state.limiter.check(&tenant)?;
-        Ok(Tenant(tenant))
+        Ok(Tenant(admit(state, header)?))
     }
+}
+
+/// The tenant an `Authorization` value acts for, within its rate limit.
+pub(crate) fn admit(state: &AppState, authorization: Option<&str>) -> Result<TenantId, Problem> {
+    let tenant = state
+        .auth
+        .tenant_for(authorization)
+        .ok_or_else(Problem::unauthorized)?;
+    state.limiter.check(&tenant)?;
+    Ok(tenant)
 }

@@ -143,7 +143,7 @@ impl RunnerDirectory {
     }
 }
 
-fn registrations(state: &AppState) -> Vec<LiveRunner> {
+pub(crate) fn registrations(state: &AppState) -> Vec<LiveRunner> {
     state.runner_directory.live(state.config.nats.runner_ttl)
 }
 

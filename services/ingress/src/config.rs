@@ -49,6 +49,9 @@ pub struct IngressConfig {
     /// Jobs per tenant not yet finished before `POST /v1/jobs` answers 429.
     /// 0 means no limit.
     pub max_active_jobs: u64,
+    /// Where ComfyUI's own API is served besides the root (and `/api`):
+    /// `/comfyui` serves `/comfyui/prompt`, `/comfyui/ws`, … Empty: root only.
+    pub comfy_api_prefix: String,
 }
 
 /// One API key. Configuration holds the SHA-256 of the key (hex) so a leaked
@@ -85,6 +88,7 @@ impl Default for IngressConfig {
             rate_limit_per_s: 50,
             rate_limit_burst: 200,
             max_active_jobs: 10_000,
+            comfy_api_prefix: "/comfyui".to_owned(),
         }
     }
 }
@@ -122,6 +126,21 @@ impl Validate for IngressConfig {
             && let Err(e) = TenantId::new(tenant.clone())
         {
             return invalid(format!("open_tenant: {e}"));
+        }
+        let prefix = &self.comfy_api_prefix;
+        let reserved = ["/v1", "/api", "/ui", "/docs"];
+        if !prefix.is_empty()
+            && (!prefix.starts_with('/')
+                || prefix.ends_with('/')
+                || prefix.contains("//")
+                || prefix.contains(['{', '}', '*'])
+                || reserved
+                    .iter()
+                    .any(|r| prefix == r || prefix.starts_with(&format!("{r}/"))))
+        {
+            return invalid(format!(
+                "comfy_api_prefix must be empty or a path like /comfyui (not under /v1, /api, /ui, /docs): {prefix:?}"
+            ));
         }
         if self.max_body_bytes < 1024 {
             return invalid("max_body_bytes must be at least 1024".to_owned());

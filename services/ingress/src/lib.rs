@@ -17,11 +17,13 @@
 //! - [`openapi`]: the generated OpenAPI document and docs page.
 //! - `ui`: the web dashboard at `/ui` (embedded HTML and JavaScript over the REST API).
 //! - [`state`]: what handlers share.
+//! - `comfy_api`: ComfyUI 0.3.64's own HTTP and WebSocket API over the fleet.
 
 pub mod active;
 pub mod api;
 pub mod auth;
 pub mod catalog;
+mod comfy_api;
 pub mod config;
 pub mod dead_letters;
 pub mod fetch;
@@ -103,6 +105,7 @@ pub async fn serve(
         shutdown: shutdown.clone(),
         active: Arc::new(active::ActiveJobs::default()),
         runner_directory: Arc::new(catalog::RunnerDirectory::default()),
+        comfy_object_info: Arc::default(),
     };
     let directory = tokio::spawn({
         let directory = state.runner_directory.clone();

@@ -101,7 +101,10 @@ fn created_at(id: &JobId) -> Option<OffsetDateTime> {
 }
 
 /// The ids of every job the tenant has, unordered.
-async fn tenant_job_ids(state: &AppState, tenant: &TenantId) -> Result<Vec<JobId>, Problem> {
+pub(crate) async fn tenant_job_ids(
+    state: &AppState,
+    tenant: &TenantId,
+) -> Result<Vec<JobId>, Problem> {
     let filter = state.names.tenant_accepted_filter(tenant);
     let names = state.names.clone();
     job_ids_in(

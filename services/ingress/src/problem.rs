@@ -59,6 +59,19 @@ impl Problem {
     }
 
     /// The stable kind (last segment of `type`).
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// What the client is told: the detail, then each invalid part.
+    pub fn client_message(&self) -> String {
+        let mut message = self.detail.clone();
+        for error in &self.errors {
+            message.push_str(&format!("; {}: {}", error.pointer, error.message));
+        }
+        message
+    }
+
     pub fn kind(&self) -> &'static str {
         self.kind
     }

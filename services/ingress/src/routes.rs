@@ -63,6 +63,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/openapi.json", get(openapi::document))
         .merge(openapi::docs())
         .merge(crate::ui::routes())
+        .merge(crate::comfy_api::routes(&state.config.comfy_api_prefix))
         .fallback(|| async { Problem::not_found("route") })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(record_request))
@@ -94,7 +95,7 @@ fn parse_job_id(raw: &str) -> Result<JobId, Problem> {
     raw.parse().map_err(|_| Problem::not_found("job"))
 }
 
-fn limits(state: &AppState) -> Limits {
+pub(crate) fn limits(state: &AppState) -> Limits {
     Limits {
         default_timeout_s: state.config.default_timeout_s,
         max_timeout_s: state.config.max_timeout_s,
@@ -237,7 +238,7 @@ async fn receive_json(state: &AppState, request: Request) -> Result<Received, Pr
     })
 }
 
-async fn find_record(
+pub(crate) async fn find_record(
     state: &AppState,
     tenant: &TenantId,
     id: &JobId,
@@ -250,7 +251,7 @@ async fn find_record(
 }
 
 /// Stores inputs, queues the job, creates its record. Idempotent per job id.
-async fn submit(
+pub(crate) async fn submit(
     state: &AppState,
     tenant: &TenantId,
     id: JobId,
@@ -284,6 +285,7 @@ async fn submit(
             inline_outputs: valid.inline_outputs,
             runner_labels: valid.runner_labels,
             every_progress_event: false,
+            comfy: valid.comfy,
             created_at: OffsetDateTime::now_utc(),
         };
         // The pending message (which the dispatcher picks up) first, then the
@@ -509,6 +511,12 @@ pub(crate) async fn cancel_job(
     if record.status.is_terminal() {
         return Ok((StatusCode::OK, Json(JobView::from_record(record))).into_response());
     }
+    request_cancel(&state, &record).await?;
+    Ok((StatusCode::ACCEPTED, Json(JobView::from_record(record))).into_response())
+}
+
+/// Asks the scheduler to cancel the job (stored before this returns).
+pub(crate) async fn request_cancel(state: &AppState, record: &JobRecord) -> Result<(), Problem> {
     let cancel = CancelJob {
         v: SCHEMA_VERSION,
         tenant: record.tenant.clone(),
@@ -523,7 +531,7 @@ pub(crate) async fn cancel_job(
         .map_err(|e| Problem::unavailable(&e))?
         .await
         .map_err(|e| Problem::unavailable(&e))?;
-    Ok((StatusCode::ACCEPTED, Json(JobView::from_record(record))).into_response())
+    Ok(())
 }
 
 /// Same as `POST /v1/jobs/{id}/cancel`.
@@ -638,7 +646,7 @@ fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()>
     Ok(Some((start, end)))
 }
 
-async fn stream_object(
+pub(crate) async fn stream_object(
     state: &AppState,
     key: &str,
     request_headers: &HeaderMap,

@@ -32,6 +32,8 @@ pub struct AppState {
     pub limiter: std::sync::Arc<RateLimiter>,
     pub active: std::sync::Arc<crate::active::ActiveJobs>,
     pub runner_directory: std::sync::Arc<crate::catalog::RunnerDirectory>,
+    /// The ComfyUI API's copy of each runner's `object_info`.
+    pub(crate) comfy_object_info: std::sync::Arc<crate::comfy_api::info::ObjectInfoCache>,
     /// Cancelled at shutdown: open event streams end so the server can drain.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

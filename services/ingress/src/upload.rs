@@ -55,7 +55,7 @@ async fn receive_parts(
             "the first part must be `job` (the job JSON)",
         ));
     }
-    let job_bytes = read_capped(first, state.config.max_body_bytes).await?;
+    let job_bytes = read_capped(first, state.config.max_body_bytes, "the `job` part").await?;
     let value: serde_json::Value = serde_json::from_slice(&job_bytes)
         .map_err(|e| Problem::bad_request(format!("`job` part is not JSON: {e}")))?;
     let request = SubmitRequest::deserialize(value.clone())
@@ -82,7 +82,8 @@ async fn receive_parts(
             ));
         }
         let used = stored.iter().map(|f| f.size).sum();
-        let file = store_part(state, tenant, job, &name, field, used).await?;
+        let key = state.media.input_key(tenant, &job, &name);
+        let file = store_part(state, &key, &name, field, used).await?;
         fingerprint.update(format!("\n{}:{}", file.name, file.sha256).as_bytes());
         stored.push(file);
     }
@@ -93,7 +94,13 @@ async fn receive_parts(
     })
 }
 
-async fn read_capped(field: Field<'_>, limit: usize) -> Result<Vec<u8>, Problem> {
+/// A whole part in memory, refused (413) past `limit` bytes; `what` names
+/// it in the answer.
+pub(crate) async fn read_capped(
+    field: Field<'_>,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<u8>, Problem> {
     let mut bytes = Vec::new();
     let mut field = field;
     while let Some(chunk) = field
@@ -102,9 +109,7 @@ async fn read_capped(field: Field<'_>, limit: usize) -> Result<Vec<u8>, Problem>
         .map_err(|e| Problem::bad_request(e.body_text()))?
     {
         if bytes.len() + chunk.len() > limit {
-            return Err(Problem::too_large(format!(
-                "the `job` part exceeds {limit} bytes"
-            )));
+            return Err(Problem::too_large(format!("{what} exceeds {limit} bytes")));
         }
         bytes.extend_from_slice(&chunk);
     }
@@ -114,10 +119,9 @@ async fn read_capped(field: Field<'_>, limit: usize) -> Result<Vec<u8>, Problem>
 /// Streams one file part into the store, which judges the content type
 /// from the bytes; a part over `max_input_bytes` (or the job's media limit)
 /// is cut off with a 413 and nothing of it stays stored.
-async fn store_part(
+pub(crate) async fn store_part(
     state: &AppState,
-    tenant: &TenantId,
-    job: JobId,
+    key: &str,
     name: &str,
     field: Field<'_>,
     job_bytes: u64,
@@ -125,10 +129,9 @@ async fn store_part(
     let limit = state.config.max_input_bytes;
     let chunks = field.map_err(std::io::Error::other);
     let mut reader = StreamReader::new(chunks);
-    let key = state.media.input_key(tenant, &job, name);
     let stored = state
         .media
-        .put(&key, &mut reader, job_bytes, Some(limit))
+        .put(key, &mut reader, job_bytes, Some(limit))
         .await
         .map_err(|e| crate::routes::media_problem(name, e))?;
     Ok(InputFile {

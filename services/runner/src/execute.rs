@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use comfyq_shared::event::{Event, EventBody};
+use comfyq_shared::event::{
+    ComfyMessage, Event, EventBody, PREVIEW_AFTER_HEADER, PREVIEW_METADATA_HEADER, ProgressText,
+};
 use comfyq_shared::ids::JobId;
-use comfyq_shared::job::{ErrorKind, JobError, JobSpec, OutputFile};
-use comfyq_shared::media::{MediaError, MediaStore};
+use comfyq_shared::job::{ComfyFileRef, ErrorKind, JobError, JobSpec, OutputFile};
+use comfyq_shared::media::{COMFY_HISTORY_OBJECT, MediaError, MediaStore};
 use comfyq_shared::names::Names;
 use comfyq_shared::publisher::EventPublisher;
 use futures::StreamExt;
@@ -174,6 +176,11 @@ impl Executor {
                 None
             }
         };
+        if spec.comfy.is_some()
+            && let Some(entry) = &history
+        {
+            self.store_comfy_history(spec, entry).await;
+        }
         let result = match end {
             PromptEnd::Done => match &history {
                 Some(entry) => match self.collect_outputs(spec, entry).await {
@@ -268,6 +275,10 @@ impl Executor {
         let mut tracker = ProgressTracker::new(&spec.workflow);
         let mut last_event = Instant::now();
         let mut last_preview: Option<Instant> = None;
+        // ComfyUI messages published for the ComfyUI API so far: numbers
+        // them, and tells where each preview goes between them.
+        let mut comfy_sent = 0u64;
+        let mut comfy_previews = 0u64;
         let mut throttle = if spec.every_progress_event {
             Throttle::passthrough()
         } else {
@@ -323,6 +334,12 @@ impl Executor {
                     }
                     match event {
                         PromptEvent::Message(message) => {
+                            if spec.comfy.is_some() && message.prompt_id() == Some(prompt_id) {
+                                comfy_sent += 1;
+                                let message = serde_json::to_value(&message).ok();
+                                let place = (comfy_sent, comfy_previews);
+                                self.publish_comfy(spec, prompt_id, place, message, None).await;
+                            }
                             if let Some(body) = tracker.observe(&message) {
                                 let now = (Instant::now(), time::OffsetDateTime::now_utc());
                                 for (body, at) in throttle.offer(body, now.0, now.1) {
@@ -342,10 +359,19 @@ impl Executor {
                                 _ => {}
                             }
                         }
+                        PromptEvent::Frame(BinaryFrame::Text { node_id, text }) if spec.comfy.is_some() => {
+                            let text = ProgressText { node_id, text };
+                            comfy_sent += 1;
+                            let place = (comfy_sent, comfy_previews);
+                            self.publish_comfy(spec, prompt_id, place, None, Some(text)).await;
+                        }
                         PromptEvent::Frame(frame) => {
-                            let due = last_preview.is_none_or(|at| at.elapsed() >= self.config.preview_interval);
-                            if due && self.publish_preview(spec, &frame).await {
+                            // ComfyUI API clients get every preview, as from ComfyUI.
+                            let due = spec.comfy.is_some()
+                                || last_preview.is_none_or(|at| at.elapsed() >= self.config.preview_interval);
+                            if due && self.publish_preview(spec, &frame, comfy_sent).await {
                                 last_preview = Some(Instant::now());
+                                comfy_previews += 1;
                             }
                         }
                         PromptEvent::SocketLost => {}
@@ -468,13 +494,60 @@ impl Executor {
         }
     }
 
-    async fn publish_preview(&self, spec: &JobSpec, frame: &BinaryFrame) -> bool {
+    /// ComfyUI's history entry of the attempt, as ComfyUI wrote it, for the
+    /// ComfyUI API's `/history` (best effort: without it the API describes
+    /// the job from its record).
+    async fn store_comfy_history(&self, spec: &JobSpec, entry: &HistoryEntry) {
+        let key = self
+            .media
+            .comfy_key(&spec.tenant, &spec.id, COMFY_HISTORY_OBJECT);
+        let Ok(json) = serde_json::to_vec(&entry.raw) else {
+            return;
+        };
+        if let Err(error) = self.media.put(&key, &mut json.as_slice(), 0, None).await {
+            tracing::warn!(%error, "ComfyUI history entry not stored");
+        }
+    }
+
+    /// One of ComfyUI's own messages about the prompt, for the ComfyUI API.
+    async fn publish_comfy(
+        &self,
+        spec: &JobSpec,
+        prompt_id: &str,
+        (seq, previews): (u64, u64),
+        message: Option<serde_json::Value>,
+        progress_text: Option<ProgressText>,
+    ) {
+        let body = EventBody::Comfy(ComfyMessage {
+            comfy_prompt_id: prompt_id.to_owned(),
+            seq,
+            previews,
+            message,
+            progress_text,
+        });
+        self.publish(spec, body, time::OffsetDateTime::now_utc())
+            .await;
+    }
+
+    /// `comfy_sent`: ComfyUI API messages published before it (see
+    /// [`PREVIEW_AFTER_HEADER`]).
+    async fn publish_preview(&self, spec: &JobSpec, frame: &BinaryFrame, comfy_sent: u64) -> bool {
         let Some((image, mime)) = preview_image(frame) else {
             return false;
         };
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Content-Type", mime.as_str());
         headers.insert("Comfyq-Job-Id", spec.id.to_string().as_str());
+        if spec.comfy.is_some() {
+            headers.insert(PREVIEW_AFTER_HEADER, comfy_sent.to_string().as_str());
+        }
+        // The ComfyUI API rebuilds ComfyUI's event-4 frame from this.
+        if let BinaryFrame::PreviewWithMetadata { metadata, .. } = frame
+            && spec.comfy.is_some()
+            && let Ok(json) = serde_json::to_string(metadata)
+        {
+            headers.insert(PREVIEW_METADATA_HEADER, json.as_str());
+        }
         self.client
             .publish_with_headers(
                 self.names.preview_subject(&spec.tenant, &spec.id),
@@ -530,6 +603,11 @@ impl Executor {
                 size: stored.size,
                 sha256: stored.sha256,
                 animated: file.animated,
+                comfy: spec.comfy.as_ref().map(|_| ComfyFileRef {
+                    filename: file.filename.clone(),
+                    subfolder: file.subfolder.clone(),
+                    folder_type: file.folder_type.clone(),
+                }),
             });
         }
         for (node_id, output) in &entry.outputs {
@@ -549,6 +627,7 @@ impl Executor {
                     size: stored.size,
                     sha256: stored.sha256,
                     animated: false,
+                    comfy: None,
                 });
             }
         }

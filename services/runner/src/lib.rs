@@ -188,6 +188,12 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
     registration.load.dispatch_priority = config.effective_dispatch_priority();
     let offer = registration.offer();
     let registration_stop = CancellationToken::new();
+    let object_info_task = tokio::spawn(registration::publish_object_info(
+        comfy.clone(),
+        executor.media.clone(),
+        runner.clone(),
+        registration_stop.clone(),
+    ));
     let registration_task = tokio::spawn(registration::maintain(
         registration::Buckets {
             load: shared.runners.clone(),
@@ -231,6 +237,7 @@ pub async fn run(config: RunnerConfig, shutdown: CancellationToken) -> Result<()
     cancel_task.abort();
     registration_stop.cancel();
     let _ = registration_task.await;
+    let _ = object_info_task.await;
     link_stop.cancel();
     comfy_stop.cancel();
     if let Some(process) = managed {

@@ -114,6 +114,46 @@ impl Registration {
     }
 }
 
+/// Keeps ComfyUI's `GET /object_info` in the media store for the ComfyUI
+/// API's `/object_info` (too large for the capabilities entry): written at
+/// start and every [`CAPABILITIES_REFRESH`], well within the media's age
+/// limit, until `stop`.
+pub async fn publish_object_info(
+    comfy: ComfyClient,
+    media: comfyq_shared::media::MediaStore,
+    runner: RunnerId,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let key = media.runner_key(&runner, comfyq_shared::media::COMFY_OBJECT_INFO_OBJECT);
+    loop {
+        let wait = match comfy
+            .object_info()
+            .await
+            .map(|info| serde_json::to_vec(&info))
+        {
+            Ok(Ok(json)) => match media.put(&key, &mut json.as_slice(), 0, None).await {
+                Ok(_) => CAPABILITIES_REFRESH,
+                Err(error) => {
+                    tracing::warn!(%error, "ComfyUI's object_info not stored");
+                    Duration::from_secs(30)
+                }
+            },
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "ComfyUI's object_info not encoded");
+                CAPABILITIES_REFRESH
+            }
+            Err(error) => {
+                tracing::debug!(%error, "ComfyUI's object_info not read yet");
+                Duration::from_secs(30)
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
 /// How long a change of held jobs waits for more before it is looked at.
 const BUSY_SETTLE: Duration = Duration::from_millis(20);
 

@@ -442,6 +442,7 @@ async fn a_queued_event_landing_after_the_job_moved_on_is_refused() {
         inline_outputs: false,
         runner_labels: Default::default(),
         every_progress_event: false,
+        comfy: None,
         created_at: time::OffsetDateTime::now_utc(),
     };
     // What ingress stores of the job, with its `queued` not (yet) arrived.

@@ -3,6 +3,7 @@
 mod chaos;
 mod cli;
 mod cluster;
+mod comfy_facade;
 mod dashboard;
 mod e2e;
 mod events;

@@ -472,9 +472,10 @@ pub fn parse_history_response(
             ))),
         };
     };
-    serde_json::from_value(entry)
-        .map(Some)
-        .map_err(|e| ComfyError::Protocol(format!("history entry of {prompt_id}: {e}")))
+    let mut parsed: HistoryEntry = serde_json::from_value(entry.clone())
+        .map_err(|e| ComfyError::Protocol(format!("history entry of {prompt_id}: {e}")))?;
+    parsed.raw = entry;
+    Ok(Some(parsed))
 }
 
 /// Interprets a `POST /prompt` answer: 200 → accepted (maybe with `node_errors`); 4xx

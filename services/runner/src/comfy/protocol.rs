@@ -461,6 +461,9 @@ pub struct HistoryEntry {
     /// Node metadata by output node id (empty if of another shape).
     #[serde(default, deserialize_with = "lenient")]
     pub meta: BTreeMap<String, NodeMeta>,
+    /// The entry as ComfyUI sent it (set by [`super::client::parse_history_response`]).
+    #[serde(skip)]
+    pub raw: Value,
 }
 
 impl HistoryEntry {
