@@ -193,6 +193,15 @@ impl Scheduler {
             )
             .instrument(span)
             .await?;
+        // No record: on a cluster the node that answered may be behind.
+        // Deleting the message now would leave the job unended for good;
+        // only a job older than records live has truly none (expired).
+        let age = time::OffsetDateTime::now_utc() - dispatch.spec.created_at;
+        if record.is_none() && age.unsigned_abs() <= self.config.nats.jobs_max_age {
+            return Err(HandleError::Nats(
+                "the exhausted job's record is not readable yet".into(),
+            ));
+        }
         // Failed now, or already by the runner's own write of its last
         // (retryable) attempt: keep the spec for an operator's requeue.
         if let Some(record) = record
