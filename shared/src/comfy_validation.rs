@@ -1,29 +1,48 @@
-//! `POST /prompt` validation, following ComfyUI's `validate_prompt`/`validate_inputs`:
-//! same error types, messages, details and `node_errors` bookkeeping.
+//! ComfyUI's `POST /prompt` validation (`validate_prompt`/`validate_inputs` of
+//! its execution.py): same error types, messages, details and `node_errors`
+//! bookkeeping. Used by the simulator and by ingress's ComfyUI API.
 
 use std::collections::HashMap;
 
 use serde_json::{Map, Value, json};
 
-use crate::nodes::{self, ComboSource};
 use crate::pyfmt::{py_repr, py_str, py_type};
 
-/// What validation needs from the outside world.
-pub(crate) trait ValidationEnv: ComboSource {
+/// What validation knows of the node classes (ComfyUI's `/object_info`) and
+/// of the input files.
+pub trait ValidationEnv {
+    /// Whether the class exists.
+    fn exists(&self, class: &str) -> bool;
+    /// Whether the class is an output node.
+    fn is_output(&self, class: &str) -> bool;
+    /// The class's `RETURN_TYPES`.
+    fn return_types(&self, class: &str) -> Vec<String>;
+    /// The class's `INPUT_TYPES()` (`required`, `optional`), lists filled in.
+    fn input_types(&self, class: &str) -> Map<String, Value>;
     /// Whether an (optionally annotated, `name [input]`) input file exists.
     fn input_exists(&self, annotated: &str) -> bool;
 }
 
+/// Inputs that ComfyUI's core nodes check themselves (`VALIDATE_INPUTS`):
+/// the file must exist, whatever the combo list says.
+pub fn self_validated_inputs(class: &str) -> &'static [&'static str] {
+    match class {
+        "LoadImage" => &["image"],
+        "LoadAudio" => &["audio"],
+        _ => &[],
+    }
+}
+
 /// A prompt that can run (maybe only some of its outputs).
 #[derive(Debug)]
-pub(crate) struct Valid {
+pub struct Valid {
     pub outputs: Vec<String>,
     pub node_errors: Map<String, Value>,
 }
 
 /// A rejected prompt: the 400 body parts.
 #[derive(Debug)]
-pub(crate) struct Invalid {
+pub struct Invalid {
     pub error: Value,
     pub node_errors: Map<String, Value>,
 }
@@ -33,7 +52,7 @@ fn err(kind: &str, message: &str, details: &str) -> Value {
 }
 
 /// Node ids sorted like small Python ints when numeric, else as strings.
-pub(crate) fn id_order(a: &str, b: &str) -> std::cmp::Ordering {
+pub fn id_order(a: &str, b: &str) -> std::cmp::Ordering {
     match (a.parse::<u64>(), b.parse::<u64>()) {
         (Ok(x), Ok(y)) => x.cmp(&y),
         (Ok(_), Err(_)) => std::cmp::Ordering::Less,
@@ -88,12 +107,8 @@ impl Validator<'_> {
                 message: "'inputs'".to_owned(),
             });
         };
-        let types = nodes::input_types(&class, self.env);
-        let custom: &[&str] = match class.as_str() {
-            "LoadImage" => &["image"],
-            "LoadAudio" => &["audio"],
-            _ => &[],
-        };
+        let types = self.env.input_types(&class);
+        let custom = self_validated_inputs(&class);
         let mut errors = Vec::new();
         let mut valid = true;
         let mut converted: Vec<(String, Value)> = Vec::new();
@@ -137,7 +152,7 @@ impl Validator<'_> {
                             message: key_repr(&link[0]),
                         });
                     };
-                    let returns = nodes::return_types(&o_class);
+                    let returns = self.env.return_types(&o_class);
                     let slot = match &link[1] {
                         Value::Number(n) if n.as_i64().is_some() => n.as_i64().unwrap_or(0),
                         other => {
@@ -228,13 +243,21 @@ impl Validator<'_> {
                     errors.push(json!({"type": "value_bigger_than_max", "message": message, "details": x, "extra_info": {"input_name": x, "input_config": info, "received_value": val}}));
                     continue;
                 }
-                if let Some(options) = input_type.as_array()
+                // A combo is a list of options, or (nodes of ComfyUI's v3
+                // schema) `"COMBO"` with its list in `options`.
+                let options = match &input_type {
+                    Value::String(t) if t == "COMBO" => {
+                        extra.get("options").and_then(Value::as_array)
+                    }
+                    other => other.as_array(),
+                };
+                if let Some(options) = options
                     && !options.iter().any(|o| py_eq(o, &val))
                 {
                     let (list_info, config) = if options.len() > 20 {
                         (format!("(list of length {})", options.len()), Value::Null)
                     } else {
-                        (py_repr(&input_type), info.clone())
+                        (py_repr(&Value::Array(options.clone())), info.clone())
                     };
                     let details = format!("{x}: '{}' not in {list_info}", py_str(&val));
                     errors.push(json!({"type": "value_not_in_list", "message": "Value not in list", "details": details, "extra_info": {"input_name": x, "input_config": config, "received_value": val}}));
@@ -352,7 +375,7 @@ fn convert(input_type: &str, val: &Value) -> Result<Option<Value>, String> {
 }
 
 /// Validates (and, like ComfyUI, normalizes the input values of) a prompt.
-pub(crate) fn validate_prompt(
+pub fn validate_prompt(
     prompt: &mut Map<String, Value>,
     partial: Option<&[String]>,
     env: &dyn ValidationEnv,
@@ -370,7 +393,7 @@ pub(crate) fn validate_prompt(
             }));
         };
         let class = py_str(class);
-        if !nodes::exists(&class) {
+        if !env.exists(&class) {
             return Err(Box::new(Invalid {
                 error: err(
                     "invalid_prompt",
@@ -380,7 +403,7 @@ pub(crate) fn validate_prompt(
                 node_errors: Map::new(),
             }));
         }
-        if nodes::is_output(&class) && partial.is_none_or(|p| p.iter().any(|x| x == id)) {
+        if env.is_output(&class) && partial.is_none_or(|p| p.iter().any(|x| x == id)) {
             outputs.push(id.clone());
         }
     }

@@ -1,0 +1,111 @@
+//! ComfyUI's validation of `POST /prompt` against the pool's node
+//! definitions (the union of its runners' `/object_info`), so an invalid
+//! prompt is refused as ComfyUI refuses it, before it becomes a job. The
+//! rules are ComfyUI's own ([`comfyq_shared::comfy_validation`]); this
+//! module says what the pool knows.
+
+use std::collections::BTreeSet;
+
+use comfyq_shared::comfy_validation::{
+    Invalid, Valid, ValidationEnv, self_validated_inputs, validate_prompt,
+};
+use serde_json::{Map, Value};
+
+use super::info::Definitions;
+
+/// ComfyUI's suffixes naming the folder of a file input.
+const FOLDER_ANNOTATIONS: [&str; 3] = [" [input]", " [output]", " [temp]"];
+
+/// What the pool knows: its node definitions, the input files its
+/// ComfyUIs list, and the tenant's uploads the prompt names (copied to the
+/// job's inputs, so its runner will have them).
+struct PoolNodes<'a> {
+    definitions: &'a Definitions,
+    files: BTreeSet<String>,
+    uploads: &'a BTreeSet<String>,
+}
+
+impl<'a> PoolNodes<'a> {
+    fn new(definitions: &'a Definitions, uploads: &'a BTreeSet<String>) -> Self {
+        let mut files = BTreeSet::new();
+        for (class, definition) in definitions {
+            for input in self_validated_inputs(class) {
+                let listed = definition["input"]["required"][*input][0]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str);
+                files.extend(listed.map(str::to_owned));
+            }
+        }
+        Self {
+            definitions,
+            files,
+            uploads,
+        }
+    }
+}
+
+impl ValidationEnv for PoolNodes<'_> {
+    fn exists(&self, class: &str) -> bool {
+        self.definitions.contains_key(class)
+    }
+
+    fn is_output(&self, class: &str) -> bool {
+        self.definitions
+            .get(class)
+            .and_then(|d| d.get("output_node"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    fn return_types(&self, class: &str) -> Vec<String> {
+        let outputs = self
+            .definitions
+            .get(class)
+            .and_then(|d| d.get("output"))
+            .and_then(Value::as_array);
+        outputs
+            .into_iter()
+            .flatten()
+            // An output that is a list of options (a combo) connects to
+            // anything, and keeps the slots' positions.
+            .map(|t| t.as_str().unwrap_or("*").to_owned())
+            .collect()
+    }
+
+    fn input_types(&self, class: &str) -> Map<String, Value> {
+        self.definitions
+            .get(class)
+            .and_then(|d| d.get("input"))
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn input_exists(&self, annotated: &str) -> bool {
+        let name = FOLDER_ANNOTATIONS
+            .iter()
+            .find_map(|suffix| annotated.strip_suffix(suffix))
+            .unwrap_or(annotated);
+        self.uploads.contains(name) || self.files.contains(name)
+    }
+}
+
+/// Validates `prompt` as ComfyUI would: the outputs that can run and the
+/// errors of those that cannot, or ComfyUI's refusal.
+pub(crate) fn validate(
+    prompt: &Value,
+    partial_targets: Option<&[String]>,
+    definitions: &Definitions,
+    uploads: &BTreeSet<String>,
+) -> Result<Valid, Box<Invalid>> {
+    // ComfyUI converts input values as it validates; the prompt sent to
+    // the runner stays as the client wrote it (its ComfyUI does the same).
+    let mut nodes = prompt.as_object().cloned().unwrap_or_default();
+    validate_prompt(
+        &mut nodes,
+        partial_targets,
+        &PoolNodes::new(definitions, uploads),
+    )
+}
