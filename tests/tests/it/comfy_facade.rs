@@ -567,6 +567,30 @@ async fn comfy_facade_refuses_prompts_as_comfyui_does() {
     assert_eq!(output_nodes(&history), output_nodes(&recorded_history));
     assert_eq!(history["status"]["status_str"], "success");
     assert_eq!(history["prompt"][4], recorded_history["prompt"][4]);
+
+    // A file the tenant uploaded is present for LoadImage, though the
+    // runner's ComfyUI does not list it.
+    let png = {
+        let mut bytes = Vec::new();
+        let mut encoder = png::Encoder::new(&mut bytes, 2, 2);
+        encoder.set_color(png::ColorType::Rgba);
+        let mut writer = encoder.write_header().expect("PNG header");
+        writer.write_image_data(&[90u8; 16]).expect("PNG data");
+        drop(writer);
+        bytes
+    };
+    upload(&stack, "validated_upload.png", png).await;
+    let (status, body) = post_prompt(
+        &stack.http,
+        &stack.api,
+        json!({"prompt": {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "validated_upload.png"}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}
+        }}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(parse(&body)["node_errors"], json!({}));
     stack.stop().await;
 }
 
