@@ -191,7 +191,7 @@ impl Validator<'_> {
                         Err(e) => {
                             valid = false;
                             let reasons = vec![
-                                json!({"type": "exception_during_validation", "message": "Exception when validating inner node", "details": e.message, "extra_info": {"input_name": x, "input_config": info, "exception_message": e.message, "exception_type": e.kind, "traceback": [], "linked_node": val}}),
+                                json!({"type": "exception_during_inner_validation", "message": "Exception when validating inner node", "details": e.message, "extra_info": {"input_name": x, "input_config": info, "exception_message": e.message, "exception_type": e.kind, "traceback": [], "linked_node": val}}),
                             ];
                             self.record(&o_id, (false, reasons));
                         }
@@ -483,4 +483,121 @@ pub fn validate_prompt(
         outputs: good,
         node_errors,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A catalogue of four classes, as `/object_info` describes them.
+    struct Catalogue(Value);
+
+    impl ValidationEnv for Catalogue {
+        fn exists(&self, class: &str) -> bool {
+            self.0.get(class).is_some()
+        }
+        fn is_output(&self, class: &str) -> bool {
+            self.0[class]["output_node"] == true
+        }
+        fn return_types(&self, class: &str) -> Vec<String> {
+            self.0[class]["output"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        }
+        fn input_types(&self, class: &str) -> Map<String, Value> {
+            self.0[class]["input"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+        }
+        fn input_exists(&self, _annotated: &str) -> bool {
+            false
+        }
+    }
+
+    fn catalogue() -> Catalogue {
+        Catalogue(json!({
+            "Make": {"output": ["IMAGE"], "input": {"required": {
+                "width": ["INT", {"min": 1, "max": 10}], "mode": [["a", "b"], {}]}}},
+            "Pass": {"output": ["IMAGE"], "input": {"required": {"image": ["IMAGE", {}]}}},
+            "Modern": {"output": ["IMAGE"], "input": {"required": {
+                "mode": ["COMBO", {"options": ["x", "y"]}]}}},
+            "Save": {"output": [], "output_node": true, "input": {"required": {"images": ["IMAGE", {}]}}},
+        }))
+    }
+
+    fn invalid(prompt: Value) -> Invalid {
+        let mut nodes = prompt.as_object().cloned().unwrap_or_default();
+        match validate_prompt(&mut nodes, None, &catalogue()) {
+            Ok(valid) => panic!("accepted: {valid:?}"),
+            Err(invalid) => *invalid,
+        }
+    }
+
+    #[test]
+    fn a_link_to_a_missing_node_fails_the_inner_node() {
+        let refused = invalid(json!({
+            "1": {"class_type": "Pass", "inputs": {"image": ["9", 0]}},
+            "2": {"class_type": "Save", "inputs": {"images": ["1", 0]}}
+        }));
+        assert_eq!(refused.error["details"], "");
+        let node = &refused.node_errors["1"];
+        assert_eq!(node["dependent_outputs"], json!(["2"]));
+        let error = &node["errors"][0];
+        assert_eq!(error["type"], "exception_during_inner_validation");
+        assert_eq!(error["details"], "'9'");
+        assert_eq!(error["extra_info"]["exception_type"], "KeyError");
+        assert_eq!(error["extra_info"]["linked_node"], json!(["1", 0]));
+    }
+
+    #[test]
+    fn a_bad_output_index_fails_the_output_node() {
+        let refused = invalid(json!({
+            "1": {"class_type": "Make", "inputs": {"width": 2, "mode": "a"}},
+            "2": {"class_type": "Save", "inputs": {"images": ["1", 3]}}
+        }));
+        assert_eq!(
+            refused.error["details"],
+            "Exception when validating node: tuple index out of range"
+        );
+        let error = &refused.node_errors["2"]["errors"][0];
+        assert_eq!(error["type"], "exception_during_validation");
+        assert_eq!(error["extra_info"]["exception_type"], "IndexError");
+    }
+
+    #[test]
+    fn values_are_converted_then_bounded_and_combos_listed() {
+        let refused = invalid(json!({
+            "1": {"class_type": "Make", "inputs": {"width": 11.5, "mode": "c"}},
+            "2": {"class_type": "Modern", "inputs": {"mode": "z"}},
+            "3": {"class_type": "Save", "inputs": {"images": ["1", 0]}},
+            "4": {"class_type": "Save", "inputs": {"images": ["2", 0]}}
+        }));
+        // (ComfyUI checks a node's inputs in the order of a Python set.)
+        let messages = |id: &str| -> Vec<String> {
+            let mut texts: Vec<String> = refused.node_errors[id]["errors"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| format!("{}: {}", py_str(&e["message"]), py_str(&e["details"])))
+                .collect();
+            texts.sort();
+            texts
+        };
+        assert_eq!(
+            messages("1"),
+            [
+                "Value 11 bigger than max of 10: width",
+                "Value not in list: mode: 'c' not in ['a', 'b']"
+            ]
+        );
+        assert_eq!(
+            messages("2"),
+            ["Value not in list: mode: 'z' not in ['x', 'y']"]
+        );
+        assert_eq!(refused.node_errors["2"]["dependent_outputs"], json!(["4"]));
+    }
 }

@@ -109,3 +109,44 @@ pub(crate) fn validate(
         &PoolNodes::new(definitions, uploads),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_image_is_present_when_uploaded_or_listed_by_a_runner() {
+        let definitions: Definitions = [
+            (
+                "LoadImage".to_owned(),
+                json!({"output": ["IMAGE", "MASK"], "output_node": false,
+                    "input": {"required": {"image": [["on_runner.png"], {"image_upload": true}]}}}),
+            ),
+            (
+                "SaveImage".to_owned(),
+                json!({"output": [], "output_node": true,
+                    "input": {"required": {"images": ["IMAGE", {}]}}}),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let uploads: BTreeSet<String> = ["uploaded.png".to_owned()].into_iter().collect();
+        let prompt = |image: &str| {
+            json!({
+                "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}
+            })
+        };
+        for present in ["uploaded.png", "uploaded.png [input]", "on_runner.png"] {
+            let valid = validate(&prompt(present), None, &definitions, &uploads);
+            assert!(valid.is_ok(), "{present}: {valid:?}");
+        }
+        let refused = validate(&prompt("elsewhere.png"), None, &definitions, &uploads)
+            .expect_err("a file nobody has");
+        assert_eq!(
+            refused.node_errors["1"]["errors"][0]["details"],
+            "image - Invalid image file: elsewhere.png"
+        );
+    }
+}
