@@ -25,12 +25,16 @@ pub trait ValidationEnv {
 
 /// Inputs that ComfyUI's core nodes check themselves (`VALIDATE_INPUTS`):
 /// the file must exist, whatever the combo list says.
-pub fn self_validated_inputs(class: &str) -> &'static [&'static str] {
-    match class {
-        "LoadImage" => &["image"],
-        "LoadAudio" => &["audio"],
-        _ => &[],
-    }
+pub const SELF_VALIDATED_INPUTS: [(&str, &str); 2] =
+    [("LoadImage", "image"), ("LoadAudio", "audio")];
+
+/// The class's inputs in [`SELF_VALIDATED_INPUTS`].
+pub fn self_validated_inputs(class: &str) -> Vec<&'static str> {
+    SELF_VALIDATED_INPUTS
+        .iter()
+        .filter(|(c, _)| *c == class)
+        .map(|(_, input)| *input)
+        .collect()
 }
 
 /// A prompt that can run (maybe only some of its outputs).
@@ -265,7 +269,7 @@ impl Validator<'_> {
                 }
             }
         }
-        for x in custom {
+        for x in &custom {
             let Some(v) = inputs.get(*x) else { continue };
             if v.is_array() {
                 continue;

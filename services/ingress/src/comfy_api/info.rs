@@ -211,24 +211,23 @@ async fn definitions(state: &AppState, headers: &HeaderMap) -> Definitions {
     union
 }
 
-/// The union of the node definitions of the pool's runners when every live
-/// runner of it has stored them; `None` otherwise (no runner, or one not
-/// yet described, whose classes this would wrongly call unknown).
-pub(crate) async fn pool_definitions(state: &AppState, pool: &str) -> Option<Definitions> {
+/// The node definitions of each of the pool's runners (in the order of
+/// [`definitions`]' union, shared, not copied) when every live runner of it
+/// has stored them; `None` otherwise (no runner, or one not yet described,
+/// whose classes this would wrongly call unknown).
+pub(crate) async fn pool_definitions(
+    state: &AppState,
+    pool: &str,
+) -> Option<Vec<Arc<Definitions>>> {
     let runners = runners_of(state, pool);
     if runners.is_empty() {
         return None;
     }
-    let mut union = Definitions::new();
+    let mut all = Vec::with_capacity(runners.len());
     for runner in runners {
-        let definitions = state.comfy_object_info.of(state, &runner).await?;
-        for (class, definition) in definitions.iter() {
-            union
-                .entry(class.clone())
-                .or_insert_with(|| definition.clone());
-        }
+        all.push(state.comfy_object_info.of(state, &runner).await?);
     }
-    Some(union)
+    Some(all)
 }
 
 /// `GET /object_info`.

@@ -5,9 +5,10 @@
 //! module says what the pool knows.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use comfyq_shared::comfy_validation::{
-    Invalid, Valid, ValidationEnv, self_validated_inputs, validate_prompt,
+    Invalid, SELF_VALIDATED_INPUTS, Valid, ValidationEnv, validate_prompt,
 };
 use serde_json::{Map, Value};
 
@@ -20,40 +21,43 @@ const FOLDER_ANNOTATIONS: [&str; 3] = [" [input]", " [output]", " [temp]"];
 /// ComfyUIs list, and the tenant's uploads the prompt names (copied to the
 /// job's inputs, so its runner will have them).
 struct PoolNodes<'a> {
-    definitions: &'a Definitions,
-    files: BTreeSet<String>,
+    /// Each runner's definitions; the first runner that has a class
+    /// describes it.
+    runners: &'a [Arc<Definitions>],
+    files: BTreeSet<&'a str>,
     uploads: &'a BTreeSet<String>,
 }
 
 impl<'a> PoolNodes<'a> {
-    fn new(definitions: &'a Definitions, uploads: &'a BTreeSet<String>) -> Self {
+    fn new(runners: &'a [Arc<Definitions>], uploads: &'a BTreeSet<String>) -> Self {
         let mut files = BTreeSet::new();
-        for (class, definition) in definitions {
-            for input in self_validated_inputs(class) {
-                let listed = definition["input"]["required"][*input][0]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str);
-                files.extend(listed.map(str::to_owned));
+        for (class, input) in SELF_VALIDATED_INPUTS {
+            for definitions in runners {
+                let listed = definitions
+                    .get(class)
+                    .and_then(|d| d["input"]["required"][input][0].as_array());
+                files.extend(listed.into_iter().flatten().filter_map(Value::as_str));
             }
         }
         Self {
-            definitions,
+            runners,
             files,
             uploads,
         }
+    }
+
+    fn definition(&self, class: &str) -> Option<&'a Value> {
+        self.runners.iter().find_map(|d| d.get(class))
     }
 }
 
 impl ValidationEnv for PoolNodes<'_> {
     fn exists(&self, class: &str) -> bool {
-        self.definitions.contains_key(class)
+        self.definition(class).is_some()
     }
 
     fn is_output(&self, class: &str) -> bool {
-        self.definitions
-            .get(class)
+        self.definition(class)
             .and_then(|d| d.get("output_node"))
             .and_then(Value::as_bool)
             .unwrap_or(false)
@@ -61,8 +65,7 @@ impl ValidationEnv for PoolNodes<'_> {
 
     fn return_types(&self, class: &str) -> Vec<String> {
         let outputs = self
-            .definitions
-            .get(class)
+            .definition(class)
             .and_then(|d| d.get("output"))
             .and_then(Value::as_array);
         outputs
@@ -75,8 +78,7 @@ impl ValidationEnv for PoolNodes<'_> {
     }
 
     fn input_types(&self, class: &str) -> Map<String, Value> {
-        self.definitions
-            .get(class)
+        self.definition(class)
             .and_then(|d| d.get("input"))
             .and_then(Value::as_object)
             .cloned()
@@ -97,7 +99,7 @@ impl ValidationEnv for PoolNodes<'_> {
 pub(crate) fn validate(
     prompt: &Value,
     partial_targets: Option<&[String]>,
-    definitions: &Definitions,
+    runners: &[Arc<Definitions>],
     uploads: &BTreeSet<String>,
 ) -> Result<Valid, Box<Invalid>> {
     // ComfyUI converts input values as it validates; the prompt sent to
@@ -106,7 +108,7 @@ pub(crate) fn validate(
     validate_prompt(
         &mut nodes,
         partial_targets,
-        &PoolNodes::new(definitions, uploads),
+        &PoolNodes::new(runners, uploads),
     )
 }
 
@@ -131,6 +133,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
+        let definitions = [Arc::new(definitions)];
         let uploads: BTreeSet<String> = ["uploaded.png".to_owned()].into_iter().collect();
         let prompt = |image: &str| {
             json!({
