@@ -90,6 +90,11 @@ pub(crate) async fn post_prompt(
         Ok(answer) => Json(answer).into_response(),
         Err(Refused::Comfy(r)) => refusal(r.kind, &r.message, &r.details, json!({})),
         Err(Refused::Invalid(invalid)) => {
+            tracing::debug!(
+                error = %invalid.error["type"],
+                nodes = invalid.node_errors.len(),
+                "prompt refused by ComfyUI's validation"
+            );
             let body = json!({"error": invalid.error, "node_errors": invalid.node_errors});
             (StatusCode::BAD_REQUEST, Json(body)).into_response()
         }
