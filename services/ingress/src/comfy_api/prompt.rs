@@ -12,7 +12,6 @@ use comfyq_shared::comfy_validation::Invalid;
 use comfyq_shared::ids::{JobId, TenantId};
 use comfyq_shared::job::{ComfyPrompt, InputFile};
 use comfyq_shared::media::{COMFY_PROMPT_OBJECT, MediaError};
-use comfyq_shared::pyfmt::py_str;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
@@ -171,10 +170,6 @@ async fn queue_prompt(
             json!({"prompt_id": known.prompt_id, "number": known.number, "node_errors": {}}),
         );
     }
-    let partial_targets: Option<Vec<String>> = request
-        .get("partial_execution_targets")
-        .and_then(Value::as_array)
-        .map(|targets| targets.iter().map(py_str).collect());
     let uploads = attach_uploads(state, tenant, job_id, &prompt).await?;
     let prompt_key = state.media.comfy_key(tenant, &job_id, COMFY_PROMPT_OBJECT);
     let mut kept = false;
@@ -185,8 +180,10 @@ async fn queue_prompt(
         let outputs_to_execute = match super::info::pool_definitions(state, &pool).await {
             Some(definitions) => {
                 let uploaded = uploads.iter().map(|f| f.name.clone()).collect();
-                let valid = validate(&prompt, partial_targets.as_deref(), &definitions, &uploaded)
-                    .map_err(Refused::Invalid)?;
+                // Every output is validated: the runner runs them all
+                // (`partial_execution_targets` is not passed on).
+                let valid =
+                    validate(&prompt, None, &definitions, &uploaded).map_err(Refused::Invalid)?;
                 node_errors = Value::Object(valid.node_errors);
                 valid.outputs
             }
