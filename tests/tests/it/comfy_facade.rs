@@ -522,6 +522,26 @@ async fn comfy_facade_refuses_prompts_as_comfyui_does() {
         .await
         .expect("jobs JSON");
     assert_eq!(jobs["jobs"], json!([]), "{jobs}");
+    // A pool no runner has described yet: accepted, its runner's ComfyUI
+    // validates it when it runs.
+    let undescribed = stack
+        .http
+        .post(format!("{}/prompt", stack.api))
+        .header("comfyq-pool", "undescribed")
+        .json(&json!({"prompt": {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 0, "height": 8, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}
+        }}))
+        .send()
+        .await
+        .expect("POST /prompt");
+    let status = undescribed.status().as_u16();
+    let body = undescribed.text().await.unwrap_or_default();
+    assert_eq!(
+        (status, parse(&body)["node_errors"].clone()),
+        (200, json!({})),
+        "{body}"
+    );
 
     // One valid and one invalid output (recording 12): accepted with the
     // invalid one's errors, and the valid one runs.
