@@ -77,12 +77,37 @@ impl ValidationEnv for PoolNodes<'_> {
             .collect()
     }
 
+    /// The first runner's inputs of the class, each combo with the options
+    /// of every runner (a model one runner has is a valid choice: the job
+    /// is routed to a runner that has it).
     fn input_types(&self, class: &str) -> Map<String, Value> {
-        self.definition(class)
+        let mut inputs = self
+            .definition(class)
             .and_then(|d| d.get("input"))
             .and_then(Value::as_object)
             .cloned()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let others = self.runners.iter().filter_map(|d| d.get(class)).skip(1);
+        for other in others {
+            for (category, specs) in inputs.iter_mut() {
+                let Some(specs) = specs.as_object_mut() else {
+                    continue;
+                };
+                for (name, spec) in specs.iter_mut() {
+                    let theirs = &other["input"][category][name];
+                    if let Some(ours) = combo_options_mut(spec)
+                        && let Some(theirs) = combo_options(theirs)
+                    {
+                        for option in theirs {
+                            if !ours.contains(option) {
+                                ours.push(option.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        inputs
     }
 
     fn input_exists(&self, annotated: &str) -> bool {
@@ -91,6 +116,25 @@ impl ValidationEnv for PoolNodes<'_> {
             .find_map(|suffix| annotated.strip_suffix(suffix))
             .unwrap_or(annotated);
         self.uploads.contains(name) || self.files.contains(name)
+    }
+}
+
+/// The options of a combo input's spec: `[[options...], {...}]`, or
+/// `["COMBO", {"options": [...]}]`.
+fn combo_options(spec: &Value) -> Option<&Vec<Value>> {
+    match spec.get(0)? {
+        Value::Array(options) => Some(options),
+        Value::String(kind) if kind == "COMBO" => spec.get(1)?.get("options")?.as_array(),
+        _ => None,
+    }
+}
+
+fn combo_options_mut(spec: &mut Value) -> Option<&mut Vec<Value>> {
+    let is_v3 = spec.get(0).and_then(Value::as_str) == Some("COMBO");
+    if is_v3 {
+        spec.get_mut(1)?.get_mut("options")?.as_array_mut()
+    } else {
+        spec.get_mut(0)?.as_array_mut()
     }
 }
 
@@ -150,6 +194,41 @@ mod tests {
         assert_eq!(
             refused.node_errors["1"]["errors"][0]["details"],
             "image - Invalid image file: elsewhere.png"
+        );
+    }
+
+    #[test]
+    fn a_combo_offers_the_options_of_every_runner() {
+        let runner = |models: Value| {
+            let definitions: Definitions = [
+                (
+                    "Loader".to_owned(),
+                    json!({"output": ["MODEL"], "output_node": false,
+                        "input": {"required": {"name": [models, {}]}}}),
+                ),
+                (
+                    "Use".to_owned(),
+                    json!({"output": [], "output_node": true,
+                        "input": {"required": {"model": ["MODEL", {}]}}}),
+                ),
+            ]
+            .into_iter()
+            .collect();
+            Arc::new(definitions)
+        };
+        let runners = [runner(json!(["a.pth"])), runner(json!(["b.pth", "a.pth"]))];
+        let prompt = |name: &str| {
+            json!({
+                "1": {"class_type": "Loader", "inputs": {"name": name}},
+                "2": {"class_type": "Use", "inputs": {"model": ["1", 0]}}
+            })
+        };
+        let none = BTreeSet::new();
+        assert!(validate(&prompt("b.pth"), None, &runners, &none).is_ok());
+        let refused = validate(&prompt("c.pth"), None, &runners, &none).expect_err("no runner");
+        assert_eq!(
+            refused.node_errors["1"]["errors"][0]["details"],
+            "name: 'c.pth' not in ['a.pth', 'b.pth']"
         );
     }
 }
