@@ -211,10 +211,10 @@ async fn definitions(state: &AppState, headers: &HeaderMap) -> Definitions {
     union
 }
 
-/// The node definitions of each of the pool's runners (in the order of
-/// [`definitions`]' union, shared, not copied) when every live runner of it
-/// has stored them; `None` otherwise (no runner, or one not yet described,
-/// whose classes this would wrongly call unknown).
+/// Each of the pool's runners' node definitions (the cached ones, not
+/// copies), when every live runner of the pool has stored them; `None`
+/// otherwise (no runner, or one not yet described, whose classes would
+/// wrongly count as unknown).
 pub(crate) async fn pool_definitions(
     state: &AppState,
     pool: &str,
