@@ -28,6 +28,7 @@
 //! - [`service`]: the common `main` of every service binary.
 
 pub mod capability;
+pub mod comfy_validation;
 pub mod config;
 pub mod connection;
 pub mod consume;
@@ -48,6 +49,7 @@ pub mod nats_permissions;
 pub mod priority;
 pub mod provision;
 pub mod publisher;
+pub mod pyfmt;
 pub mod registry;
 pub mod service;
 pub mod shutdown;

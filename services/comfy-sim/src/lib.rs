@@ -15,20 +15,22 @@
 //! - [`frames`]: binary WebSocket frames (preview, text, preview with metadata).
 //! - `media`: PNG/APNG/WEBP/MP4/FLAC outputs padded to a requested size.
 //! - [`storage`]: input/output/temp directories and ComfyUI's path rules.
-//! - `pyfmt`: Python `repr`/`json.dumps` formatting for faithful texts.
+//! - `pyfmt`, `validation`: Python `repr`/`json.dumps` formatting and ComfyUI's
+//!   prompt validation, from `comfyq_shared` (ingress uses them too).
 
 pub mod config;
 mod executor;
 pub mod frames;
 mod media;
 mod nodes;
-mod pyfmt;
+// ComfyUI's validation and Python formatting are shared with ingress.
+use comfyq_shared::pyfmt;
 mod queue;
 mod routes;
 mod server;
 mod state;
 pub mod storage;
-mod validation;
+use comfyq_shared::comfy_validation as validation;
 mod ws;
 
 pub use config::{Failure, PreviewFormat, SimConfig};

@@ -102,6 +102,18 @@ impl ComboSource for Env<'_> {
 }
 
 impl ValidationEnv for Env<'_> {
+    fn exists(&self, class: &str) -> bool {
+        crate::nodes::exists(class)
+    }
+    fn is_output(&self, class: &str) -> bool {
+        crate::nodes::is_output(class)
+    }
+    fn return_types(&self, class: &str) -> Vec<String> {
+        crate::nodes::return_types(class)
+    }
+    fn input_types(&self, class: &str) -> Map<String, Value> {
+        crate::nodes::input_types(class, self)
+    }
     fn input_exists(&self, annotated: &str) -> bool {
         self.0.storage.input_exists(annotated)
     }

@@ -419,8 +419,8 @@ async fn comfy_facade_replays_recorded_conversations() {
     stack.stop().await;
 }
 
-/// ComfyUI's own answers to refused prompts, byte for byte where the
-/// facade can judge before a runner sees the prompt.
+/// ComfyUI's own answers to refused prompts, as recorded: the request's
+/// shape, unknown nodes, and (against the pool's object_info) the inputs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn comfy_facade_refuses_prompts_as_comfyui_does() {
     let stack = TestStack::start().await;
@@ -457,7 +457,174 @@ async fn comfy_facade_refuses_prompts_as_comfyui_does() {
     let (want_status, want_body) = recorded("malformed_json");
     assert_eq!(malformed.status().as_u16(), want_status);
     assert_eq!(malformed.text().await.unwrap_or_default(), want_body);
+
+    // Once the runner has stored its ComfyUI's object_info, the facade
+    // validates inputs as ComfyUI does, before any job exists.
+    comfyq_tests::eventually(Duration::from_secs(10), "object_info served", async || {
+        let info: Value = stack
+            .http
+            .get(format!("{}/object_info/EmptyImage", stack.api))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        info.get("EmptyImage").map(|_| ())
+    })
+    .await;
+    for (name, prompt) in [
+        (
+            "05_validation_fail",
+            json!({
+                "1": {"class_type": "EmptyImage", "inputs": {"width": 0, "height": 8, "batch_size": 1, "color": 0}},
+                "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "no-such-method", "width": 8, "height": 8, "crop": "disabled"}},
+                "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}}
+            }),
+        ),
+        (
+            "14_no_outputs",
+            json!({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}}),
+        ),
+        (
+            "missing_input_file",
+            json!({
+                "1": {"class_type": "LoadImage", "inputs": {"image": "nope.png"}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}
+            }),
+        ),
+        (
+            "mixed_validation",
+            json!({
+                "1": {"class_type": "EmptyImage", "inputs": {"width": "abc", "height": 8, "batch_size": 1}},
+                "2": {"class_type": "ImageToMask", "inputs": {"image": ["1", 0], "channel": "red"}},
+                "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+                "4": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "y"}}
+            }),
+        ),
+    ] {
+        let (status, body) = post_prompt(&stack.http, &stack.api, json!({"prompt": prompt})).await;
+        let (want_status, want_body) = recorded(name);
+        assert_eq!(
+            (status, errors_sorted(parse(&body))),
+            (want_status, errors_sorted(parse(&want_body))),
+            "{name}"
+        );
+    }
+    // A refused prompt is no job.
+    let jobs: Value = stack
+        .http
+        .get(format!("{}/v1/jobs", stack.api))
+        .send()
+        .await
+        .expect("GET /v1/jobs")
+        .json()
+        .await
+        .expect("jobs JSON");
+    assert_eq!(jobs["jobs"], json!([]), "{jobs}");
+    // A pool no runner has described yet: accepted, its runner's ComfyUI
+    // validates it when it runs.
+    let undescribed = stack
+        .http
+        .post(format!("{}/prompt", stack.api))
+        .header("comfyq-pool", "undescribed")
+        .json(&json!({"prompt": {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 0, "height": 8, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}
+        }}))
+        .send()
+        .await
+        .expect("POST /prompt");
+    let status = undescribed.status().as_u16();
+    let body = undescribed.text().await.unwrap_or_default();
+    assert_eq!(
+        (status, parse(&body)["node_errors"].clone()),
+        (200, json!({})),
+        "{body}"
+    );
+
+    // One valid and one invalid output (recording 12): accepted with the
+    // invalid one's errors, and the valid one runs.
+    let (prompt, recorded_history) = recorded_prompt("12_partial_invalid");
+    let recorded_answer = recording("transcripts/12_partial_invalid.jsonl")
+        .lines()
+        .map(parse)
+        .find(|line| line["kind"] == "http")
+        .expect("the recorded POST /prompt");
+    let (status, body) = post_prompt(
+        &stack.http,
+        &stack.api,
+        json!({"prompt": prompt, "client_id": "partial"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let answer = parse(&body);
+    assert_eq!(
+        answer["node_errors"],
+        recorded_answer["body"]["node_errors"]
+    );
+    let prompt_id = answer["prompt_id"].as_str().unwrap_or_default().to_owned();
+    let history = comfyq_tests::eventually(Duration::from_secs(20), "history", async || {
+        let history: Value = stack
+            .http
+            .get(format!("{}/history/{prompt_id}", stack.api))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let entry = history.get(&prompt_id)?.clone();
+        entry["status"]["completed"].as_bool()?.then_some(entry)
+    })
+    .await;
+    let output_nodes = |entry: &Value| -> Vec<String> {
+        entry["outputs"]
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(output_nodes(&history), output_nodes(&recorded_history));
+    assert_eq!(history["status"]["status_str"], "success");
+    assert_eq!(history["prompt"][4], recorded_history["prompt"][4]);
+
+    // A file the tenant uploaded is present for LoadImage, though the
+    // runner's ComfyUI does not list it.
+    let png = {
+        let mut bytes = Vec::new();
+        let mut encoder = png::Encoder::new(&mut bytes, 2, 2);
+        encoder.set_color(png::ColorType::Rgba);
+        let mut writer = encoder.write_header().expect("PNG header");
+        writer.write_image_data(&[90u8; 16]).expect("PNG data");
+        drop(writer);
+        bytes
+    };
+    upload(&stack, "validated_upload.png", png).await;
+    let (status, body) = post_prompt(
+        &stack.http,
+        &stack.api,
+        json!({"prompt": {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "validated_upload.png"}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}
+        }}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(parse(&body)["node_errors"], json!({}));
     stack.stop().await;
+}
+
+/// Each node's errors sorted: ComfyUI checks a node's inputs in the order
+/// of a Python set, which differs from run to run.
+fn errors_sorted(mut answer: Value) -> Value {
+    if let Some(nodes) = answer["node_errors"].as_object_mut() {
+        for node in nodes.values_mut() {
+            if let Some(errors) = node["errors"].as_array_mut() {
+                errors.sort_by_key(|e| e["type"].to_string());
+            }
+        }
+    }
+    answer
 }
 
 fn parse(text: &str) -> Value {

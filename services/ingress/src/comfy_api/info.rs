@@ -33,8 +33,11 @@ fn pool_runners(state: &AppState, headers: &HeaderMap) -> Vec<LiveRunner> {
     let pool = headers
         .get(POOL_HEADER)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or(default.as_str())
-        .to_owned();
+        .unwrap_or(default.as_str());
+    runners_of(state, pool)
+}
+
+fn runners_of(state: &AppState, pool: &str) -> Vec<LiveRunner> {
     crate::catalog::registrations(state)
         .into_iter()
         .filter(|r| r.load.pool.as_str() == pool)
@@ -160,7 +163,7 @@ pub(crate) async fn extensions(_tenant: ComfyTenant) -> Json<Vec<String>> {
 }
 
 /// Node definitions by class, as one ComfyUI answered `/object_info`.
-type Definitions = BTreeMap<String, Value>;
+pub(crate) type Definitions = BTreeMap<String, Value>;
 
 /// Each runner's `object_info`, read once per registration (a runner whose
 /// capabilities entry is rewritten is read again).
@@ -206,6 +209,25 @@ async fn definitions(state: &AppState, headers: &HeaderMap) -> Definitions {
         }
     }
     union
+}
+
+/// Each of the pool's runners' node definitions (the cached ones, not
+/// copies), when every live runner of the pool has stored them; `None`
+/// otherwise (no runner, or one not yet described, whose classes would
+/// wrongly count as unknown).
+pub(crate) async fn pool_definitions(
+    state: &AppState,
+    pool: &str,
+) -> Option<Vec<Arc<Definitions>>> {
+    let runners = runners_of(state, pool);
+    if runners.is_empty() {
+        return None;
+    }
+    let mut all = Vec::with_capacity(runners.len());
+    for runner in runners {
+        all.push(state.comfy_object_info.of(state, &runner).await?);
+    }
+    Some(all)
 }
 
 /// `GET /object_info`.

@@ -8,6 +8,8 @@
 //!   prompt the client submitted, rebuilt from the job's events.
 //! - [`history`]: `/history`, `/queue`, `/interrupt`.
 //! - [`files`]: `/view`, `/upload/image`, `/upload/mask`.
+//! - [`validation`]: ComfyUI's checks of a prompt against the pool's node
+//!   definitions.
 //! - [`info`]: `/features`, `/system_stats`, `/models`, `/embeddings`,
 //!   `/extensions`, `/object_info`.
 //!
@@ -27,6 +29,7 @@ pub(crate) mod history;
 pub(crate) mod info;
 pub(crate) mod prompt;
 pub(crate) mod socket;
+pub(crate) mod validation;
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts};
 use axum::http::header::AUTHORIZATION;

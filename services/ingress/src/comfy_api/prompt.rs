@@ -8,12 +8,14 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use comfyq_shared::comfy_validation::Invalid;
 use comfyq_shared::ids::{JobId, TenantId};
 use comfyq_shared::job::{ComfyPrompt, InputFile};
 use comfyq_shared::media::{COMFY_PROMPT_OBJECT, MediaError};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
+use super::validation::validate;
 use super::{ComfyTenant, StoredPrompt, job_id_for_client_prompt, queue_remaining, sink_nodes};
 use crate::api::{SubmitRequest, check_file_name};
 use crate::problem::Problem;
@@ -55,6 +57,8 @@ struct Refusal {
 /// (authentication, limits, the queue unreachable).
 enum Refused {
     Comfy(Refusal),
+    /// Refused by ComfyUI's validation of the inputs, with its `node_errors`.
+    Invalid(Box<Invalid>),
     Problem(Box<Problem>),
 }
 
@@ -84,6 +88,15 @@ pub(crate) async fn post_prompt(
     match queue_prompt(&state, &tenant, &headers, request).await {
         Ok(answer) => Json(answer).into_response(),
         Err(Refused::Comfy(r)) => refusal(r.kind, &r.message, &r.details, json!({})),
+        Err(Refused::Invalid(invalid)) => {
+            tracing::debug!(
+                error = %invalid.error["type"],
+                nodes = invalid.node_errors.len(),
+                "prompt refused by ComfyUI's validation"
+            );
+            let body = json!({"error": invalid.error, "node_errors": invalid.node_errors});
+            (StatusCode::BAD_REQUEST, Json(body)).into_response()
+        }
         Err(Refused::Problem(problem)) => problem.into_response(),
     }
 }
@@ -101,7 +114,8 @@ async fn queue_prompt(
             "No prompt provided",
         ));
     };
-    check_nodes(state, &prompt, headers, &request)?;
+    let pool = pool_of(headers, &request);
+    check_nodes(state, &prompt, &pool)?;
     let client_id = request
         .get("client_id")
         .and_then(Value::as_str)
@@ -126,7 +140,7 @@ async fn queue_prompt(
             })
     };
     let priority = text_of(PRIORITY_HEADER, "priority");
-    let pool = text_of(POOL_HEADER, "pool");
+    let pool_choice = text_of(POOL_HEADER, "pool");
     let now = OffsetDateTime::now_utc();
     let number = match request.get("number").and_then(Value::as_i64) {
         Some(number) => number,
@@ -156,17 +170,32 @@ async fn queue_prompt(
             json!({"prompt_id": known.prompt_id, "number": known.number, "node_errors": {}}),
         );
     }
-    let stored = StoredPrompt {
-        number,
-        prompt_id: prompt_id.clone(),
-        prompt: prompt.clone(),
-        extra_data: Value::Object(extra_data),
-        outputs_to_execute: sink_nodes(&prompt),
-    };
     let uploads = attach_uploads(state, tenant, job_id, &prompt).await?;
     let prompt_key = state.media.comfy_key(tenant, &job_id, COMFY_PROMPT_OBJECT);
     let mut kept = false;
+    let mut node_errors = json!({});
     let result = async {
+        // Without the pool's node definitions, the runner's ComfyUI
+        // validates the prompt when it runs.
+        let outputs_to_execute = match super::info::pool_definitions(state, &pool).await {
+            Some(definitions) => {
+                let uploaded = uploads.iter().map(|f| f.name.clone()).collect();
+                // Every output is validated: the runner runs them all
+                // (`partial_execution_targets` is not passed on).
+                let valid =
+                    validate(&prompt, None, &definitions, &uploaded).map_err(Refused::Invalid)?;
+                node_errors = Value::Object(valid.node_errors);
+                valid.outputs
+            }
+            None => sink_nodes(&prompt),
+        };
+        let stored = StoredPrompt {
+            number,
+            prompt_id: prompt_id.clone(),
+            prompt: prompt.clone(),
+            extra_data: Value::Object(extra_data),
+            outputs_to_execute,
+        };
         let json = serde_json::to_vec(&stored).map_err(|e| Problem::internal(&e))?;
         state
             .media
@@ -177,7 +206,7 @@ async fn queue_prompt(
             workflow: prompt,
             inputs: Vec::new(),
             priority,
-            pool,
+            pool: pool_choice,
             webhook: None,
             timeout_s: None,
             metadata: None,
@@ -225,18 +254,24 @@ async fn queue_prompt(
         }
     }
     result?;
-    Ok(json!({"prompt_id": prompt_id, "number": number, "node_errors": {}}))
+    Ok(json!({"prompt_id": prompt_id, "number": number, "node_errors": node_errors}))
+}
+
+/// The pool a prompt is for: the header, else `extra_data.pool`.
+fn pool_of(headers: &HeaderMap, request: &Value) -> String {
+    headers
+        .get(POOL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request["extra_data"]["pool"].as_str())
+        .unwrap_or(comfyq_shared::ids::PoolName::default().as_str())
+        .to_owned()
 }
 
 /// ComfyUI's first checks (`validate_prompt`): every node has a class that
-/// some runner of the pool offers, and there is something to run. Inputs
-/// are checked by the ComfyUI that runs the prompt.
-fn check_nodes(
-    state: &AppState,
-    prompt: &Value,
-    headers: &HeaderMap,
-    request: &Value,
-) -> Result<(), Refused> {
+/// some runner of the pool offers, and there is something to run. The
+/// inputs are checked against the pool's node definitions
+/// ([`validate`]) once the uploads they name are known.
+fn check_nodes(state: &AppState, prompt: &Value, pool: &str) -> Result<(), Refused> {
     let refuse =
         |message: String, details: String| Err(refused("invalid_prompt", message, details));
     let Some(nodes) = prompt.as_object() else {
@@ -245,12 +280,6 @@ fn check_nodes(
             String::new(),
         );
     };
-    let pool = headers
-        .get(POOL_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| request["extra_data"]["pool"].as_str())
-        .unwrap_or(comfyq_shared::ids::PoolName::default().as_str())
-        .to_owned();
     let runners: Vec<_> = crate::catalog::registrations(state)
         .into_iter()
         .filter(|r| r.load.pool.as_str() == pool)

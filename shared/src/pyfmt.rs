@@ -1,9 +1,10 @@
-//! Python `str()`/`repr()` of JSON values, for error texts that must read like ComfyUI's.
+//! Python `str()`/`repr()` of JSON values, for error texts that must read like
+//! ComfyUI's (its validation errors, the simulator's texts).
 
 use serde_json::Value;
 
 /// `repr(float)` as CPython prints it.
-pub(crate) fn float_repr(f: f64) -> String {
+pub fn float_repr(f: f64) -> String {
     if f.is_nan() {
         return "nan".to_owned();
     }
@@ -41,7 +42,7 @@ fn number(n: &serde_json::Number) -> String {
 }
 
 /// `str(value)`.
-pub(crate) fn py_str(v: &Value) -> String {
+pub fn py_str(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         other => py_repr(other),
@@ -49,7 +50,7 @@ pub(crate) fn py_str(v: &Value) -> String {
 }
 
 /// `repr(value)`.
-pub(crate) fn py_repr(v: &Value) -> String {
+pub fn py_repr(v: &Value) -> String {
     match v {
         Value::Null => "None".to_owned(),
         Value::Bool(true) => "True".to_owned(),
@@ -77,7 +78,7 @@ pub(crate) fn py_repr(v: &Value) -> String {
 }
 
 /// Python's type name of a JSON value.
-pub(crate) fn py_type(v: &Value) -> &'static str {
+pub fn py_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "NoneType",
         Value::Bool(_) => "bool",
@@ -114,7 +115,7 @@ impl serde_json::ser::Formatter for PyJson {
 }
 
 /// `json.dumps(value)` layout: `{"a": 1, "b": [1, 2]}`.
-pub(crate) fn dumps(v: &Value) -> String {
+pub fn dumps(v: &Value) -> String {
     use serde::Serialize;
     let mut out = Vec::new();
     let mut ser = serde_json::Serializer::with_formatter(&mut out, PyJson);

@@ -1,29 +1,52 @@
-//! `POST /prompt` validation, following ComfyUI's `validate_prompt`/`validate_inputs`:
-//! same error types, messages, details and `node_errors` bookkeeping.
+//! ComfyUI's `POST /prompt` validation (`validate_prompt`/`validate_inputs` of
+//! its execution.py): same error types, messages, details and `node_errors`
+//! bookkeeping. Used by the simulator and by ingress's ComfyUI API.
 
 use std::collections::HashMap;
 
 use serde_json::{Map, Value, json};
 
-use crate::nodes::{self, ComboSource};
 use crate::pyfmt::{py_repr, py_str, py_type};
 
-/// What validation needs from the outside world.
-pub(crate) trait ValidationEnv: ComboSource {
+/// What validation knows of the node classes (ComfyUI's `/object_info`) and
+/// of the input files.
+pub trait ValidationEnv {
+    /// Whether the class exists.
+    fn exists(&self, class: &str) -> bool;
+    /// Whether the class is an output node.
+    fn is_output(&self, class: &str) -> bool;
+    /// The class's `RETURN_TYPES`.
+    fn return_types(&self, class: &str) -> Vec<String>;
+    /// The class's `INPUT_TYPES()` (`required`, `optional`), lists filled in.
+    fn input_types(&self, class: &str) -> Map<String, Value>;
     /// Whether an (optionally annotated, `name [input]`) input file exists.
     fn input_exists(&self, annotated: &str) -> bool;
 }
 
+/// Inputs that ComfyUI's core nodes check themselves (`VALIDATE_INPUTS`):
+/// the file must exist, whatever the combo list says.
+pub const SELF_VALIDATED_INPUTS: [(&str, &str); 2] =
+    [("LoadImage", "image"), ("LoadAudio", "audio")];
+
+/// The class's inputs in [`SELF_VALIDATED_INPUTS`].
+pub fn self_validated_inputs(class: &str) -> Vec<&'static str> {
+    SELF_VALIDATED_INPUTS
+        .iter()
+        .filter(|(c, _)| *c == class)
+        .map(|(_, input)| *input)
+        .collect()
+}
+
 /// A prompt that can run (maybe only some of its outputs).
 #[derive(Debug)]
-pub(crate) struct Valid {
+pub struct Valid {
     pub outputs: Vec<String>,
     pub node_errors: Map<String, Value>,
 }
 
 /// A rejected prompt: the 400 body parts.
 #[derive(Debug)]
-pub(crate) struct Invalid {
+pub struct Invalid {
     pub error: Value,
     pub node_errors: Map<String, Value>,
 }
@@ -33,7 +56,7 @@ fn err(kind: &str, message: &str, details: &str) -> Value {
 }
 
 /// Node ids sorted like small Python ints when numeric, else as strings.
-pub(crate) fn id_order(a: &str, b: &str) -> std::cmp::Ordering {
+pub fn id_order(a: &str, b: &str) -> std::cmp::Ordering {
     match (a.parse::<u64>(), b.parse::<u64>()) {
         (Ok(x), Ok(y)) => x.cmp(&y),
         (Ok(_), Err(_)) => std::cmp::Ordering::Less,
@@ -88,12 +111,8 @@ impl Validator<'_> {
                 message: "'inputs'".to_owned(),
             });
         };
-        let types = nodes::input_types(&class, self.env);
-        let custom: &[&str] = match class.as_str() {
-            "LoadImage" => &["image"],
-            "LoadAudio" => &["audio"],
-            _ => &[],
-        };
+        let types = self.env.input_types(&class);
+        let custom = self_validated_inputs(&class);
         let mut errors = Vec::new();
         let mut valid = true;
         let mut converted: Vec<(String, Value)> = Vec::new();
@@ -137,7 +156,7 @@ impl Validator<'_> {
                             message: key_repr(&link[0]),
                         });
                     };
-                    let returns = nodes::return_types(&o_class);
+                    let returns = self.env.return_types(&o_class);
                     let slot = match &link[1] {
                         Value::Number(n) if n.as_i64().is_some() => n.as_i64().unwrap_or(0),
                         other => {
@@ -176,7 +195,7 @@ impl Validator<'_> {
                         Err(e) => {
                             valid = false;
                             let reasons = vec![
-                                json!({"type": "exception_during_validation", "message": "Exception when validating inner node", "details": e.message, "extra_info": {"input_name": x, "input_config": info, "exception_message": e.message, "exception_type": e.kind, "traceback": [], "linked_node": val}}),
+                                json!({"type": "exception_during_inner_validation", "message": "Exception when validating inner node", "details": e.message, "extra_info": {"input_name": x, "input_config": info, "exception_message": e.message, "exception_type": e.kind, "traceback": [], "linked_node": val}}),
                             ];
                             self.record(&o_id, (false, reasons));
                         }
@@ -228,13 +247,21 @@ impl Validator<'_> {
                     errors.push(json!({"type": "value_bigger_than_max", "message": message, "details": x, "extra_info": {"input_name": x, "input_config": info, "received_value": val}}));
                     continue;
                 }
-                if let Some(options) = input_type.as_array()
+                // A combo is a list of options, or (nodes of ComfyUI's v3
+                // schema) `"COMBO"` with its list in `options`.
+                let options = match &input_type {
+                    Value::String(t) if t == "COMBO" => {
+                        extra.get("options").and_then(Value::as_array)
+                    }
+                    other => other.as_array(),
+                };
+                if let Some(options) = options
                     && !options.iter().any(|o| py_eq(o, &val))
                 {
                     let (list_info, config) = if options.len() > 20 {
                         (format!("(list of length {})", options.len()), Value::Null)
                     } else {
-                        (py_repr(&input_type), info.clone())
+                        (py_repr(&Value::Array(options.clone())), info.clone())
                     };
                     let details = format!("{x}: '{}' not in {list_info}", py_str(&val));
                     errors.push(json!({"type": "value_not_in_list", "message": "Value not in list", "details": details, "extra_info": {"input_name": x, "input_config": config, "received_value": val}}));
@@ -242,7 +269,7 @@ impl Validator<'_> {
                 }
             }
         }
-        for x in custom {
+        for x in &custom {
             let Some(v) = inputs.get(*x) else { continue };
             if v.is_array() {
                 continue;
@@ -352,7 +379,7 @@ fn convert(input_type: &str, val: &Value) -> Result<Option<Value>, String> {
 }
 
 /// Validates (and, like ComfyUI, normalizes the input values of) a prompt.
-pub(crate) fn validate_prompt(
+pub fn validate_prompt(
     prompt: &mut Map<String, Value>,
     partial: Option<&[String]>,
     env: &dyn ValidationEnv,
@@ -370,7 +397,7 @@ pub(crate) fn validate_prompt(
             }));
         };
         let class = py_str(class);
-        if !nodes::exists(&class) {
+        if !env.exists(&class) {
             return Err(Box::new(Invalid {
                 error: err(
                     "invalid_prompt",
@@ -380,7 +407,7 @@ pub(crate) fn validate_prompt(
                 node_errors: Map::new(),
             }));
         }
-        if nodes::is_output(&class) && partial.is_none_or(|p| p.iter().any(|x| x == id)) {
+        if env.is_output(&class) && partial.is_none_or(|p| p.iter().any(|x| x == id)) {
             outputs.push(id.clone());
         }
     }
@@ -460,4 +487,121 @@ pub(crate) fn validate_prompt(
         outputs: good,
         node_errors,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A catalogue of four classes, as `/object_info` describes them.
+    struct Catalogue(Value);
+
+    impl ValidationEnv for Catalogue {
+        fn exists(&self, class: &str) -> bool {
+            self.0.get(class).is_some()
+        }
+        fn is_output(&self, class: &str) -> bool {
+            self.0[class]["output_node"] == true
+        }
+        fn return_types(&self, class: &str) -> Vec<String> {
+            self.0[class]["output"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        }
+        fn input_types(&self, class: &str) -> Map<String, Value> {
+            self.0[class]["input"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+        }
+        fn input_exists(&self, _annotated: &str) -> bool {
+            false
+        }
+    }
+
+    fn catalogue() -> Catalogue {
+        Catalogue(json!({
+            "Make": {"output": ["IMAGE"], "input": {"required": {
+                "width": ["INT", {"min": 1, "max": 10}], "mode": [["a", "b"], {}]}}},
+            "Pass": {"output": ["IMAGE"], "input": {"required": {"image": ["IMAGE", {}]}}},
+            "Modern": {"output": ["IMAGE"], "input": {"required": {
+                "mode": ["COMBO", {"options": ["x", "y"]}]}}},
+            "Save": {"output": [], "output_node": true, "input": {"required": {"images": ["IMAGE", {}]}}},
+        }))
+    }
+
+    fn invalid(prompt: Value) -> Invalid {
+        let mut nodes = prompt.as_object().cloned().unwrap_or_default();
+        match validate_prompt(&mut nodes, None, &catalogue()) {
+            Ok(valid) => panic!("accepted: {valid:?}"),
+            Err(invalid) => *invalid,
+        }
+    }
+
+    #[test]
+    fn a_link_to_a_missing_node_fails_the_inner_node() {
+        let refused = invalid(json!({
+            "1": {"class_type": "Pass", "inputs": {"image": ["9", 0]}},
+            "2": {"class_type": "Save", "inputs": {"images": ["1", 0]}}
+        }));
+        assert_eq!(refused.error["details"], "");
+        let node = &refused.node_errors["1"];
+        assert_eq!(node["dependent_outputs"], json!(["2"]));
+        let error = &node["errors"][0];
+        assert_eq!(error["type"], "exception_during_inner_validation");
+        assert_eq!(error["details"], "'9'");
+        assert_eq!(error["extra_info"]["exception_type"], "KeyError");
+        assert_eq!(error["extra_info"]["linked_node"], json!(["1", 0]));
+    }
+
+    #[test]
+    fn a_bad_output_index_fails_the_output_node() {
+        let refused = invalid(json!({
+            "1": {"class_type": "Make", "inputs": {"width": 2, "mode": "a"}},
+            "2": {"class_type": "Save", "inputs": {"images": ["1", 3]}}
+        }));
+        assert_eq!(
+            refused.error["details"],
+            "Exception when validating node: tuple index out of range"
+        );
+        let error = &refused.node_errors["2"]["errors"][0];
+        assert_eq!(error["type"], "exception_during_validation");
+        assert_eq!(error["extra_info"]["exception_type"], "IndexError");
+    }
+
+    #[test]
+    fn values_are_converted_then_bounded_and_combos_listed() {
+        let refused = invalid(json!({
+            "1": {"class_type": "Make", "inputs": {"width": 11.5, "mode": "c"}},
+            "2": {"class_type": "Modern", "inputs": {"mode": "z"}},
+            "3": {"class_type": "Save", "inputs": {"images": ["1", 0]}},
+            "4": {"class_type": "Save", "inputs": {"images": ["2", 0]}}
+        }));
+        // (ComfyUI checks a node's inputs in the order of a Python set.)
+        let messages = |id: &str| -> Vec<String> {
+            let mut texts: Vec<String> = refused.node_errors[id]["errors"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| format!("{}: {}", py_str(&e["message"]), py_str(&e["details"])))
+                .collect();
+            texts.sort();
+            texts
+        };
+        assert_eq!(
+            messages("1"),
+            [
+                "Value 11 bigger than max of 10: width",
+                "Value not in list: mode: 'c' not in ['a', 'b']"
+            ]
+        );
+        assert_eq!(
+            messages("2"),
+            ["Value not in list: mode: 'z' not in ['x', 'y']"]
+        );
+        assert_eq!(refused.node_errors["2"]["dependent_outputs"], json!(["4"]));
+    }
 }
