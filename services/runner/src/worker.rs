@@ -81,6 +81,14 @@ pub enum Disposition {
     Exhausted(AttemptOutcome),
 }
 
+/// Whether an attempt's end is this delivery's to acknowledge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    Ours,
+    /// A later attempt (a redelivery elsewhere) holds the job.
+    Superseded,
+}
+
 /// What claiming a delivered job in its record came to.
 #[derive(Debug)]
 enum Claim {
@@ -386,34 +394,39 @@ impl Worker {
         // Recorded before acknowledging: if this process dies in between,
         // the message is redelivered and the record, already ended, makes
         // the next runner drop it.
-        let ack = match disposition {
+        let (settled, ack) = match disposition {
             Disposition::Done(outcome) => {
-                self.record(spec, attempt, outcome, claimed).await;
-                AckKind::Ack
+                let settled = self.record(spec, attempt, outcome, claimed).await;
+                (settled, AckKind::Ack)
             }
             Disposition::Retry(outcome, delay) => {
                 if let AttemptOutcome::Failed { error, .. } = &outcome {
                     metrics::counter!("comfyq_job_retries_total", "kind" => error_kind(error.kind))
                         .increment(1);
                 }
-                self.record(spec, attempt, outcome, claimed).await;
+                let settled = self.record(spec, attempt, outcome, claimed).await;
                 if !handing_back {
                     self.step_aside(delay).await;
                 }
-                AckKind::Nak(Some(delay))
+                (settled, AckKind::Nak(Some(delay)))
             }
             Disposition::Drop(outcome) => {
-                if let Some(outcome) = outcome {
-                    self.record(spec, attempt, outcome, claimed).await;
-                }
-                AckKind::Term
+                let settled = match outcome {
+                    Some(outcome) => self.record(spec, attempt, outcome, claimed).await,
+                    None => Settled::Ours,
+                };
+                (settled, AckKind::Term)
             }
             Disposition::Exhausted(outcome) => {
-                self.record(spec, attempt, outcome, claimed).await;
-                AckKind::Nak(None)
+                let settled = self.record(spec, attempt, outcome, claimed).await;
+                (settled, AckKind::Nak(None))
             }
         };
         heartbeat.abort();
+        if settled == Settled::Superseded {
+            tracing::info!("a later attempt holds the job: its dispatch message is left to it");
+            return;
+        }
         let acked = message.ack_with(ack).await;
         if let Err(error) = acked {
             tracing::warn!(%error, "acknowledgement failed; the job may be redelivered");
@@ -689,7 +702,7 @@ impl Worker {
         attempt: u32,
         outcome: AttemptOutcome,
         claimed: Versioned,
-    ) {
+    ) -> Settled {
         let report = RunnerReport {
             v: SCHEMA_VERSION,
             tenant: spec.tenant.clone(),
@@ -712,21 +725,28 @@ impl Worker {
                 )
                 .await
             {
-                Ok(Applied::Changed(_)) => return,
+                Ok(Applied::Changed(_)) => return Settled::Ours,
                 // Written before (its ack or its webhook item was lost).
                 Ok(Applied::Already(current)) => {
                     if let Err(error) = self.jobs.hook(&current.record, current.revision).await {
                         tracing::warn!(%error, "webhook work item not published");
                     }
-                    return;
+                    return Settled::Ours;
                 }
                 Ok(Applied::Ignored(current, why)) => {
                     tracing::info!(why, status = %current.record.status, outcome = report.outcome.token(), "outcome not recorded");
-                    return;
+                    // A later attempt holds the job (this runner was cut off
+                    // past `dispatch_ack_wait` and it was redelivered): the
+                    // message is that attempt's now, and an ack from here
+                    // would take it out of the work queue under it.
+                    if !current.record.status.is_terminal() && current.record.attempt > attempt {
+                        return Settled::Superseded;
+                    }
+                    return Settled::Ours;
                 }
                 Ok(Applied::Missing) => {
                     tracing::warn!("the job's record is gone; outcome not recorded");
-                    return;
+                    return Settled::Ours;
                 }
                 Err(error) => {
                     tracing::warn!(%error, outcome = report.outcome.token(), "outcome not recorded yet; retrying");
@@ -739,6 +759,7 @@ impl Worker {
             outcome = report.outcome.token(),
             "outcome could not be recorded"
         );
+        Settled::Ours
     }
 }
 
