@@ -176,22 +176,30 @@ fn change_of(body: &Bytes) -> Change {
     serde_json::from_slice(body).unwrap_or_default()
 }
 
+/// The prompts a `POST /history` or `POST /queue` body names: all of the
+/// tenant's for `clear`, else those in `delete`.
+async fn targets_of(
+    state: &AppState,
+    tenant: &TenantId,
+    change: &Change,
+) -> Result<Vec<JobRecord>, Problem> {
+    if change.clear {
+        return prompts(state, tenant).await;
+    }
+    let mut found = Vec::new();
+    for prompt_id in &change.delete {
+        found.extend(find_prompt(state, tenant, prompt_id).await?);
+    }
+    Ok(found)
+}
+
 /// `POST /history`: `{"clear": true}` or `{"delete": [prompt ids]}`.
 pub(crate) async fn change(
     State(state): State<AppState>,
     ComfyTenant(tenant): ComfyTenant,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    let change = change_of(&body);
-    let targets: Vec<JobRecord> = if change.clear {
-        prompts(&state, &tenant).await?
-    } else {
-        let mut found = Vec::new();
-        for prompt_id in &change.delete {
-            found.extend(find_prompt(&state, &tenant, prompt_id).await?);
-        }
-        found
-    };
+    let targets = targets_of(&state, &tenant, &change_of(&body)).await?;
     for record in targets.iter().filter(|r| r.status.is_terminal()) {
         for name in [COMFY_HISTORY_OBJECT, COMFY_PROMPT_OBJECT] {
             let key = state.media.comfy_key(&record.tenant, &record.id, name);
@@ -243,16 +251,7 @@ pub(crate) async fn change_queue(
     ComfyTenant(tenant): ComfyTenant,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    let change = change_of(&body);
-    let targets: Vec<JobRecord> = if change.clear {
-        prompts(&state, &tenant).await?
-    } else {
-        let mut found = Vec::new();
-        for prompt_id in &change.delete {
-            found.extend(find_prompt(&state, &tenant, prompt_id).await?);
-        }
-        found
-    };
+    let targets = targets_of(&state, &tenant, &change_of(&body)).await?;
     for record in targets
         .iter()
         .filter(|r| !r.status.is_terminal() && !is_running(r))
