@@ -109,9 +109,20 @@ impl ProvisionError {
             text.push_str(&error.to_string());
             cause = error.source();
         }
-        ["timed out", "no responders", "peer offline"]
-            .iter()
-            .any(|transient| text.contains(transient))
+        // A cluster electing leaders after a restart answers 503 or "stream
+        // is offline"; one still learning its peers finds no room for
+        // replicas.
+        [
+            "timed out",
+            "no responders",
+            "peer offline",
+            "temporarily unavailable",
+            "is offline",
+            "no suitable peers",
+            "insufficient resources",
+        ]
+        .iter()
+        .any(|transient| text.contains(transient))
     }
 }
 

@@ -85,6 +85,12 @@ pub struct RunnerConfig {
     /// Base delay before a retryable failure is redelivered (doubles per attempt).
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
+    /// How long reading an input or storing an output is retried within its
+    /// attempt while the media store fails (NATS electing leaders, a node
+    /// restarting): failing the attempt would spend a delivery of its
+    /// budget and run the whole prompt again.
+    #[serde(with = "humantime_serde")]
+    pub store_retry_for: Duration,
     /// Longest wait for ComfyUI to answer at start.
     #[serde(with = "humantime_serde")]
     pub comfyui_ready_timeout: Duration,
@@ -115,6 +121,7 @@ impl Default for RunnerConfig {
             reconcile_interval: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(30),
             retry_backoff: Duration::from_secs(2),
+            store_retry_for: Duration::from_secs(30),
             comfyui_ready_timeout: Duration::from_secs(60),
             metrics_addr: None,
         }

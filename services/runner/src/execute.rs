@@ -77,6 +77,44 @@ fn storing_failed(name: &str, error: MediaError) -> JobError {
     }
 }
 
+/// Reading an input or storing an output again while the media store
+/// itself fails, for up to `store_retry_for` (see there).
+struct StoreRetry {
+    give_up: Instant,
+    backoff: Duration,
+}
+
+impl StoreRetry {
+    fn new(retry_for: Duration) -> Self {
+        Self {
+            give_up: Instant::now() + retry_for,
+            backoff: Duration::from_millis(200),
+        }
+    }
+
+    /// After a failed put: waits before the next try, or says why the
+    /// attempt fails (any error but the store's own, or time is up).
+    async fn after(&mut self, name: &str, error: MediaError) -> Result<(), JobError> {
+        if self.wait(name, &error).await {
+            Ok(())
+        } else {
+            Err(storing_failed(name, error))
+        }
+    }
+
+    /// Whether to try `object` again after `error`, having waited for it.
+    async fn wait(&mut self, object: &str, error: &MediaError) -> bool {
+        if !matches!(error, MediaError::Store(_)) || Instant::now() + self.backoff >= self.give_up {
+            return false;
+        }
+        tracing::warn!(%error, object, "the media store failed; retrying");
+        metrics::counter!("comfyq_runner_media_retries_total").increment(1);
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+        true
+    }
+}
+
 fn comfy_failure(context: &str, error: &ComfyError) -> JobError {
     if error.is_retryable() {
         infrastructure(format!("{context}: {error}"))
@@ -233,13 +271,25 @@ impl Executor {
         let mut references = HashMap::new();
         for input in &spec.inputs {
             let key = self.media.input_key(&spec.tenant, &spec.id, &input.name);
-            let (info, object) = self.media.get(&key).await.map_err(|e| match e {
-                MediaError::NotFound(_) => JobError::new(
-                    ErrorKind::Internal,
-                    format!("input {} is missing", input.name),
-                ),
-                other => infrastructure(format!("reading input {}: {other}", input.name)),
-            })?;
+            let mut retry = StoreRetry::new(self.config.store_retry_for);
+            let (info, object) = loop {
+                match self.media.get(&key).await {
+                    Ok(found) => break found,
+                    Err(MediaError::NotFound(_)) => {
+                        return Err(JobError::new(
+                            ErrorKind::Internal,
+                            format!("input {} is missing", input.name),
+                        ));
+                    }
+                    Err(error) if retry.wait(&input.name, &error).await => {}
+                    Err(error) => {
+                        return Err(infrastructure(format!(
+                            "reading input {}: {error}",
+                            input.name
+                        )));
+                    }
+                }
+            };
             let upload = UploadImage {
                 name: input.name.clone(),
                 subfolder: folder.to_owned(),
@@ -558,6 +608,27 @@ impl Executor {
             .is_ok()
     }
 
+    /// `/view` of one output file as a reader, its first chunk awaited (so
+    /// an error answer fails here, not half-way into the store).
+    async fn download(
+        &self,
+        file: &crate::comfy::OutputFile,
+    ) -> Result<impl tokio::io::AsyncRead + Unpin + use<>, JobError> {
+        let failed =
+            |error: &ComfyError| comfy_failure(&format!("downloading {}", file.filename), error);
+        let view = self.comfy.view(file).await.map_err(|e| failed(&e))?;
+        let mut stream = view.stream;
+        let first = match stream.next().await {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(error)) => return Err(failed(&error)),
+            None => Bytes::new(),
+        };
+        let rest = stream.map(|chunk| chunk.map_err(std::io::Error::other));
+        Ok(StreamReader::new(
+            futures::stream::iter([Ok(first)]).chain(rest),
+        ))
+    }
+
     /// Streams every file the prompt produced from `/view` into the media store.
     async fn collect_outputs(
         &self,
@@ -571,30 +642,19 @@ impl Executor {
         let used = |outputs: &[OutputFile]| inputs + outputs.iter().map(|o| o.size).sum::<u64>();
         for (node_id, file) in entry.output_files() {
             let name = unique_name(&mut taken, node_id, &file.filename);
-            let view = self
-                .comfy
-                .view(file)
-                .await
-                .map_err(|e| comfy_failure(&format!("downloading {}", file.filename), &e))?;
-            let mut stream = view.stream;
-            let first = match stream.next().await {
-                Some(Ok(chunk)) => chunk,
-                Some(Err(error)) => {
-                    return Err(comfy_failure(
-                        &format!("downloading {}", file.filename),
-                        &error,
-                    ));
-                }
-                None => Bytes::new(),
-            };
-            let rest = stream.map(|chunk| chunk.map_err(std::io::Error::other));
-            let mut reader = StreamReader::new(futures::stream::iter([Ok(first)]).chain(rest));
             let key = self.media.output_key(&spec.tenant, &spec.id, &name);
-            let stored = self
-                .media
-                .put(&key, &mut reader, used(&outputs), None)
-                .await
-                .map_err(|e| storing_failed(&name, e))?;
+            let mut retry = StoreRetry::new(self.config.store_retry_for);
+            let stored = loop {
+                let mut reader = self.download(file).await?;
+                match self
+                    .media
+                    .put(&key, &mut reader, used(&outputs), None)
+                    .await
+                {
+                    Ok(stored) => break stored,
+                    Err(error) => retry.after(&name, error).await?,
+                }
+            };
             outputs.push(OutputFile {
                 node_id: node_id.to_owned(),
                 name,
@@ -614,11 +674,17 @@ impl Executor {
             for (index, text) in output.text.iter().enumerate() {
                 let name = unique_name(&mut taken, node_id, &format!("text_{index}.txt"));
                 let key = self.media.output_key(&spec.tenant, &spec.id, &name);
-                let stored = self
-                    .media
-                    .put(&key, &mut text.as_bytes(), used(&outputs), None)
-                    .await
-                    .map_err(|e| storing_failed(&name, e))?;
+                let mut retry = StoreRetry::new(self.config.store_retry_for);
+                let stored = loop {
+                    match self
+                        .media
+                        .put(&key, &mut text.as_bytes(), used(&outputs), None)
+                        .await
+                    {
+                        Ok(stored) => break stored,
+                        Err(error) => retry.after(&name, error).await?,
+                    }
+                };
                 outputs.push(OutputFile {
                     node_id: node_id.clone(),
                     name,

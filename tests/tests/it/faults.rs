@@ -497,3 +497,46 @@ async fn a_queued_event_landing_after_the_job_moved_on_is_refused() {
     assert_eq!(stack.job(&id).await["status"], "completed");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_the_media_store_refuses_for_a_while_is_stored_within_its_attempt() {
+    let stack = TestStack::start().await;
+    let names = stack.nats_config().names().expect("valid prefix");
+    let js = async_nats::jetstream::new(stack.nats.client().await);
+    let media_stream = format!("OBJ_{}", names.media_bucket());
+    let set_max_msg_size = async |limit: i32| {
+        let mut stream = js.get_stream(&media_stream).await.expect("media stream");
+        let mut config = stream
+            .info()
+            .await
+            .expect("media stream info")
+            .config
+            .clone();
+        config.max_message_size = limit;
+        js.update_stream(config)
+            .await
+            .expect("media stream updated");
+    };
+
+    let job = stack
+        .submit(json!({"workflow": slow_workflow(10, 100, "refused")}))
+        .await;
+    let id = id_of(&job);
+    wait_running(&stack, &id).await;
+    // Every chunk of the output now fails to publish, as while NATS elects
+    // a leader; the runner retries storing it without ending the attempt.
+    set_max_msg_size(16).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let meanwhile = stack.job(&id).await;
+    assert_eq!(meanwhile["status"], "running", "{meanwhile:#}");
+    assert_eq!(meanwhile["attempt"], 1, "{meanwhile:#}");
+    set_max_msg_size(-1).await;
+
+    let finished = stack.wait_finished(&id, Duration::from_secs(20)).await;
+    assert_eq!(finished["status"], "completed", "{finished:#}");
+    assert_eq!(finished["attempt"], 1, "{finished:#}");
+    assert_eq!(stack.sim.prompts_received().len(), 1, "the prompt ran once");
+    let types = state_types(&stack, &id).await;
+    assert_eq!(count(&types, "job.retrying"), 0, "{types:?}");
+    stack.stop().await;
+}

@@ -160,15 +160,34 @@ impl Up {
                 return up;
             }
             if let Ok(Some(status)) = up.child.try_wait() {
-                panic!("comfyq up exited with {status}: {}", up.stderr());
+                panic!("comfyq up exited with {status}: {}", up.stderr_digest());
             }
             assert!(
                 Instant::now() < deadline,
                 "comfyq up not ready: {}",
-                up.stderr()
+                up.stderr_digest()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// What comfyq itself printed, then the last lines of its nats-servers'
+    /// logs: a failure's cause must survive a CI log's truncation.
+    fn stderr_digest(&self) -> String {
+        let stderr = self.stderr();
+        let is_nats_log = |line: &&str| {
+            line.starts_with('[')
+                && line
+                    .split_once("] ")
+                    .is_some_and(|(pid, _)| pid[1..].bytes().all(|b| b.is_ascii_digit()))
+        };
+        let (nats, own): (Vec<&str>, Vec<&str>) = stderr.lines().partition(is_nats_log);
+        let tail = &nats[nats.len().saturating_sub(30)..];
+        format!(
+            "comfyq's own output:\n{}\n\nthe last nats-server log lines:\n{}",
+            own.join("\n"),
+            tail.join("\n")
+        )
     }
 
     fn stderr(&self) -> String {
