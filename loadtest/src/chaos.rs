@@ -47,6 +47,12 @@ pub(crate) async fn chaos(o: &Options) -> anyhow::Result<Report> {
     let duration = o.duration.unwrap_or(Duration::from_secs(60));
     let every = o.every.unwrap_or(Duration::from_secs(3));
     let seed = o.seed.unwrap_or_else(rand::random);
+    let dispatch_ack_wait = o
+        .dispatch_ack_wait
+        .unwrap_or(comfyq_shared::config::NatsConfig::default().dispatch_ack_wait);
+    if dispatch_ack_wait < Duration::from_secs(2) {
+        bail!("--dispatch-ack-wait must be at least 2s (got {dispatch_ack_wait:?})");
+    }
     // One data directory for all simulators, on tmpfs, given to the runners
     // as `comfyui_dir`, so each job's files go after it (see `Target::start_local`).
     let sim_dir = tempfile::Builder::new()
@@ -81,6 +87,7 @@ pub(crate) async fn chaos(o: &Options) -> anyhow::Result<Report> {
                 ..ClusterOptions::default()
             }),
         configure_ingress: Some(|ingress| ingress.rate_limit_per_s = 0),
+        dispatch_ack_wait,
         ..StackOptions::default()
     })
     .await;
@@ -98,6 +105,7 @@ pub(crate) async fn chaos(o: &Options) -> anyhow::Result<Report> {
         "every_s": every.as_secs_f64(),
         "faults": o.faults,
         "seed": seed,
+        "dispatch_ack_wait_s": dispatch_ack_wait.as_secs_f64(),
         "nats_nodes": o.replicas(),
         "runners": runners,
         "slots": o.slots.unwrap_or(8),

@@ -149,6 +149,12 @@ pub(crate) struct Options {
     /// `chaos`: the seed of the fault choices (random unless given).
     #[arg(long, global = true)]
     pub(crate) seed: Option<u64>,
+    /// `chaos`: the services' `nats.dispatch_ack_wait` (default: the
+    /// production default, 30 s; the suite's short form uses 3 s). A runner
+    /// cut off from NATS longer than this has its job redelivered, which
+    /// spends one of its deliveries.
+    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    pub(crate) dispatch_ack_wait: Option<Duration>,
 }
 
 impl Options {

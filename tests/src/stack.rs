@@ -78,6 +78,10 @@ pub struct StackOptions {
     /// ([`crate::service_process`]; [`TestStack::processes`]); `None`: as
     /// tasks of this process.
     pub processes: Option<ProcessLauncher>,
+    /// `nats.dispatch_ack_wait` of every service: short in tests, so a dead
+    /// runner's job moves on within seconds; the load test's chaos run uses
+    /// the production default.
+    pub dispatch_ack_wait: Duration,
 }
 
 impl Default for StackOptions {
@@ -101,6 +105,7 @@ impl Default for StackOptions {
             configure_ingress: None,
             ingresses: 1,
             processes: None,
+            dispatch_ack_wait: TEST_DISPATCH_ACK_WAIT,
         }
     }
 }
@@ -123,17 +128,22 @@ pub struct TestStack {
     pub http: reqwest::Client,
     /// Scheduler settings of this stack (for [`IsolatedScheduler`]s).
     pub scheduler: SchedulerConfig,
+    /// [`StackOptions::dispatch_ack_wait`].
+    pub dispatch_ack_wait: Duration,
     shutdown: CancellationToken,
     services: Vec<(&'static str, JoinHandle<Result<(), String>>)>,
     /// The processes' configurations and logs.
     _process_dir: Option<tempfile::TempDir>,
 }
 
+/// `dispatch_ack_wait` in tests: a dead runner's job moves on within seconds.
+pub const TEST_DISPATCH_ACK_WAIT: Duration = Duration::from_secs(3);
+
 /// NATS settings for tests: short deadlines so failures show within seconds.
 pub fn nats_config(url: &str) -> NatsConfig {
     NatsConfig {
         url: url.to_owned(),
-        dispatch_ack_wait: Duration::from_secs(3),
+        dispatch_ack_wait: TEST_DISPATCH_ACK_WAIT,
         ..NatsConfig::default()
     }
 }
@@ -199,6 +209,7 @@ impl TestStack {
         let webhooks = WebhookSink::start().await;
         let nats_config = NatsConfig {
             replicas: nats.replicas(),
+            dispatch_ack_wait: options.dispatch_ack_wait,
             ..nats_config(&nats.url())
         };
         if nats.replicas() > 1 {
@@ -353,6 +364,7 @@ impl TestStack {
             processes,
             http,
             scheduler,
+            dispatch_ack_wait: options.dispatch_ack_wait,
             shutdown,
             services,
             _process_dir: process_dir,
@@ -475,6 +487,7 @@ impl TestStack {
     pub fn nats_config(&self) -> NatsConfig {
         NatsConfig {
             replicas: self.nats.replicas(),
+            dispatch_ack_wait: self.dispatch_ack_wait,
             ..nats_config(&self.nats.url())
         }
     }
